@@ -1,0 +1,1 @@
+"""Data: video I/O, shards, data modules, synthetic data and dataset converters."""

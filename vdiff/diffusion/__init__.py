@@ -1,0 +1,1 @@
+"""Model-agnostic diffusion: EDM, DDPM/DDIM, samplers, guidance and conditioning masks."""

@@ -1,0 +1,58 @@
+"""What every diffusion process in vdiff shares: the denoiser call and given-content handling.
+
+The denoiser contract (DESIGN.md §2). A network is called as::
+
+    net(x, noise_level, cond, given_mask) -> output
+
+``x``            ``(B, T, C, H, W)`` preconditioned input; where ``given_mask`` is true it holds the
+                 clean given content (``x0``), preconditioned like the rest of the clip.
+``noise_level``  ``(B,)`` one noise level per clip (EDM ``c_noise`` or a DDPM timestep).
+``cond``         ``dict[str, Tensor]`` of conditioning tensors (may be empty).
+``given_mask``   bool, broadcastable to ``x`` (``(B, T, 1, H, W)`` or ``(B, T, 1, 1, 1)``), true
+                 where content is given, or ``None`` when nothing is given.
+``output``       ``(B, T, C_out, H, W)``; what it means (eps, v, x0, EDM F) is the process's choice.
+
+Given content enters clean at training and is pasted back before every sampling step; the loss
+counts generated elements only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor], given_mask: Tensor | None) -> Tensor: ...
+
+
+def replace_given(x: Tensor, given: Tensor | None, given_mask: Tensor | None) -> Tensor:
+    """Return ``x`` with the given content pasted in where ``given_mask`` is true.
+
+    x, given: ``(B, T, C, H, W)``; given_mask: bool broadcastable to ``x``. No-op when either is None.
+    """
+    if given is None or given_mask is None:
+        return x
+    return torch.where(given_mask, given.to(x.dtype), x)
+
+
+def masked_mean(values: Tensor, given_mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` over generated elements only (``given_mask`` false), per clip.
+
+    values: ``(B, T, C, H, W)``; given_mask: bool broadcastable to it, or None (mean over all).
+    Returns ``(B,)``. A clip with nothing to generate contributes 0 (not NaN).
+    """
+    dims = tuple(range(1, values.ndim))
+    if given_mask is None:
+        return values.mean(dim=dims)
+    generated = (~given_mask).expand_as(values).to(values.dtype)
+    total = (values * generated).sum(dim=dims)
+    count = generated.sum(dim=dims)
+    return total / count.clamp_min(1.0)
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Append singleton dims so that a per-clip ``(B,)`` tensor broadcasts over ``ndim`` dims."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
