@@ -1,0 +1,1 @@
+"""LightningModules: one per model family, sharing a diffusion base."""

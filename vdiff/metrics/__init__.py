@@ -1,0 +1,1 @@
+"""Video quality metrics: per-frame PSNR/SSIM/LPIPS wrappers, Frechet distances."""
