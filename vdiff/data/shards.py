@@ -149,7 +149,7 @@ class ShardWriter:
     def _start_shard(self) -> None:
         name = self._shard_name(len(self._shards))
         self._file = open(self.out_dir / (name + ".tmp"), "wb")
-        self._tar = TarWriter(self._file, encoder=False, mtime=0.0)
+        self._tar = TarWriter(self._file, encoder=False, mtime=0)  # int: a float adds a PAX header per file
 
     def _write(self, key: str, files: dict[str, bytes], num_frames: int) -> None:
         if self._manifest is not None:

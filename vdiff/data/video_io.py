@@ -104,7 +104,11 @@ def _open(src: VideoSource) -> tuple[av.container.InputContainer, av.VideoStream
     if not container.streams.video:
         container.close()
         raise VideoDecodeError(NO_VIDEO_STREAM, f"{name} holds no video stream")
-    return container, container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # damaged header: ffmpeg found a stream but no decoder for it
+        container.close()
+        raise VideoDecodeError(CORRUPT, f"video {name} has a video stream with an unknown or damaged codec")
+    return container, stream
 
 
 def _stream_fps(stream: av.VideoStream) -> float:

@@ -1,0 +1,120 @@
+"""`vdiff data inspect`: counts, histograms and undecodable samples by reason on a set with injected bad samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from vdiff.data.inspect import add_arguments, inspect_shards, run
+from vdiff.data.schema import VideoMeta
+from vdiff.data.shards import ShardWriter
+from vdiff.data.video_io import encode_video
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def video(num_frames: int, height: int = 16, width: int = 16) -> np.ndarray:
+    return np.random.default_rng(num_frames).integers(0, 255, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def meta(num_frames: int, fps: float = 10, width: int = 16, height: int = 16, source: str = "synth", **actions):
+    return VideoMeta(fps=fps, width=width, height=height, num_frames=num_frames, source=source, actions=actions)
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inspect") / "set"
+    clip8 = encode_video(video(8), fps=10)
+    clip24_12 = encode_video(video(24, 16, 32), fps=12)
+    odd = encode_video(video(4, 15, 17), fps=10, pix_fmt="yuv444p")
+    with ShardWriter(folder, max_count=4) as writer:
+        # 5 good samples: 3 synth at 10 fps (0.8 s), 2 nuscenes at 12 fps (2 s) with actions
+        for i in range(3):
+            writer.write_video(f"good{i}", clip8, meta(8, speed=[1.0] * 8))
+        for i in range(2):
+            steering = [0.5] * 24 if i == 0 else [None] * 24
+            writer.write_video(f"nus{i}", clip24_12, meta(24, 12, 32, 16, "nuscenes", command=[1] * 24, steering=steering))
+        # bad samples, one or more per reason
+        writer.write_raw("zero", {"mp4": b"", "json": meta(8).to_json().encode()})
+        writer.write_raw("text", {"mp4": b"not a video" * 50, "json": meta(8).to_json().encode()})
+        writer.write_raw("trunc", {"mp4": clip8[: len(clip8) // 2], "json": meta(8).to_json().encode()})
+        writer.write_raw("long1", {"mp4": clip8, "json": meta(20).to_json().encode()})
+        writer.write_raw("long2", {"mp4": clip8, "json": meta(9).to_json().encode()})
+        writer.write_raw("nojson", {"mp4": clip8})
+        writer.write_raw("badjson", {"mp4": clip8, "json": b'{"fps": 10'})
+        writer.write_raw("badfield", {"mp4": clip8, "json": json.dumps({**json.loads(meta(8).to_json()), "fps": -1}).encode()})
+        writer.write_raw("odd", {"mp4": odd, "json": meta(4, width=17, height=15).to_json().encode()})
+        writer.write_raw("novideo", {"json": meta(8).to_json().encode()})
+    return folder
+
+
+EXPECTED_BAD = {
+    "empty": 1,
+    "corrupt": 2,
+    "too_short": 2,
+    "missing_json": 1,
+    "bad_json": 2,
+    "odd_size": 1,
+    "missing_video": 1,
+}
+
+
+def test_inspect_counts(shard_set):
+    summary = inspect_shards(shard_set)
+    assert summary["shards"] == 4
+    assert summary["samples"] == 15
+    assert summary["good_samples"] == 5
+    assert summary["frames"] == 3 * 8 + 2 * 24
+    assert summary["duration_s"] == pytest.approx(3 * 0.8 + 2 * 2.0)
+    assert summary["fps"] == {"10": 3, "12": 2}
+    assert summary["resolution"] == {"16x16": 3, "32x16": 2}
+    assert summary["duration"] == {"0-1s": 3, "2-5s": 2}  # 2.0 s falls in [2, 5)
+    assert summary["sources"] == {"synth": 3, "nuscenes": 2}
+    assert summary["actions"] == {"command": 2, "speed": 3, "steering": 1}
+    assert summary["undecodable"] == EXPECTED_BAD
+    assert summary["undecodable_total"] == sum(EXPECTED_BAD.values())
+    assert {b["key"] for b in summary["bad_samples"]} == {
+        "zero", "text", "trunc", "long1", "long2", "nojson", "badjson", "badfield", "odd", "novideo"
+    }
+
+
+def test_inspect_decode_mode_agrees(shard_set):
+    assert inspect_shards(shard_set, decode=True)["undecodable"] == EXPECTED_BAD
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def test_cli_text_and_json(shard_set, capsys):
+    assert _run([str(shard_set)]) == 0
+    text = capsys.readouterr().out
+    assert "samples:          15 (5 usable, 10 undecodable)" in text
+    assert "frames:           72" in text
+    for line in ("too_short", "bad_json", "missing_json", "odd_size", "nuscenes", "32x16"):
+        assert line in text
+    assert _run([str(shard_set / "shard-{000000..000001}.tar"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"] == 2 and summary["samples"] == 8
+
+
+def test_cli_missing_spec_fails_cleanly(tmp_path, capsys):
+    assert _run([str(tmp_path / "nowhere")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_unreadable_shard_is_counted(tmp_path):
+    with ShardWriter(tmp_path / "set") as writer:
+        for i in range(3):
+            writer.write_video(f"c{i}", encode_video(video(8), fps=10), meta(8))
+    shard = tmp_path / "set" / "shard-000000.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) * 2 // 3])
+    summary = inspect_shards(tmp_path / "set")
+    assert summary["undecodable"].get("unreadable_shard") == 1
+    assert summary["good_samples"] >= 1
