@@ -276,7 +276,7 @@ def _decode_sorted(
     time_base = stream.time_base
     start_pts = stream.start_time if stream.start_time is not None else 0
     # Frame index from a timestamp: rounding absorbs the encoder's pts jitter.
-    ticks_per_frame = (1 / (fps * time_base)) if fps > 0 and time_base else None
+    ticks_per_frame = float(1 / (fps * time_base)) if fps > 0 and time_base else None
 
     out: np.ndarray | None = None
     next_row = 0
