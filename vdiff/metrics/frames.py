@@ -37,8 +37,9 @@ def masked_frame_mean(values: Tensor, frame_mask: Tensor | None) -> Tensor:
     """Mean over the frames where ``frame_mask`` (bool ``(B, T)``) is true, per clip: ``(B,)``."""
     if frame_mask is None:
         return values.mean(dim=1)
-    weights = frame_mask.to(values.dtype)
-    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+    # where(), not a product: excluded frames may hold inf (PSNR of an exact copy) and inf * 0 is NaN.
+    total = torch.where(frame_mask, values, torch.zeros_like(values)).sum(dim=1)
+    return total / frame_mask.sum(dim=1).clamp_min(1).to(values.dtype)
 
 
 def copy_last_given_frame(video: Tensor, given_frames: Tensor) -> Tensor:
