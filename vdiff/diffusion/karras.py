@@ -107,8 +107,8 @@ def _karras_sample(
     if sigmas is None:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
     sigma_list = [float(s) for s in sigmas.detach().cpu().double()]
-    if len(sigma_list) < 2 or sigma_list[-1] != 0.0 or any(b >= a for a, b in zip(sigma_list, sigma_list[1:])):
-        raise ValueError(f"sampler: sigmas must be strictly decreasing and end in 0, got {sigma_list}")
+    if len(sigma_list) < 2 or sigma_list[-1] < 0.0 or any(b >= a for a, b in zip(sigma_list, sigma_list[1:])):
+        raise ValueError(f"sampler: sigmas must be >= 0, strictly decreasing, at least two, got {sigma_list}")
     num_steps = len(sigma_list) - 1
     if init_noise_scale == "sigma":
         scale = sigma_list[0]
@@ -124,7 +124,7 @@ def _karras_sample(
 
     def denoised_at(x: Tensor, sigma: float) -> Tensor:
         x = replace_given(x, given, given_mask)  # given content enters clean
-        sigma_b = torch.full((batch,), sigma, device=x.device, dtype=torch.float32)
+        sigma_b = torch.full((batch,), sigma, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         return denoise(guided_net, x, sigma_b, cond, given_mask)
 
     gamma_max = (s_churn / num_steps) if num_steps > 0 else 0.0
@@ -173,7 +173,8 @@ def euler_sample(
     diffusion_or_denoise_fn: an EDMDiffusion / Denoiser or a ``denoise(net, x, sigma (B,), cond,
     given_mask)`` function. noise: standard normal ``(B, T, C, H, W)``, scaled by ``init_noise_scale``.
     uncond/guidance: classifier-free guidance (both needed). given/given_mask: content kept fixed.
-    steps/sigma_min/sigma_max/rho: :func:`karras_sigmas` (or pass ``sigmas`` ending in 0).
+    steps/sigma_min/sigma_max/rho: :func:`karras_sigmas`; or pass ``sigmas`` (decreasing; a grid that
+    stops above 0 returns the sample at its last sigma, e.g. to run part of a schedule).
     s_churn/s_tmin/s_tmax/s_noise: Karras' stochasticity (gamma = min(s_churn / steps, sqrt 2 - 1) for
     sigma in [s_tmin, s_tmax]). generator: for the churn noise.
     """
