@@ -1,0 +1,254 @@
+"""Convert KL-autoencoder weights between vdiff and the diffusers / sgm (original SVD) layouts.
+
+Every conversion walks OUR model's parameter names (built on the meta device from the config, so no memory
+is spent), maps each to its name in the other layout, and checks presence and shape. Anything missing,
+mis-shaped, or left over in the source is collected and raised at once as a :class:`ConversionError` that
+lists the names, so a wrong config or a truncated file is diagnosed in one go.
+
+Layouts
+-------
+diffusers ``AutoencoderKL`` (SD) and ``AutoencoderKLTemporalDecoder`` (SVD):
+    ``encoder.down_blocks.{i}.resnets.{j}.*``, ``*.mid_block.resnets.{0,1}.*``,
+    ``*.mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}``, ``decoder.up_blocks.{i}`` (lowest
+    resolution first, like ours), ``spatial_res_block`` / ``temporal_res_block`` / ``time_mixer.mix_factor``,
+    ``decoder.time_conv_out``. Note diffusers' temporal decoder builds its mid block from ``layers_per_block``
+    resnets; only ``layers_per_block == 2`` matches the SVD architecture (and ours).
+sgm (Stability-AI/generative-models, the original SVD checkpoint, keys under ``first_stage_model.``):
+    ``encoder.down.{i}.block.{j}.{norm1,conv1,norm2,conv2,nin_shortcut}``, ``*.mid.{block_1,attn_1,block_2}``
+    (attention q/k/v/proj_out are 1x1 convs), ``decoder.up.{L-1-i}`` (highest resolution first),
+    ``*.time_stack.{in_layers.0,in_layers.2,out_layers.0,out_layers.3}``, ``*.mix_factor``,
+    ``decoder.conv_out.time_mix_conv``. SVD's ``AutoencodingEngine`` has no ``quant_conv``; when a checkpoint
+    has none, an identity 1x1 conv stands in (exactly equivalent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder, sd_vae_config, svd_vae_config
+from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path
+
+Layout = Literal["vdiff", "diffusers", "sgm"]
+SGM_PREFIX = "first_stage_model."
+SGM_IGNORED_PREFIXES = ("loss.", "model_ema.")  # training-only state in sgm autoencoder checkpoints
+
+
+class ConversionError(ValueError):
+    """Weights that do not fit the target model: missing keys, shape mismatches and unused keys, by name."""
+
+    def __init__(
+        self,
+        layout: str,
+        missing: list[str],
+        mismatched: list[str],
+        unexpected: list[str],
+    ) -> None:
+        self.missing, self.mismatched, self.unexpected = missing, mismatched, unexpected
+        parts = [f"{layout} weights do not fit the autoencoder config"]
+        for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
+            if names:
+                shown = "\n    ".join(names[:60]) + (f"\n    ... and {len(names) - 60} more" if len(names) > 60 else "")
+                parts.append(f"  {title} ({len(names)}):\n    {shown}")
+        super().__init__("\n".join(parts))
+
+
+# ----------------------------------------------------------------------------- name maps (ours -> theirs)
+
+
+def diffusers_key(key: str) -> str:
+    """Our parameter name -> its diffusers name."""
+    k = re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
+    k = re.sub(r"\.down\.(\d+)\.blocks\.(\d+)\.", r".down_blocks.\1.resnets.\2.", k)
+    k = re.sub(r"\.down\.(\d+)\.downsample\.", r".down_blocks.\1.downsamplers.0.", k)
+    k = re.sub(r"\.up\.(\d+)\.blocks\.(\d+)\.", r".up_blocks.\1.resnets.\2.", k)
+    k = re.sub(r"\.up\.(\d+)\.upsample\.", r".up_blocks.\1.upsamplers.0.", k)
+    k = k.replace(".mid.block1.", ".mid_block.resnets.0.").replace(".mid.block2.", ".mid_block.resnets.1.")
+    k = k.replace(".mid.attn.norm.", ".mid_block.attentions.0.group_norm.")
+    k = re.sub(r"\.mid\.attn\.([qkv])\.", r".mid_block.attentions.0.to_\1.", k)
+    k = k.replace(".mid.attn.proj_out.", ".mid_block.attentions.0.to_out.0.")
+    k = k.replace(".spatial.", ".spatial_res_block.").replace(".temporal.", ".temporal_res_block.")
+    k = re.sub(r"\.mix_factor$", ".time_mixer.mix_factor", k)
+    return k.replace(".skip.", ".conv_shortcut.")
+
+
+# Old diffusers checkpoints name the attention projections query/key/value/proj_attn.
+_DIFFUSERS_LEGACY = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+_SGM_TIME_STACK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3"}
+
+
+def sgm_key(key: str, num_levels: int) -> str:
+    """Our parameter name -> its name inside sgm's ``first_stage_model`` (without the prefix)."""
+    k = re.sub(r"^decoder\.time_conv_out\.", "decoder.conv_out.time_mix_conv.", key)
+    k = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}.", k)
+    k = re.sub(r"\.blocks\.(\d+)\.", r".block.\1.", k)
+    k = k.replace(".mid.block1.", ".mid.block_1.").replace(".mid.block2.", ".mid.block_2.")
+    k = k.replace(".mid.attn.", ".mid.attn_1.")
+    k = re.sub(r"\.temporal\.(norm1|conv1|norm2|conv2)\.", lambda m: f".time_stack.{_SGM_TIME_STACK[m[1]]}.", k)
+    k = k.replace(".spatial.", ".")
+    return k.replace(".skip.", ".nin_shortcut.")
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def target_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for ``config`` (model built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = VideoAutoencoder(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _check_group_norm(config: AutoencoderConfig, layout: str) -> None:
+    if config.norm != "group":
+        raise ValueError(f"{layout} autoencoders use GroupNorm; config.norm={config.norm!r} has no {layout} layout")
+
+
+def _import(
+    src: dict[str, Tensor],
+    config: AutoencoderConfig,
+    name_of: Callable[[str], str],
+    layout: str,
+    fills: dict[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Pick and reshape ``src`` tensors into our names; raise ConversionError listing every problem."""
+    fills = fills or {}
+    out: dict[str, Tensor] = {}
+    missing, mismatched, used = [], [], set()
+    for key, shape in target_shapes(config).items():
+        theirs = name_of(key)
+        if theirs not in src:
+            if key in fills:
+                out[key] = fills[key]
+            else:
+                missing.append(f"{theirs}  (vdiff {key}, shape {list(shape)})")
+            continue
+        used.add(theirs)
+        t = src[theirs]
+        if tuple(t.shape) != shape:
+            # 1x1 conv (C, C, 1, 1) <-> linear (C, C): the same weights.
+            if _squeeze_trailing(tuple(t.shape)) == _squeeze_trailing(shape) and t.numel() == torch.Size(shape).numel():
+                t = t.reshape(shape)
+            else:
+                mismatched.append(f"{theirs}: checkpoint {list(t.shape)} vs model {list(shape)} (vdiff {key})")
+                continue
+        out[key] = t
+    unexpected = sorted(set(src) - used)
+    if missing or mismatched or unexpected:
+        raise ConversionError(layout, missing, mismatched, unexpected)
+    return out
+
+
+def _export(state_dict: dict[str, Tensor], config: AutoencoderConfig, name_of: Callable[[str], str], layout: str):
+    shapes = target_shapes(config)
+    missing = [f"{k} (shape {list(s)})" for k, s in shapes.items() if k not in state_dict]
+    mismatched = [
+        f"{k}: state dict {list(state_dict[k].shape)} vs config {list(s)}"
+        for k, s in shapes.items()
+        if k in state_dict and tuple(state_dict[k].shape) != s
+    ]
+    unexpected = sorted(set(state_dict) - set(shapes))
+    if missing or mismatched or unexpected:
+        raise ConversionError(f"vdiff (exporting to {layout})", missing, mismatched, unexpected)
+    return {name_of(k): state_dict[k] for k in shapes}
+
+
+# ----------------------------------------------------------------------------- public converters
+
+
+def from_diffusers(state_dict: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    """diffusers ``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder`` state dict -> our state dict."""
+    _check_group_norm(config, "diffusers")
+    src = {}
+    for k, v in state_dict.items():
+        for old, new in _DIFFUSERS_LEGACY.items():
+            if ".mid_block.attentions." in k:
+                k = k.replace(old, new)
+        src[k] = v
+    return _import(src, config, diffusers_key, "diffusers")
+
+
+def to_diffusers(state_dict: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    """Our state dict -> diffusers names (``AutoencoderKL`` for a 2D decoder, ``...TemporalDecoder`` else)."""
+    _check_group_norm(config, "diffusers")
+    return _export(state_dict, config, diffusers_key, "diffusers")
+
+
+def _identity_conv(channels: int) -> dict[str, Tensor]:
+    return {"weight": torch.eye(channels).view(channels, channels, 1, 1), "bias": torch.zeros(channels)}
+
+
+def from_sgm(
+    state_dict: dict[str, Tensor], config: AutoencoderConfig, prefix: str = SGM_PREFIX
+) -> dict[str, Tensor]:
+    """Original sgm checkpoint (e.g. ``svd.safetensors``) -> our state dict.
+
+    Keys under ``prefix`` are used when present (other model parts in the file are ignored), else all keys.
+    ``loss.*`` and ``model_ema.*`` training state is ignored. A checkpoint without ``quant_conv`` /
+    ``post_quant_conv`` (SVD's ``AutoencodingEngine``) gets identity 1x1 convs where the config has them.
+    """
+    _check_group_norm(config, "sgm")
+    if any(k.startswith(prefix) for k in state_dict):
+        src = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    else:
+        src = dict(state_dict)
+    src = {k: v for k, v in src.items() if not k.startswith(SGM_IGNORED_PREFIXES)}
+    fills: dict[str, Tensor] = {}
+    moments = 2 * config.z_channels if config.double_z else config.z_channels
+    for name, channels in (("quant_conv", moments), ("post_quant_conv", config.z_channels)):
+        if not any(k.startswith(name + ".") for k in src):
+            fills.update({f"{name}.{p}": t for p, t in _identity_conv(channels).items()})
+    levels = len(config.ch_mult)
+    return _import(src, config, lambda k: sgm_key(k, levels), "sgm", fills)
+
+
+def to_sgm(state_dict: dict[str, Tensor], config: AutoencoderConfig, prefix: str = SGM_PREFIX) -> dict[str, Tensor]:
+    """Our state dict -> sgm names under ``prefix`` (attention projections as 1x1 convs)."""
+    _check_group_norm(config, "sgm")
+    levels = len(config.ch_mult)
+    out = _export(state_dict, config, lambda k: sgm_key(k, levels), "sgm")
+    attn = re.compile(r"\.attn_1\.(q|k|v|proj_out)\.weight$")
+    return {prefix + k: (v[:, :, None, None] if attn.search(k) else v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- file loading
+
+
+_TEMPORAL_MARKERS = ("time_stack", "temporal_res_block", "time_conv_out", "time_mix_conv", ".temporal.")
+
+
+def load_autoencoder_state_dict(
+    path: str | os.PathLike, layout: Layout = "vdiff", config: AutoencoderConfig | None = None
+) -> tuple[dict[str, Tensor], AutoencoderConfig]:
+    """Read a local weights file in ``layout`` and return (our state dict, the config it fits)."""
+    if layout not in ("vdiff", "diffusers", "sgm"):
+        raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
+    p = resolve_weights_path(path, what=f"autoencoder weights ({layout} layout)")
+    state_dict = load_state_dict(p)
+    if config is None:
+        stored = load_metadata(p).get("vdiff_config") if layout == "vdiff" else None
+        if stored is not None:
+            config = AutoencoderConfig.from_dict(json.loads(stored))
+        else:
+            names = state_dict if layout != "sgm" else [k for k in state_dict if k.startswith(SGM_PREFIX)] or state_dict
+            temporal = any(m in k for k in names for m in _TEMPORAL_MARKERS)
+            config = svd_vae_config() if temporal else sd_vae_config()
+    if layout == "diffusers":
+        state_dict = from_diffusers(state_dict, config)
+    elif layout == "sgm":
+        state_dict = from_sgm(state_dict, config)
+    else:
+        state_dict = _import(state_dict, config, lambda k: k, f"vdiff ({p})")
+    return state_dict, config

@@ -1,0 +1,94 @@
+"""Read and write state dicts: ``.safetensors`` (preferred), ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin``.
+
+Torch checkpoints are opened with ``weights_only=True`` (no arbitrary code runs); wrapper dicts such as
+Lightning's / sgm's ``{"state_dict": {...}}`` are unwrapped. Relative paths that do not exist are also looked
+up in ``$VDIFF_WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+WEIGHTS_ENV = "VDIFF_WEIGHTS"
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def resolve_weights_path(path: str | os.PathLike, what: str = "weights") -> Path:
+    """Return ``path`` if it exists, else ``$VDIFF_WEIGHTS/path`` for a relative path; raise a helpful error."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    root = os.environ.get(WEIGHTS_ENV)
+    tried = [str(p)]
+    if root and not p.is_absolute():
+        candidate = Path(root).expanduser() / p
+        if candidate.is_file():
+            return candidate
+        tried.append(str(candidate))
+    where = (
+        f"${WEIGHTS_ENV}={root}" if root else f"${WEIGHTS_ENV} is not set"
+    )
+    raise FileNotFoundError(
+        f"{what} not found: {' or '.join(tried)} ({where}). vdiff never downloads weights: copy the file "
+        f"there, pass an absolute path, or set {WEIGHTS_ENV} to the directory that holds it."
+    )
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
+    while isinstance(obj, dict):
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return obj  # type: ignore[return-value]
+        inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        if inner is None:
+            tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+            if tensors:
+                return tensors
+            break
+        obj = inner
+    raise ValueError(f"{path}: no tensor state dict found (looked inside keys {WRAPPER_KEYS})")
+
+
+def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Load a flat ``{name: tensor}`` dict from a safetensors file or a torch checkpoint."""
+    p = resolve_weights_path(path)
+    if p.suffix == ".safetensors":
+        return load_file(str(p), device=str(map_location))
+    if p.suffix in TORCH_SUFFIXES:
+        try:
+            obj = torch.load(p, map_location=map_location, weights_only=True)
+        except Exception as e:  # pickle of non-tensor objects (e.g. a full Lightning checkpoint with callbacks)
+            raise ValueError(
+                f"{p}: cannot be read with torch.load(weights_only=True) ({e}). Re-save its state dict "
+                f"(torch.save(ckpt['state_dict'], ...) or safetensors) in a trusted environment."
+            ) from e
+        return _unwrap(obj, p)
+    raise ValueError(f"{p}: unknown weights format {p.suffix!r}; use .safetensors or one of {TORCH_SUFFIXES}")
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (empty for other formats)."""
+    p = resolve_weights_path(path)
+    if p.suffix != ".safetensors":
+        return {}
+    with safe_open(str(p), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def save_state_dict(
+    state_dict: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``state_dict`` to ``path`` (safetensors for ``.safetensors``, else ``torch.save``)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".safetensors":
+        tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}  # safetensors needs contiguous
+        save_file(tensors, str(p), metadata=metadata)
+    else:
+        torch.save({k: v.detach() for k, v in state_dict.items()}, p)
