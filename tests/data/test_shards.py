@@ -95,7 +95,7 @@ def test_latent_samples(tmp_path):
     assert set(samples["b"]) == {"json", "latents.safetensors", "first_frame.png"}
     tensors = load_safetensors(samples["a"]["latents.safetensors"])
     assert tensors["mean"].dtype == torch.float16 and tensors["mean"].shape == (3, 4, 2, 2)
-    torch.testing.assert_close(tensors["std"].float(), std, atol=1e-3, rtol=1e-3)
+    assert (tensors["std"].float() - std).abs().max() < 1e-3  # fp16 rounding of values in [0, 1)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(samples["a"]["first_frame.png"]))), first)
     assert read_json_meta(samples["a"]).sample_type == "latent"
 

@@ -291,6 +291,29 @@ def _decode_sorted(
         except av.FFmpegError:
             seeked = False
 
+    wanted_set = set(wanted)
+
+    def frames_of(packets):
+        """Decode packets, telling the decoder to drop non-reference frames that are not wanted.
+
+        A non-reference frame (most B-frames) is needed by no other frame, so skipping the ones
+        outside the clip saves their decoding for free: about a third of the frames before a clip's
+        first frame, and most of the frames between the wanted ones of a strided or resampled clip.
+        """
+        skipping = False
+        last = wanted[-1]
+        for packet in packets:
+            if packet.pts is not None and ticks_per_frame is not None:
+                position = (packet.pts - start_pts) / ticks_per_frame
+                index = int(round(position))
+                # Only frames on the constant-rate grid before the last wanted one: in a variable-rate
+                # stream a frame off the grid may have to stand in for a missing wanted index.
+                skip = index not in wanted_set and index < last and abs(position - index) < 0.01
+                if skip != skipping:
+                    ctx.skip_frame = "NONREF" if skip else "DEFAULT"
+                    skipping = skip
+            yield from packet.decode()
+
     def run(frames_iter) -> bool:
         """Fill ``out`` from decoded frames; False if the stream cannot be mapped (restart from 0)."""
         nonlocal out, next_row
@@ -310,9 +333,10 @@ def _decode_sorted(
                     return False  # the seek landed after the first wanted frame
                 # The stream skips an index (variable frame rate): use this frame for the missed one.
             while next_row < len(wanted) and wanted[next_row] <= index:
-                rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0]) if size else frame.to_ndarray(
-                    format="rgb24"
-                )
+                if size:
+                    rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
+                else:
+                    rgb = frame.to_ndarray(format="rgb24")
                 if out is None:
                     out = np.empty((len(wanted), *rgb.shape), dtype=np.uint8)
                 out[next_row] = rgb
@@ -322,9 +346,10 @@ def _decode_sorted(
         return True
 
     try:
-        ok = run(container.decode(stream))
+        ok = run(frames_of(container.demux(stream)))
         if not ok:
             out, next_row, seeked = None, 0, False
+            ctx.skip_frame = "DEFAULT"
             container.seek(0, stream=stream, backward=True, any_frame=False)
             run(container.decode(stream))
     except av.FFmpegError as err:
