@@ -313,6 +313,9 @@ class TrainClipStream(_StreamBase):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = self._bind_worker()
+        # A DataLoader asks worker 0 first, but after a resume the next batch (``start_batch``) belongs
+        # to worker ``start_batch % num_workers`` of the original run: rotate the workers' identities.
+        worker = (worker + self.start_batch) % num_workers
         slot = ReaderSlot(self.rank, self.world_size, worker, num_workers)
         done, todo = sampling.split_batches(self.num_batches, worker, num_workers, self.start_batch)
         replay, total = done * self.batch_size, (done + todo) * self.batch_size
