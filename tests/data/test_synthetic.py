@@ -343,3 +343,11 @@ def test_cli_writes_train_and_val(tmp_path, capsys):
     assert val.extra["synthetic"]["first_index"] == VAL_FIRST_INDEX
     printed = capsys.readouterr().out
     assert "2 videos, 6 frames" in printed and "done in" in printed
+
+
+def test_worker_processes_write_identical_shards(tmp_path):
+    one = write_synthetic_shards(tmp_path / "one", num_videos=3, num_frames=3, size=16, seed=2)
+    two = write_synthetic_shards(tmp_path / "two", num_videos=3, num_frames=3, size=16, seed=2, workers=2)
+    assert [s.path for s in one.shards] == [s.path for s in two.shards]
+    for shard in one.shards:
+        assert (tmp_path / "one" / shard.path).read_bytes() == (tmp_path / "two" / shard.path).read_bytes()
