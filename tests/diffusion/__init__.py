@@ -1,0 +1,1 @@
+"""Tests of the model-agnostic diffusion core (vdiff/diffusion)."""
