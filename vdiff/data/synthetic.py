@@ -491,7 +491,7 @@ def _render_sky(cfg: DriveConfig, camera: Camera, scene: _Scene, heading: np.nda
     return frames
 
 
-def _road_geometry(cfg: DriveConfig, camera: Camera, drive: Drive, s_now: np.ndarray, pose, depths: np.ndarray):
+def _road_geometry(cfg: DriveConfig, drive: Drive, s_now: np.ndarray, pose, depths: np.ndarray):
     """For every frame and each ground depth in ``depths`` (D,): the road centre's lateral offset,
     the road's heading relative to the car, the world arc length there, and whether the road reaches
     that depth. Returns four (T, D) arrays."""
@@ -537,7 +537,7 @@ def _render_ground(cfg: DriveConfig, camera: Camera, scene: _Scene, drive: Drive
     d_near = np.minimum(camera.ground_depth(rows + 1), far)  # (R,) near edge
     d_mid = np.minimum(camera.ground_depth(0.5 * (top + rows + 1)), far)  # (R,)
     depths = np.concatenate([d_mid, d_far, d_near])
-    lateral, rel, arc, reached = _road_geometry(cfg, camera, drive, s_now, pose, depths)
+    lateral, rel, arc, reached = _road_geometry(cfg, drive, s_now, pose, depths)
     r = rows.size
     lat, cos_rel = lateral[:, :r], np.maximum(np.cos(rel[:, :r]), 0.3)
     arc_far, arc_near = arc[:, r:2 * r], arc[:, 2 * r:]
