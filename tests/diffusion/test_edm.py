@@ -314,3 +314,27 @@ def test_sampler_accepts_a_plain_denoise_function_and_custom_sigmas():
         euler_sample(diffusion, zero_net, noise, {}, sigmas=torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="given"):
         euler_sample(diffusion, zero_net, noise, {}, given=noise)
+
+
+def test_edm_diffusion_builds_from_a_recipe_config():
+    """Recipes name these classes through LightningCLI (jsonargparse class_path/init_args)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--diffusion", type=EDMDiffusion)
+    config = {
+        "class_path": "vdiff.diffusion.edm.EDMDiffusion",
+        "init_args": {
+            "precond": {"class_path": "vdiff.diffusion.edm.VScalingPrecond"},
+            "sigma_sampler": {"class_path": "vdiff.diffusion.edm.LogNormalSigma", "init_args": {"p_mean": 1.0, "p_std": 1.6}},
+            "loss_weighting": "v",
+            "offset_noise": 0.02,
+            "offset_noise_scope": "frame",
+        },
+    }
+    import json
+
+    diffusion = parser.instantiate(parser.parse_args(["--diffusion", json.dumps(config)])).diffusion
+    assert isinstance(diffusion.precond, VScalingPrecond)
+    assert (diffusion.sigma_sampler.p_mean, diffusion.sigma_sampler.p_std) == (1.0, 1.6)
+    assert (diffusion.loss_weighting, diffusion.offset_noise, diffusion.offset_noise_scope) == ("v", 0.02, "frame")

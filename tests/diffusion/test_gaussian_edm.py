@@ -11,10 +11,12 @@ large at few steps. Computed exactly for this data (Karras sigmas, sigma_max 80)
 sample std of 0.264 at 25 steps, 0.291 at 100, 0.2969 at 300; Heun 0.309 at 25, 0.3021 at 50,
 0.3005 at 100. Churn adds error of its own (Euler, 500 steps, s_churn 10: 0.2966; Heun, 100 steps, s_churn 10:
 0.3013). The step counts below keep every case's exact discretization error near 1% or less, so
-the 2% bound has room for the ~0.3% sampling error of 65,536 samples.
+the 2% bound has room for the sampling error of the churn noise (the initial noise is stratified).
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -23,7 +25,27 @@ from vdiff.diffusion.edm import EDMDiffusion, EDMPrecond, VScalingPrecond
 from vdiff.diffusion.karras import euler_sample, heun_sample
 
 MU, STD = 0.5, 0.3
-SHAPE = (64, 2, 2, 16, 16)  # 65,536 samples: sampling error of the std ~0.3%, of the mean ~0.1% of 0.5
+SHAPE = (16, 2, 2, 16, 16)  # 16,384 samples
+
+
+def stratified_normal(shape, seed: int) -> torch.Tensor:
+    """Standard-normal noise whose empirical quantiles are exact (inverse CDF at (i + 1/2) / N, in a
+    random order): the initial noise then adds no sampling error to the moments, so the 2% bound
+    measures the sampler. Churn noise stays plainly random."""
+    n = math.prod(shape)
+    quantiles = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return (quantiles[order] / quantiles.std()).reshape(shape).to(torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Elementwise ops on ~16k elements gain nothing from threads; on a busy 2-core machine
+    OpenMP threads waiting on each other made these loops 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class OptimalGaussianNet:
@@ -55,14 +77,14 @@ def _check_moments(samples: torch.Tensor) -> None:
         (euler_sample, 500, EDMPrecond(0.5), 10.0, 80.0, "sigma"),
         (heun_sample, 100, EDMPrecond(0.5), 0.0, 80.0, "sigma"),
         (heun_sample, 100, EDMPrecond(0.5), 10.0, 80.0, "sigma"),
-        (euler_sample, 300, VScalingPrecond(), 0.0, 700.0, "svd"),
+        (euler_sample, 400, VScalingPrecond(), 0.0, 700.0, "svd"),  # 300 steps: std 0.2955
         (heun_sample, 100, VScalingPrecond(), 0.0, 700.0, "svd"),
     ],
     ids=["euler", "euler-churn", "heun", "heun-churn", "euler-svd", "heun-svd"],
 )
 def test_sampler_recovers_gaussian_moments(sampler, steps, precond, s_churn, sigma_max, init_noise_scale):
     generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(SHAPE, generator=generator)
+    noise = stratified_normal(SHAPE, seed=0)
     net = OptimalGaussianNet(precond)
     samples = sampler(
         EDMDiffusion(precond), net, noise, {}, steps=steps, sigma_max=sigma_max, s_churn=s_churn,
@@ -75,7 +97,7 @@ def test_sampler_recovers_gaussian_moments(sampler, steps, precond, s_churn, sig
 
 def test_few_step_euler_is_measurably_off():
     """The moment check can fail: 25 Euler steps on this stiff data give std 0.264 (-12%)."""
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    noise = stratified_normal(SHAPE, seed=0)
     samples = euler_sample(EDMDiffusion(), OptimalGaussianNet(EDMPrecond()), noise, {}, steps=25)
     with pytest.raises(AssertionError, match="sample std"):
         _check_moments(samples)

@@ -18,6 +18,7 @@ Preconditionings (each maps sigma ``(B,)`` to ``(c_skip, c_out, c_in, c_noise)``
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Literal, Protocol
 
@@ -137,7 +138,20 @@ class Denoiser:
 # --------------------------------------------------------------------------------------------------
 
 
-class LogNormalSigma:
+class SigmaSampler(ABC):
+    """Base of training-sigma distributions: ``(batch, device, generator) -> (batch,)``, one per clip.
+
+    A base class rather than a Protocol so that LightningCLI recipes can name any subclass.
+    """
+
+    @abstractmethod
+    def __call__(
+        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Return ``(batch,)`` positive sigmas."""
+
+
+class LogNormalSigma(SigmaSampler):
     """Training sigmas with ``ln sigma ~ N(p_mean, p_std^2)``, ONE per clip.
 
     EDM uses (-1.2, 1.2); SVD fine-tunes commonly (0.7, 1.6); Vista (1.0, 1.6).
@@ -205,7 +219,7 @@ def offset_noise(
 class EDMDiffusion:
     """EDM training process and the denoiser the Karras samplers use.
 
-    precond: :class:`EDMPrecond` or :class:`VScalingPrecond`. sigma_sampler: a callable
+    precond: :class:`EDMPrecond` or :class:`VScalingPrecond`. sigma_sampler: a :class:`SigmaSampler`
     ``(batch, device, generator) -> (B,)`` such as :class:`LogNormalSigma`. loss_weighting: "unit",
     "edm", "v", "eps" (or a callable ``sigma (B,) -> (B,)``); "edm" uses the precond's sigma_data.
     offset_noise: level added to the training noise (0 disables); offset_noise_scope: "clip"
@@ -217,7 +231,7 @@ class EDMDiffusion:
     def __init__(
         self,
         precond: Preconditioning | None = None,
-        sigma_sampler: Callable[..., Tensor] | None = None,
+        sigma_sampler: SigmaSampler | None = None,
         loss_weighting: LossWeightingName | Callable[[Tensor], Tensor] = "edm",
         offset_noise: float = 0.0,
         offset_noise_scope: OffsetNoiseScope = "clip",
