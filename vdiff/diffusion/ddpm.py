@@ -36,9 +36,28 @@ from vdiff.diffusion.common import Denoiser, masked_mean, replace_given
 BetaSchedule = Literal["linear", "cosine", "scaled_linear"]
 Prediction = Literal["eps", "v", "x0"]
 
-__all__ = ["BetaSchedule", "GaussianDiffusion", "Prediction", "make_betas", "normal_kl", "discretized_gaussian_log_likelihood"]
+__all__ = [
+    "BetaSchedule",
+    "GaussianDiffusion",
+    "Prediction",
+    "discretized_gaussian_log_likelihood",
+    "make_betas",
+    "normal_kl",
+    "respacing_timesteps",
+]
 
 _PREDICTIONS = ("eps", "v", "x0")
+_SCHEDULE_NAMES = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,8 +257,12 @@ class GaussianDiffusion:
 
     # -- schedule access ---------------------------------------------------------------------
 
-    def _extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        """Schedule ``name`` at ``t`` (B,), as ``like``'s dtype/device, shaped to broadcast over it."""
+    def schedule_at(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Schedule ``name`` (e.g. "alphas_cumprod", "alphas_cumprod_prev", "betas", "posterior_variance")
+        at ``t`` (B,), as ``like``'s dtype/device, shaped to broadcast over it. Values are taken from
+        the float64 table, so coefficients keep full precision until the final cast."""
+        if name not in _SCHEDULE_NAMES:
+            raise KeyError(f"GaussianDiffusion: no schedule {name!r}; known: {sorted(_SCHEDULE_NAMES)}")
         key = (name, t.device)
         table = self._device_cache.get(key)
         if table is None:
@@ -268,14 +291,14 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Draw ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise``; x0, noise ``(B, T, C, H, W)``, t ``(B,)``."""
-        ab = self._extract("alphas_cumprod", t, x0)
+        ab = self.schedule_at("alphas_cumprod", t, x0)
         return ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of ``q(x_{t-1} | x_t, x0)``."""
-        mean = self._extract("posterior_mean_coef1", t, x_t) * x0 + self._extract("posterior_mean_coef2", t, x_t) * x_t
-        variance = self._extract("posterior_variance", t, x_t).expand_as(x_t)
-        log_variance = self._extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        mean = self.schedule_at("posterior_mean_coef1", t, x_t) * x0 + self.schedule_at("posterior_mean_coef2", t, x_t) * x_t
+        variance = self.schedule_at("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.schedule_at("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # -- prediction-type conversions ---------------------------------------------------------
@@ -298,7 +321,7 @@ class GaussianDiffusion:
         """x0 estimate from the network's prediction (its ``prediction`` type, C channels)."""
         if self.prediction == "x0":
             return prediction
-        ab = self._extract("alphas_cumprod", t, x_t)
+        ab = self.schedule_at("alphas_cumprod", t, x_t)
         if self.prediction == "eps":
             return (x_t - (1.0 - ab).sqrt() * prediction) / ab.sqrt()
         return ab.sqrt() * x_t - (1.0 - ab).sqrt() * prediction
@@ -307,7 +330,7 @@ class GaussianDiffusion:
         """eps estimate from the network's prediction."""
         if self.prediction == "eps":
             return prediction
-        ab = self._extract("alphas_cumprod", t, x_t)
+        ab = self.schedule_at("alphas_cumprod", t, x_t)
         if self.prediction == "v":
             return ab.sqrt() * prediction + (1.0 - ab).sqrt() * x_t
         return self.eps_from_x0(prediction, x_t, t)
@@ -316,14 +339,14 @@ class GaussianDiffusion:
         """v estimate from the network's prediction."""
         if self.prediction == "v":
             return prediction
-        ab = self._extract("alphas_cumprod", t, x_t)
+        ab = self.schedule_at("alphas_cumprod", t, x_t)
         x0 = self.predict_x0(prediction, x_t, t)
         eps = self.predict_eps(prediction, x_t, t)
         return ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
 
     def eps_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The eps consistent with ``x_t`` and an x0 estimate."""
-        ab = self._extract("alphas_cumprod", t, x_t)
+        ab = self.schedule_at("alphas_cumprod", t, x_t)
         return (x_t - ab.sqrt() * x0) / (1.0 - ab).sqrt()
 
     def output_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -335,7 +358,7 @@ class GaussianDiffusion:
         eps = self.eps_from_x0(x0, x_t, t)
         if self.prediction == "eps":
             return eps
-        ab = self._extract("alphas_cumprod", t, x_t)
+        ab = self.schedule_at("alphas_cumprod", t, x_t)
         return ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -344,7 +367,7 @@ class GaussianDiffusion:
             return noise
         if self.prediction == "x0":
             return x0
-        ab = self._extract("alphas_cumprod", t, x0)
+        ab = self.schedule_at("alphas_cumprod", t, x0)
         return ab.sqrt() * noise - (1.0 - ab).sqrt() * x0
 
     # -- reverse process ---------------------------------------------------------------------
@@ -353,10 +376,10 @@ class GaussianDiffusion:
         """Log variance of ``p(x_{t-1} | x_t)``: learned range from ``var_values`` in [-1, 1]
         (log posterior variance at -1, log beta at +1) or, without learned sigma, the (clipped)
         log posterior variance ("fixed_small")."""
-        min_log = self._extract("posterior_log_variance_clipped", t, x_t)
+        min_log = self.schedule_at("posterior_log_variance_clipped", t, x_t)
         if var_values is None:
             return min_log.expand_as(x_t)
-        max_log = self._extract("betas", t, x_t).log()
+        max_log = self.schedule_at("betas", t, x_t).log()
         frac = (var_values + 1.0) / 2.0
         return frac * max_log + (1.0 - frac) * min_log
 

@@ -54,8 +54,8 @@ def ddim_step(
     Returns (x at t - 1, x0 estimate).
     """
     out = diffusion.p_mean_variance(model_output, x, t, clip_x0=clip_x0)
-    ab = diffusion._extract("alphas_cumprod", t, x)
-    ab_prev = diffusion._extract("alphas_cumprod_prev", t, x)
+    ab = diffusion.schedule_at("alphas_cumprod", t, x)
+    ab_prev = diffusion.schedule_at("alphas_cumprod_prev", t, x)
     x_prev = ab_prev.sqrt() * out["x0"]
     if eta > 0:
         if noise is None:
@@ -161,7 +161,9 @@ def ddim_sample(
 ) -> Tensor:
     """Sample clean clips with DDIM (Song et al. 2021); ``eta = 0`` is deterministic, 1 is DDPM-like.
 
-    diffusion: the training process (respaced here to ``steps``; None = use it as is). net: the
+    diffusion: the training process, respaced here to ``steps`` (an int n: n evenly spaced steps
+    from the noisiest timestep to 0; or any spec of :func:`~vdiff.diffusion.ddpm.respacing_timesteps`
+    such as "ddim50" or "trailing50"; None = every step of ``diffusion``). net: the
     denoiser (called as ``net(x, noise_level, cond, given_mask)``). noise: ``(B, T, C, H, W)``
     standard normal start. cond/uncond/guidance: see :func:`guided_call` (uncond None = no CFG).
     given/given_mask: ``(B, T, C, H, W)`` content and bool mask (true = given), pasted in before

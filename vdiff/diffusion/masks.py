@@ -24,8 +24,9 @@ Modes (VDT's unified mask modelling, with parameters that scale to any clip leng
 Fixes of the reference generator: its span ``mask[start:-end]`` is empty when ``end == 0`` (ours
 never is); k and the interpolation step were fixed for 16-frame clips (ours accept fractions and are
 validated against T with clear errors); its loss averaged over all elements (the losses in
-:mod:`vdiff.diffusion.ddpm` average over generated ones). Every mode except ``unconditional``
-gives something and every mode generates something.
+:mod:`vdiff.diffusion.ddpm` average over generated ones). Every mode generates something;
+every mode gives something except ``unconditional`` (nothing) and ``random_frames`` (which, like
+VDT's, may draw a clip with no given frame: an unconditional sample).
 """
 
 from __future__ import annotations
