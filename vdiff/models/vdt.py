@@ -44,7 +44,7 @@ from vdiff.nn.embeddings import (
     sincos_1d,
     sincos_2d,
 )
-from vdiff.nn.modulation import adaln_modulation, modulate
+from vdiff.nn.modulation import adaln_modulation, gated_residual, modulate
 
 PositionKind = Literal["sincos", "rope", "sincos+rope"]
 POSITION_KINDS: tuple[str, ...] = ("sincos", "rope", "sincos+rope")
@@ -88,9 +88,9 @@ class VDTBlock(nn.Module):
 
         xs = modulate(self.norm1(x), shift_msa, scale_msa).view(B * T, N, D)  # (B*T, N, D)
         xs = self.attn(xs, rope=spatial_rope).view(B, T, N, D)  # (B, T, N, D)
-        x = x + gate_msa * xs  # (B, T, N, D)
+        x = gated_residual(x, gate_msa, xs)  # (B, T, N, D)
 
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, T, N, D)
+        x = gated_residual(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))  # (B, T, N, D)
         return x
 
 

@@ -17,7 +17,7 @@ from vdiff.nn.embeddings import (
     sincos_2d,
     timestep_embedding,
 )
-from vdiff.nn.modulation import adaln_modulation, modulate
+from vdiff.nn.modulation import adaln_modulation, gated_residual, modulate
 
 __all__ = [
     "Attention",
@@ -26,6 +26,7 @@ __all__ = [
     "TimestepEmbedder",
     "adaln_modulation",
     "apply_rope",
+    "gated_residual",
     "modulate",
     "rope_angles_1d",
     "rope_angles_2d",
