@@ -319,19 +319,16 @@ class TemporalDecoder(Decoder):
 
 
 def window_starts(length: int, window: int, overlap: int) -> list[int]:
-    """Start indices of windows of size ``window`` covering ``[0, length)`` with at least ``overlap`` shared.
+    """Start indices of the fewest full-size windows covering ``[0, length)`` with >= ``overlap`` shared.
 
-    The last window is shifted back to end at ``length`` (all windows are full size), so its overlap with the
-    one before may exceed ``overlap``.
+    The windows are spread evenly, so the actual overlaps can exceed ``overlap`` by up to one step.
     """
     if window >= length:
         return [0]
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window={window}), got {overlap}")
-    starts = list(range(0, length - window + 1, window - overlap))
-    if starts[-1] + window < length:
-        starts.append(length - window)
-    return starts
+    gaps = -(-(length - window) // (window - overlap))  # ceil: number of steps between first and last window
+    return [i * (length - window) // gaps for i in range(gaps + 1)]
 
 
 def decode_in_windows(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, window: int, overlap: int, scale: int) -> Tensor:
