@@ -116,5 +116,5 @@ def test_unreadable_shard_is_counted(tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) * 2 // 3])
     summary = inspect_shards(tmp_path / "set")
-    assert summary["undecodable"].get("unreadable_shard") == 1
+    assert summary["undecodable"].get("bad_shard") == 1
     assert summary["good_samples"] >= 1

@@ -154,6 +154,8 @@ def test_expand_errors_name_the_spec(two_sets):
         expand_shard_spec(f"{root}/no-such-*.tar")
     with pytest.raises(FileNotFoundError, match="2 of 3 shards do not exist"):
         expand_shard_spec(f"{root}/a/shard-{{000004..000006}}.tar")
+    with pytest.raises(FileNotFoundError, match=r"subfolders \['a', 'b'\]"):
+        expand_shard_spec(root)
     with pytest.raises(ValueError, match="empty shard spec"):
         expand_shard_spec([])
     (two_sets / "notes.txt").write_text("hi")

@@ -36,7 +36,7 @@ MISSING_VIDEO = "missing_video"
 MISSING_LATENTS = "missing_latents"
 MISSING_FIRST_FRAME = "missing_first_frame"
 SIZE_MISMATCH = "size_mismatch"
-UNREADABLE_SHARD = "unreadable_shard"
+BAD_SHARD = "bad_shard"  # same name as the datamodule's skip counter
 
 # Upper edges (seconds) of the duration histogram's bins.
 DURATION_BINS: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -137,7 +137,7 @@ def inspect_shards(spec: str | Path | Sequence[str | Path], decode: bool = False
                     if any(v is not None for v in values):
                         actions[name] += 1
         except ValueError as err:  # unreadable or truncated tar: the samples read so far still count
-            flag(shard, "", UNREADABLE_SHARD, str(err))
+            flag(shard, "", BAD_SHARD, str(err))
 
     def ordered(counter: Counter[str]) -> dict[str, int]:
         return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))

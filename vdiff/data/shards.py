@@ -298,7 +298,12 @@ def expand_shard_spec(spec: str | Path | Sequence[str | Path]) -> list[str]:
         item = os.fspath(item)
         found = _expand_one(item)
         if not found:
-            raise FileNotFoundError(f"shard spec {item!r} matches no shard (.tar) file")
+            hint = ""
+            if os.path.isdir(item):
+                subsets = sorted(d for d in os.listdir(item) if os.path.isfile(os.path.join(item, d, MANIFEST_NAME)))
+                if subsets:
+                    hint = f"; it holds shard sets in subfolders {subsets}: name one, e.g. {os.path.join(item, subsets[0])}"
+            raise FileNotFoundError(f"shard spec {item!r} matches no shard (.tar) file{hint}")
         for path in found:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"shard spec {item!r} names {path}, which does not exist")
