@@ -113,6 +113,8 @@ def test_decode_clip_with_stride_and_fps(mp4_small_gop):
     np.testing.assert_array_equal(decode_clip(mp4_small_gop, 5, start=7, stride=3), full[7:22:3])
     # 10 fps source resampled to 5 fps: every other frame
     np.testing.assert_array_equal(decode_clip(mp4_small_gop, 4, start=2, target_fps=5), full[[2, 4, 6, 8]])
+    # 10 fps source at 20 fps: frames repeat
+    np.testing.assert_array_equal(decode_clip(mp4_small_gop, 4, start=9, target_fps=20), full[[9, 10, 10, 11]])
     with pytest.raises(VideoDecodeError) as err:
         decode_clip(mp4_small_gop, 20, start=30)
     assert err.value.reason == "too_short"

@@ -124,26 +124,28 @@ def probe(src: VideoSource) -> VideoInfo:
     """
     container, stream = _open(src)
     try:
-        ctx = stream.codec_context
-        fps = _stream_fps(stream)
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        else:
-            duration = 0.0
-        num_frames = int(stream.frames or 0)
-        if num_frames <= 0 and fps > 0:
-            num_frames = int(round(duration * fps))
-        if fps <= 0 and duration > 0:
-            fps = num_frames / duration
-        if ctx.width <= 0 or ctx.height <= 0:
-            raise VideoDecodeError(CORRUPT, f"video {_describe(src)} has no frame size in its header")
-        return VideoInfo(
-            fps=fps, num_frames=num_frames, width=ctx.width, height=ctx.height, codec=ctx.name, duration=duration
-        )
+        return _stream_info(container, stream, _describe(src))
     finally:
         container.close()
+
+
+def _stream_info(container: av.container.InputContainer, stream: av.VideoStream, name: str) -> VideoInfo:
+    ctx = stream.codec_context
+    fps = _stream_fps(stream)
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        duration = 0.0
+    num_frames = int(stream.frames or 0)
+    if num_frames <= 0 and fps > 0:
+        num_frames = int(round(duration * fps))
+    if fps <= 0 and duration > 0:
+        fps = num_frames / duration
+    if ctx.width <= 0 or ctx.height <= 0:
+        raise VideoDecodeError(CORRUPT, f"video {name} has no frame size in its header")
+    return VideoInfo(fps=fps, num_frames=num_frames, width=ctx.width, height=ctx.height, codec=ctx.name, duration=duration)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,20 +242,34 @@ def decode_frames(
     raw source videos). Raises :class:`VideoDecodeError`: empty, corrupt, no_video_stream,
     too_short (an index past the last decodable frame), odd_size.
     """
-    if len(indices) == 0:
+    indices = [int(i) for i in indices]
+    if not indices:
         raise ValueError("decode_frames needs at least one frame index")
-    wanted = sorted(set(int(i) for i in indices))
-    if wanted[0] < 0:
-        raise ValueError(f"frame indices must be >= 0, got {wanted[0]}")
+    if min(indices) < 0:
+        raise ValueError(f"frame indices must be >= 0, got {min(indices)}")
     container, stream = _open(src)
     try:
-        frames = _decode_sorted(container, stream, wanted, size, thread_count, allow_odd_size, _describe(src))
+        return _decode_indices(container, stream, indices, size, thread_count, allow_odd_size, _describe(src))
     finally:
         container.close()
-    position = {index: row for row, index in enumerate(wanted)}
-    if len(wanted) == len(indices) and all(a == b for a, b in zip(wanted, indices)):
+
+
+def _decode_indices(
+    container: av.container.InputContainer,
+    stream: av.VideoStream,
+    indices: list[int],
+    size: tuple[int, int] | None,
+    thread_count: int,
+    allow_odd_size: bool,
+    name: str,
+) -> np.ndarray:
+    """Decode each distinct index once, in order, then lay the frames out as ``indices`` asks."""
+    wanted = sorted(set(indices))
+    frames = _decode_sorted(container, stream, wanted, size, thread_count, allow_odd_size, name)
+    if wanted == indices:
         return frames
-    return frames[[position[int(i)] for i in indices]]
+    position = {index: row for row, index in enumerate(wanted)}
+    return frames[[position[i] for i in indices]]
 
 
 def _decode_sorted(
@@ -378,9 +394,13 @@ def decode_clip(
 
     Returns ``(num_frames, H, W, 3)`` uint8 RGB.
     """
-    info = probe(src)
-    indices = clip_frame_indices(info.num_frames, info.fps, num_frames, start, stride, target_fps)
-    return decode_frames(src, indices, size=size, thread_count=thread_count, allow_odd_size=allow_odd_size)
+    container, stream = _open(src)  # one open for the header and the frames
+    try:
+        info = _stream_info(container, stream, _describe(src))
+        indices = clip_frame_indices(info.num_frames, info.fps, num_frames, start, stride, target_fps)
+        return _decode_indices(container, stream, indices, size, thread_count, allow_odd_size, _describe(src))
+    finally:
+        container.close()
 
 
 def decode_all(src: VideoSource, size: tuple[int, int] | None = None, thread_count: int = 1) -> np.ndarray:
