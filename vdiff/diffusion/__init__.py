@@ -1,1 +1,22 @@
-"""Model-agnostic diffusion: EDM, DDPM/DDIM, samplers, guidance and conditioning masks."""
+"""Model-agnostic diffusion: EDM, DDPM/DDIM, samplers, guidance and conditioning masks.
+
+Networks are called through the denoiser contract of :mod:`vdiff.diffusion.common`:
+``net(x, noise_level, cond, given_mask)`` with one noise level per clip.
+"""
+
+from vdiff.diffusion.common import Denoiser, masked_mean, replace_given
+from vdiff.diffusion.ddpm import GaussianDiffusion, make_betas, respacing_timesteps
+from vdiff.diffusion.ddpm_samplers import ancestral_sample, ddim_sample
+from vdiff.diffusion.edm import EDMDiffusion, EDMPrecond, LogNormalSigma, VScalingPrecond
+from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG, drop_conditions, guided_call
+from vdiff.diffusion.karras import euler_sample, heun_sample, karras_sigmas
+from vdiff.diffusion.masks import MASK_MODES, MaskMixture, MaskSpec, sample_given_mask, task_mask
+
+__all__ = [
+    "Denoiser", "masked_mean", "replace_given",
+    "GaussianDiffusion", "make_betas", "respacing_timesteps", "ancestral_sample", "ddim_sample",
+    "EDMDiffusion", "EDMPrecond", "LogNormalSigma", "VScalingPrecond",
+    "LinearCFG", "TriangleCFG", "VanillaCFG", "drop_conditions", "guided_call",
+    "euler_sample", "heun_sample", "karras_sigmas",
+    "MASK_MODES", "MaskMixture", "MaskSpec", "sample_given_mask", "task_mask",
+]
