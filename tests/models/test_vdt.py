@@ -282,5 +282,8 @@ def test_load_vdt_checkpoint_names_what_does_not_fit(tmp_path):
     torch.save(learned, tmp_path / "learned.pt")
     with pytest.raises(ValueError, match="pos_embed is not the fixed sin-cos table"):
         load_vdt_checkpoint(tiny(num_classes=1), tmp_path / "learned.pt")
+    low_precision = {k: v.to(torch.bfloat16) for k, v in state.items()}  # sin-cos tables rounded to bf16 still pass
+    torch.save(low_precision, tmp_path / "bf16.pt")
+    load_vdt_checkpoint(tiny(num_classes=1), tmp_path / "bf16.pt")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_vdt_checkpoint(tiny(), tmp_path / "nowhere.pt")
