@@ -69,7 +69,9 @@ class ShardWriter:
     A new shard starts when the current one holds ``max_count`` samples or the next sample would
     push it past ``max_size`` bytes (a single sample larger than ``max_size`` gets a shard of its
     own). Shards are written under a ``.tmp`` name and renamed when complete; tar members carry a
-    fixed mtime so the same samples give byte-identical shards. Use as a context manager::
+    fixed mtime so the same samples give byte-identical shards. Use as a context manager; when the
+    ``with`` block raises, the shards written so far are kept but no manifest is written (a
+    manifest means the set is complete)::
 
         with ShardWriter("out/train", max_count=500) as writer:
             writer.write_video(key, encode_video(frames, fps), meta)
@@ -112,6 +114,7 @@ class ShardWriter:
         self._frames = 0
         self._size = 0
         self._manifest: Manifest | None = None
+        self._closed_without_manifest = False
 
     # -- context manager ---------------------------------------------------------------------
 
@@ -119,7 +122,14 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+            return
+        # An error inside the with-block: keep the samples written so far (the open shard is
+        # finished), but write no manifest, whose presence says that the writer completed.
+        if self._manifest is None:
+            self._finish_shard()
+            self._closed_without_manifest = True
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -152,7 +162,7 @@ class ShardWriter:
         self._tar = TarWriter(self._file, encoder=False, mtime=0)  # int: a float adds a PAX header per file
 
     def _write(self, key: str, files: dict[str, bytes], num_frames: int) -> None:
-        if self._manifest is not None:
+        if self._manifest is not None or self._closed_without_manifest:
             raise RuntimeError(f"ShardWriter for {self.out_dir} is closed")
         check_key(key)
         if key in self._keys:
@@ -245,6 +255,8 @@ class ShardWriter:
 
     def close(self) -> Manifest:
         """Finish the last shard, write ``manifest.json``, and return the manifest (idempotent)."""
+        if self._closed_without_manifest:
+            raise RuntimeError(f"ShardWriter for {self.out_dir} stopped on an error; it wrote no manifest")
         if self._manifest is None:
             self._finish_shard()
             self._manifest = Manifest(shards=list(self._shards), sample_type=self.sample_type, extra=self.extra)
