@@ -271,6 +271,8 @@ def main() -> None:
     ratio = statistics.median(peer.times) / statistics.median(ours.times)
     print(f"step time ratio Latte/ours (median): {ratio:.2f}  (target >= 1.0 on CPU, >= 1.3 in bf16 on GPU)")
     print(f"peak memory ratio Latte/ours: {memory[peer.name] / max(memory[ours.name], 1):.2f}")
+    if args.quick:
+        print("(--quick is a smoke run: at this size per-op overhead, not FLOPs, sets the time; compare ratios from a full run)")
 
 
 if __name__ == "__main__":
