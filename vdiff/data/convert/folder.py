@@ -340,7 +340,12 @@ class _State:
         self.done: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, dict[str, Any]] = {}
         if self.path.exists():
-            data = json.loads(self.path.read_text())
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path} is not valid json ({err}); remove it to start over") from err
+            if not isinstance(data, dict) or not {"options", "parts", "done"} <= set(data):
+                raise ValueError(f"{self.path} is not a vdiff conversion state (needs options, parts, done)")
             if data.get("options") != self.identity:
                 old, new = data.get("options", {}), self.identity
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
