@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _training_setting(ckpt: dict, key: str):
-    return ckpt.get("datamodule_hyper_parameters", {}).get(key)
+    return ckpt.get("vdiff_clip", {}).get(key)
 
 
 def run(args: argparse.Namespace) -> int:

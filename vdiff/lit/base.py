@@ -6,7 +6,8 @@ latents, the optimizer and warm-up, and the small protocol that callbacks use:
 * ``generate(batch, **options) -> Generated`` (each subclass) - samples videos for a batch (used
   by ``SampleVideos``, validation and ``vdiff sample``);
 * :meth:`VideoDiffusionModule.ema_parameters` - the parameters an EMA callback tracks;
-* ``checkpoint["vdiff_module"]`` - the class path, so ``vdiff sample`` can reload any subclass.
+* ``checkpoint["vdiff_module"]`` - the class path, so ``vdiff sample`` can reload any subclass,
+  and ``checkpoint["vdiff_clip"]`` - the clip length and frame size trained on.
 
 Subclasses build their network in ``configure_model()`` (DESIGN.md §6) and implement
 ``training_step``/``validation_step`` with the diffusion core.
@@ -113,6 +114,10 @@ class VideoDiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
         checkpoint["vdiff_module"] = f"{cls.__module__}.{cls.__qualname__}"
+        # The clip shape trained on, so `vdiff sample` can cut inputs the same way.
+        spec = getattr(getattr(self._trainer, "datamodule", None), "spec", None) if self._trainer else None
+        if spec is not None:
+            checkpoint["vdiff_clip"] = {"num_frames": int(spec.num_frames), "size": [int(v) for v in spec.out_hw]}
 
     # ---------------------------------------------------------------- optimisation
 
