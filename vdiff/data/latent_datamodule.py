@@ -1,0 +1,340 @@
+"""``LatentDataModule``: clips of pre-encoded latents (``vdiff encode``) for diffusion training without an
+autoencoder in the loop.
+
+It is a :class:`~vdiff.data.datamodule.VideoDataModule` whose streams turn a raw *latent* sample into a clip
+instead of decoding a video, so everything else is shared: resampled shards per (rank, worker), weighted
+source mixing, shuffle buffers, the deterministic ``(seed, epoch, rank, worker, index)`` randomness, mid-epoch
+resume through the stateful loader, exact-once evaluation across ranks and workers, and skip counting.
+
+A clip is ``num_frames`` consecutive latent frames (or every ``frame_stride``-th / resampled to ``target_fps``)
+from a random start (training; ``train_start="first"`` pins it to 0) or evenly spaced fixed starts
+(evaluation). Batches follow :mod:`vdiff.data.batch`:
+
+* ``latents`` ``(B, T, c, h, w)`` float32: a posterior sample ``mean + std * eps``, ``eps`` drawn per sample
+  from the data pipeline's seeded generator (training: a function of (seed, epoch, rank, worker, index);
+  evaluation: of (seed, key), so it does not depend on how samples were split between readers);
+* ``latents_mean``, ``latents_std``: the stored posterior, float32;
+* ``first_frame`` ``(B, 3, H, W)`` in [-1, 1]: the stored clean first frame of the *latent sample*, which is
+  the first frame of the clip when the clip starts at latent frame 0 (``frame_indices[:, 0] == 0``; always
+  true with ``train_start="first"`` or samples encoded with ``--clip-frames`` equal to ``num_frames``);
+* ``fps`` (of the clip as sampled), ``frame_indices`` (latent frame indices in the sample), ``key``,
+  ``source``, ``actions`` with ``<key>_valid`` (as the video data module), ``image_embed`` ``(B, D)`` when
+  every sample of the batch stores one.
+
+Latents are *unscaled*; diffusion modules scale them (``VideoDiffusionModule.batch_latents``).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorsError
+from safetensors.torch import load as load_safetensors
+
+from vdiff.data import batch as B
+from vdiff.data import sampling
+from vdiff.data.datamodule import (
+    BAD_JSON,
+    MAX_CONSECUTIVE_SKIPS,
+    MISSING_JSON,
+    SKIP_REASONS,
+    STAGES,
+    ClipSpec,
+    DataSource,
+    EvalClipStream,
+    TrainClipStream,
+    VideoDataModule,
+    VideoLoader,
+    _Skip,
+    eval_clip_starts,
+)
+from vdiff.data.sampling import ReaderSlot
+from vdiff.data.shards import expand_shard_spec
+from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, META_EXT, SampleType, SchemaError, VideoMeta
+from vdiff.data.skips import SkipCounter
+from vdiff.data.transforms import clip_actions
+from vdiff.data.video_io import TOO_SHORT, clip_frame_indices, max_clip_start
+
+MISSING_LATENTS = "missing_latents"  # the sample has no <key>.latents.safetensors or no first frame
+BAD_LATENTS = "bad_latents"  # unreadable safetensors / PNG, or shapes that disagree
+LATENT_SKIP_REASONS: tuple[str, ...] = (*SKIP_REASONS, MISSING_LATENTS, BAD_LATENTS)
+LATENT_NOISE = 11  # sampling purpose: posterior noise (distinct from the VideoDataModule's purposes)
+
+
+# ----------------------------------------------------------------------------------------------
+# One raw latent sample -> one clip
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_latent(key: str, files: dict[str, bytes], where: str) -> tuple[VideoMeta, dict[str, torch.Tensor]]:
+    """The json and the stored tensors (``mean``, ``std``, ``first_frame``, optional ``embed``) of a sample."""
+    if META_EXT not in files:
+        raise _Skip(MISSING_JSON, f"{where}: sample {key!r} has no .{META_EXT} (files: {sorted(files)})")
+    try:
+        meta = VideoMeta.from_json(files[META_EXT])
+    except SchemaError as err:
+        raise _Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
+    if meta.sample_type != SampleType.LATENT.value:
+        raise _Skip(BAD_JSON, f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a latent sample "
+                              "(encode video shards with `vdiff encode`)")
+    for ext in (LATENTS_EXT, FIRST_FRAME_EXT):
+        if ext not in files:
+            raise _Skip(MISSING_LATENTS, f"{where}: sample {key!r} has no .{ext} (files: {sorted(files)})")
+    try:
+        tensors = load_safetensors(files[LATENTS_EXT])
+        frame = np.asarray(Image.open(io.BytesIO(files[FIRST_FRAME_EXT])).convert("RGB"))  # (H, W, 3) uint8
+        embed = load_safetensors(files[IMAGE_EMBED_EXT])["embed"] if IMAGE_EMBED_EXT in files else None
+    except (SafetensorsError, OSError, KeyError, ValueError) as err:
+        raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: unreadable latents or first frame ({err})") from None
+    mean, std = tensors.get("mean"), tensors.get("std")
+    if mean is None or std is None or mean.ndim != 4 or mean.shape != std.shape:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: need tensors mean and std of equal (T, c, h, w), got {shapes}")
+    out = {"mean": mean, "std": std, "first_frame": torch.from_numpy(frame.copy()).permute(2, 0, 1)}
+    if embed is not None:
+        out["embed"] = embed.reshape(-1)
+    return meta, out
+
+
+def _latent_timing(meta: VideoMeta, tensors: dict[str, torch.Tensor]) -> tuple[int, float, int]:
+    """(latent frames, latent frame rate, temporal downsampling) of a sample."""
+    down = int(meta.extra.get("latent", {}).get("temporal_downsample", 1) or 1)
+    return int(tensors["mean"].shape[0]), meta.fps / down, down
+
+
+def _last_start(key: str, meta: VideoMeta, tensors: dict[str, torch.Tensor], spec: ClipSpec, where: str) -> int:
+    frames, fps, _ = _latent_timing(meta, tensors)
+    last = max_clip_start(frames, fps, spec.num_frames, spec.frame_stride, spec.target_fps)
+    if last < 0:
+        raise _Skip(TOO_SHORT, f"{where}: sample {key!r} has {frames} latent frames at {fps:g} fps, too few for a "
+                               f"clip of {spec.num_frames} (stride {spec.frame_stride}, target fps {spec.target_fps})")
+    return last
+
+
+def _latent_clip(
+    key: str,
+    meta: VideoMeta,
+    tensors: dict[str, torch.Tensor],
+    start: int,
+    spec: ClipSpec,
+    noise: np.random.Generator,
+    source: str | None,
+    where: str,
+) -> dict[str, Any]:
+    """One clip's item: latents (a posterior sample), the stored posterior, first frame, actions..."""
+    frames, fps, down = _latent_timing(meta, tensors)
+    indices = clip_frame_indices(frames, fps, spec.num_frames, start, spec.frame_stride, spec.target_fps)
+    video_indices = [i * down for i in indices]  # actions are per video frame
+    if video_indices[-1] >= meta.num_frames:
+        raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: {frames} latent frames x {down} exceed the json's "
+                                 f"num_frames {meta.num_frames}")
+    try:
+        actions = clip_actions(meta.actions, video_indices)
+    except SchemaError as err:
+        raise _Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
+    index = torch.as_tensor(indices)
+    mean = tensors["mean"][index].float()  # (T, c, h, w)
+    std = tensors["std"][index].float()
+    eps = torch.from_numpy(noise.standard_normal(mean.shape, dtype=np.float32))
+    item = {
+        "latents": mean + std * eps,
+        "latents_mean": mean,
+        "latents_std": std,
+        "first_frame": tensors["first_frame"],
+        "fps": float(spec.target_fps if spec.target_fps is not None else fps / (spec.frame_stride or 1)),
+        "frame_indices": np.asarray(indices, dtype=np.int64),
+        "key": key,
+        "source": source if source is not None else meta.source,
+        "actions": actions,
+    }
+    if "embed" in tensors:
+        item["image_embed"] = tensors["embed"].float()
+    return item
+
+
+def collate_latent_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack latent clips into a batch of :mod:`vdiff.data.batch` (``first_frame`` to float in [-1, 1])."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    batch: dict[str, Any] = {
+        B.LATENTS: torch.stack([s["latents"] for s in samples]),
+        B.LATENTS_MEAN: torch.stack([s["latents_mean"] for s in samples]),
+        B.LATENTS_STD: torch.stack([s["latents_std"] for s in samples]),
+        B.FIRST_FRAME: torch.stack([s["first_frame"] for s in samples]).float().div_(127.5).sub_(1.0),
+        B.FPS: torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        B.FRAME_INDICES: torch.tensor(np.stack([s["frame_indices"] for s in samples]), dtype=torch.long),
+        B.KEY: [s["key"] for s in samples],
+        B.SOURCE: [s["source"] for s in samples],
+        B.ACTIONS: {
+            name: torch.from_numpy(np.stack([s["actions"][name] for s in samples])) for name in samples[0]["actions"]
+        },
+    }
+    if all("image_embed" in s for s in samples):
+        batch[B.IMAGE_EMBED] = torch.stack([s["image_embed"] for s in samples])
+    return batch
+
+
+def eval_noise(seed: int, key: str) -> np.random.Generator:
+    """Posterior noise of an evaluation clip: a function of (seed, key) only."""
+    return sampling.rng(seed, 0, 0, 0, LATENT_NOISE, zlib.crc32(key.encode()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams: the VideoDataModule's, with a latent sample -> clip step
+# ----------------------------------------------------------------------------------------------
+
+
+class LatentTrainStream(TrainClipStream):
+    """:class:`TrainClipStream` over latent samples (``crop``/``flip`` unused; ``train_start`` as the module)."""
+
+    def __init__(self, *args: Any, train_start: str = "random", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_start = train_start
+
+    def _next_clip(self, index: int, streams: list[Iterator], slot: ReaderSlot) -> dict[str, Any]:
+        # Same draws as TrainClipStream._next_clip (source by weight, fresh generator per attempt), with the
+        # latent clip instead of a decoded one.
+        choice = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index)
+        s = sampling.choose_source(self.probabilities, choice)
+        shards, name = self.sources[s]
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
+            shard, key, files = next(streams[s])
+            generator = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index, 1)
+            noise = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, LATENT_NOISE, index)
+            try:
+                meta, tensors = _parse_latent(key, files, shard)
+                last = _last_start(key, meta, tensors, self.spec, shard)
+                start = 0 if self.train_start == "first" else int(generator.integers(last + 1))
+                return _latent_clip(key, meta, tensors, start, self.spec, noise, name, shard)
+            except _Skip as skip:
+                self._skip(skip)
+        raise RuntimeError(
+            f"training source with shards {shards[:3]}{'...' if len(shards) > 3 else ''}: "
+            f"{MAX_CONSECUTIVE_SKIPS} consecutive samples were bad; see the skip counts and warnings"
+        )
+
+
+class LatentEvalStream(EvalClipStream):
+    """:class:`EvalClipStream` over latent samples: fixed starts, noise seeded by (seed, key)."""
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+
+    def _clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> Iterator[dict[str, Any]]:
+        try:
+            meta, tensors = _parse_latent(key, files, shard)
+            starts = eval_clip_starts(_last_start(key, meta, tensors, self.spec, shard), self.clips_per_video)
+            clips = []
+            for j, start in enumerate(starts):
+                clip_key = f"{key}/clip{j}" if self.clips_per_video > 1 else key
+                clip = _latent_clip(key, meta, tensors, start, self.spec, eval_noise(self.seed, clip_key), name, shard)
+                clip["key"] = clip_key
+                clips.append(clip)
+        except _Skip as skip:  # one bad clip drops the whole sample, counted once
+            self._skip(skip)
+            return
+        yield from clips
+
+
+# ----------------------------------------------------------------------------------------------
+# The data module
+# ----------------------------------------------------------------------------------------------
+
+
+class LatentDataModule(VideoDataModule):
+    """Latent clips from ``vdiff encode`` shards, mixed from weighted sources (see the module docstring).
+
+    Args:
+        train, val, test, predict: latent shard specs or lists of :class:`DataSource` (as VideoDataModule).
+        num_frames: latent frames per clip.
+        frame_stride: take every ``frame_stride``-th latent frame. Exclusive with ``target_fps``.
+        target_fps: resample clips to this frame rate (nearest latent frame).
+        train_start: ``"random"`` clip starts in training, or ``"first"`` (always latent frame 0, so that
+            ``first_frame`` is the clip's first frame).
+        batch_size, val_batch_size, num_workers, shuffle_buffer, seed, epoch_length, val_clips_per_video,
+            pin_memory: as :class:`~vdiff.data.datamodule.VideoDataModule`.
+    """
+
+    def __init__(
+        self,
+        train: str | list[DataSource] | None = None,
+        val: str | list[DataSource] | None = None,
+        test: str | list[DataSource] | None = None,
+        predict: str | list[DataSource] | None = None,
+        num_frames: int = 14,
+        frame_stride: int | None = None,
+        target_fps: float | None = None,
+        train_start: Literal["random", "first"] = "random",
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+        epoch_length: int | None = None,
+        val_clips_per_video: int = 1,
+        pin_memory: bool | None = None,
+    ) -> None:
+        if train_start not in ("random", "first"):
+            raise ValueError(f"train_start must be 'random' or 'first', got {train_start!r}")
+        super().__init__(
+            train=train, val=val, test=test, predict=predict, num_frames=num_frames, frame_stride=frame_stride,
+            target_fps=target_fps, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer, seed=seed, epoch_length=epoch_length,
+            val_clips_per_video=val_clips_per_video, float_on_device=False, pin_memory=pin_memory,
+        )
+        self.train_start = train_start
+        self.skips = SkipCounter(LATENT_SKIP_REASONS, num_slots=len(STAGES) * (num_workers + 1))
+
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_latent_clips(samples)
+
+    def train_dataloader(self) -> VideoLoader:
+        # VideoDataModule.train_dataloader with LatentTrainStream in place of TrainClipStream.
+        if not self.sources["train"]:
+            raise ValueError("LatentDataModule has no train shards: set `train`")
+        rank, world = self.rank_and_world_size()
+        dataset = LatentTrainStream(
+            [(expand_shard_spec(source.path), source.name) for source in self.sources["train"]],
+            [s.weight for s in self.sources["train"]],
+            self.spec,
+            crop="center",
+            flip=False,
+            shuffle_buffer=self.shuffle_buffer,
+            batch_size=self.batch_size,
+            num_batches=self.train_num_batches(),
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            counter=self.skips,
+            workers_per_stage=self.num_workers,
+            train_start=self.train_start,
+        )
+        loader = self._loader(dataset, self.batch_size, stateful=True)
+        if self._pending_loader_state is not None:
+            loader.load_state_dict(self._pending_loader_state)
+            self._pending_loader_state = None
+        self._train_loader = loader
+        return loader
+
+    def _eval_loader(self, stage: str) -> VideoLoader | list:
+        if not self.sources[stage]:
+            return []
+        rank, world = self.rank_and_world_size()
+        dataset = LatentEvalStream(
+            self.shards(stage),
+            self.spec,
+            self.val_clips_per_video,
+            rank=rank,
+            world_size=world,
+            counter=self.skips,
+            stage=stage,
+            workers_per_stage=self.num_workers,
+            seed=self.seed,
+        )
+        return self._loader(dataset, self.val_batch_size, stateful=False)
