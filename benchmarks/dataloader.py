@@ -1,7 +1,7 @@
 """Data-loading throughput: vdiff's VideoDataModule beside raw PyAV, measured in one run.
 
-    python benchmarks/dataloader.py           # 32 source videos, ~1 minute on 2 cores
-    python benchmarks/dataloader.py --quick   # 8 source videos, a few seconds of timing
+    python benchmarks/dataloader.py           # 32 source videos, about 2.5 minutes on 2 busy cores
+    python benchmarks/dataloader.py --quick   # 8 source videos, about 2 minutes (start-up dominates)
 
 Writes 256x256 source videos (procedural moving texture, H.264 at vdiff's default CRF) into shards,
 then measures clips/s and frames/s of the datamodule's train loader (16-frame clips resized to
