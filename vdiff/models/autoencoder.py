@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdiff.nn.norms import NORM_KINDS, NormKind, make_norm
-from vdiff.nn.resnet import Downsample, ResBlock, Upsample
+from vdiff.nn.resnet import Downsample, ResBlock, TemporalConv, Upsample
 
 DecoderKind = Literal["2d", "temporal"]
 
@@ -300,7 +300,7 @@ class TemporalDecoder(Decoder):
 
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__(cfg)
-        self.time_conv_out = nn.Conv3d(cfg.out_channels, cfg.out_channels, (3, 1, 1), padding=(1, 0, 0))
+        self.time_conv_out = TemporalConv(cfg.out_channels, cfg.out_channels, 3)
 
     def forward(self, z: Tensor, num_frames: int) -> Tensor:
         h = self.mid(self.conv_in(z), num_frames)  # (B*T, C_top, h, w)

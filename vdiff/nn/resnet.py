@@ -19,6 +19,32 @@ def _padding(kernel_size: int | tuple[int, ...]) -> int | tuple[int, ...]:
     return tuple(k // 2 for k in kernel_size)
 
 
+class TemporalConv(nn.Conv3d):
+    """A ``(k, 1, 1)`` Conv3d over time for ``(N, C, T, H, W)``, computed as a Conv2d over ``(N, C, T, H*W)``.
+
+    Same parameters (and state-dict shapes) as ``nn.Conv3d``. Written out because PyTorch on CPU runs such a
+    Conv3d through its slow reference kernel (``slow_conv3d_forward``), while the equivalent Conv2d takes the
+    oneDNN path: about 3.5x faster at VAE sizes; on CUDA both are cuDNN calls.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, (kernel_size, 1, 1), padding=(kernel_size // 2, 0, 0), bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, t, h, w = x.shape
+        y = F.conv2d(x.reshape(n, c, t, h * w), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
+        return y.view(n, self.out_channels, t, h, w)  # (N, C_out, T, H, W)
+
+
+def _conv(dims: int, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...]) -> nn.Module:
+    if dims == 2:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=_padding(kernel_size))
+    k = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+    if k[1:] == (1, 1):
+        return TemporalConv(in_channels, out_channels, k[0])
+    return nn.Conv3d(in_channels, out_channels, k, padding=_padding(k))
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block (norm-SiLU-conv x2) over 2D ``(N, C, H, W)`` or 3D ``(N, C, T, H, W)`` maps."""
 
@@ -37,18 +63,20 @@ class ResBlock(nn.Module):
         if dims not in (2, 3):
             raise ValueError(f"ResBlock: dims must be 2 or 3, got {dims}")
         out_channels = out_channels or in_channels
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        pad = _padding(kernel_size)
         self.norm1 = make_norm(norm, in_channels, eps)
-        self.conv1 = conv(in_channels, out_channels, kernel_size, padding=pad)
+        self.conv1 = _conv(dims, in_channels, out_channels, kernel_size)
         self.norm2 = make_norm(norm, out_channels, eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = conv(out_channels, out_channels, kernel_size, padding=pad)
-        self.skip = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = _conv(dims, out_channels, out_channels, kernel_size)
+        self.skip = _conv(dims, in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (N, C_out, ...)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))  # (N, C_out, ...)
+        # One step per line on purpose: rebinding `h` frees each intermediate before the next conv allocates
+        # (a nested `conv2(silu(norm2(h)))` keeps the pre-norm `h` alive through conv2: +1 activation of peak).
+        h = F.silu(self.norm1(x))  # (N, C_in, ...)
+        h = self.conv1(h)  # (N, C_out, ...)
+        h = F.silu(self.norm2(h))  # (N, C_out, ...)
+        h = self.conv2(self.dropout(h))  # (N, C_out, ...)
         return self.skip(x) + h
 
 
