@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Union
@@ -450,6 +450,7 @@ def encode_video(
     preset: str = "medium",
     gop_size: int | None = None,
     pix_fmt: str = "yuv420p",
+    threads: int = 1,
 ) -> bytes:
     """Encode ``(T, H, W, 3)`` uint8 RGB frames as an H.264 (libx264) mp4 and return its bytes.
 
@@ -457,6 +458,8 @@ def encode_video(
     ``gop_size`` is the keyframe interval; ``None`` puts a keyframe about every second, so a random
     clip seeks close to its first frame. ``pix_fmt`` is yuv420p for shards (which needs even width and
     height: odd sizes raise ``ValueError``); yuv444p allows odd sizes (for tests of odd-size inputs).
+    ``threads`` is x264's thread count: 1 by default, so parallel workers do not oversubscribe the
+    cores and the same frames give the same bytes in every process.
     """
     array = _as_uint8_frames(frames)
     num, height, width, _ = array.shape
@@ -477,10 +480,128 @@ def encode_video(
         stream.pix_fmt = pix_fmt
         stream.codec_context.gop_size = gop_size
         stream.codec_context.time_base = 1 / rate
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.options = {"crf": str(crf), "preset": preset, "threads": str(max(1, int(threads)))}
         for i in range(num):
             frame = av.VideoFrame.from_ndarray(array[i], format="rgb24")
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
     return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming reader for long source videos (converters)
+# ----------------------------------------------------------------------------------------------
+# Clip decoding above works by frame index, which needs a frame count the container knows up
+# front; converters of hour-long, variable-frame-rate sources (phone mov, YouTube mkv/webm) need one
+# pass over the stream by timestamps, holding one frame at a time. Output frame k is the source
+# frame nearest to ``start_time + k / target_fps`` (ties go to the later frame, as in
+# clip_frame_indices); only returned frames are converted to RGB.
+
+
+@dataclass(frozen=True)
+class StreamFrame:
+    """One output frame: its index in the output stream, its source time in seconds, RGB ``(H, W, 3)`` uint8."""
+
+    index: int
+    time: float
+    rgb: np.ndarray
+
+
+def output_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """``(H, W)`` after scaling so the longer side is at most ``max_side``, both even (yuv420p needs it)."""
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(width, height))
+    out_w = max(2, int(round(width * scale / 2)) * 2)
+    out_h = max(2, int(round(height * scale / 2)) * 2)
+    return out_h, out_w
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    target_fps: float | None = None,
+    max_side: int | None = None,
+    start_time: float = 0.0,
+    end_time: float | None = None,
+    thread_count: int = 1,
+) -> Iterator[StreamFrame]:
+    """Yield the frames of ``path`` from ``start_time`` to ``end_time`` (seconds from the first frame).
+
+    ``target_fps=None`` keeps every source frame; otherwise frames are resampled by timestamp to
+    ``target_fps``. ``max_side`` shrinks frames so the longer side fits (sizes rounded to even).
+    Raises :class:`VideoDecodeError` (empty, corrupt, no_video_stream) when the file cannot be read;
+    a stream that breaks midway raises ``corrupt`` after the frames decoded before the break.
+    """
+    if target_fps is not None and not (math.isfinite(target_fps) and target_fps > 0):
+        raise ValueError(f"target_fps must be a positive number, got {target_fps!r}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"video file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(EMPTY, f"video file {path} is empty (0 bytes)")
+    try:
+        container = av.open(path, mode="r", metadata_errors="ignore")
+    except av.FFmpegError as err:
+        raise VideoDecodeError(CORRUPT, f"cannot open video {path}: {err}") from err
+    try:
+        if not container.streams.video:
+            raise VideoDecodeError(NO_VIDEO_STREAM, f"{path} holds no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if thread_count > 1:
+            ctx.thread_type = "AUTO"
+        ctx.thread_count = max(1, int(thread_count))
+        if ctx.width <= 0 or ctx.height <= 0:
+            raise VideoDecodeError(CORRUPT, f"video {path} has no frame size in its header")
+        out_h, out_w = output_size(ctx.width, ctx.height, max_side)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        source_fps = float(rate) if rate else 25.0
+        origin: float | None = None  # time of the first decoded frame
+
+        def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+            return frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
+
+        count = 0
+        previous: tuple[float, av.VideoFrame] | None = None
+        next_time = start_time  # next output timestamp (resampling mode)
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                if frame.time is not None:
+                    t_abs = float(frame.time)
+                else:
+                    t_abs = decoded / source_fps
+                decoded += 1
+                if origin is None:
+                    origin = t_abs
+                t = t_abs - origin
+                if target_fps is None:
+                    if t + 1e-6 < start_time:
+                        continue
+                    if end_time is not None and t > end_time + 1e-6:
+                        return
+                    yield StreamFrame(count, t, to_rgb(frame))
+                    count += 1
+                    continue
+                # Resample: emit every output time in (previous time, t] from the nearer of the two frames.
+                while (end_time is None or next_time <= end_time + 1e-6) and next_time <= t + 1e-9:
+                    if previous is not None and (next_time - previous[0]) < (t - next_time):
+                        chosen_t, chosen = previous
+                    else:
+                        chosen_t, chosen = t, frame
+                    yield StreamFrame(count, chosen_t, to_rgb(chosen))
+                    count += 1
+                    next_time = start_time + count / target_fps
+                if end_time is not None and next_time > end_time + 1e-6:
+                    return
+                previous = (t, frame)
+        except av.FFmpegError as err:
+            raise VideoDecodeError(CORRUPT, f"video {path} failed to decode after {decoded} frames: {err}") from err
+        if decoded == 0:
+            raise VideoDecodeError(CORRUPT, f"video {path} holds no decodable frame")
+        # The last output time may fall after the last frame but nearer to it than one output period.
+        if target_fps is not None and previous is not None:
+            last_t, last = previous
+            if next_time - last_t < 0.5 / source_fps and (end_time is None or next_time <= end_time + 1e-6):
+                yield StreamFrame(count, last_t, to_rgb(last))
+    finally:
+        container.close()
