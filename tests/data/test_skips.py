@@ -49,9 +49,11 @@ def _eval_module(folder, num_workers):
     return VideoDataModule(val=str(folder), num_frames=8, size=16, val_batch_size=2, num_workers=num_workers)
 
 
-def test_corrupt_corpus_counted_exactly_with_two_workers(corrupt_corpus):
+@pytest.mark.parametrize("start_method", [None, pytest.param("spawn", marks=pytest.mark.slow)])
+def test_corrupt_corpus_counted_exactly_with_two_workers(corrupt_corpus, start_method):
     folder, good, expected = corrupt_corpus
-    dm = _eval_module(folder, num_workers=2)
+    dm = VideoDataModule(val=str(folder), num_frames=8, size=16, val_batch_size=2, num_workers=2,
+                         worker_start_method=start_method)  # spawned workers get the counter by pickling
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         keys = [k for batch in dm.val_dataloader() for k in batch[B.KEY]]

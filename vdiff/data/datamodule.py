@@ -33,6 +33,7 @@ tars, read by :func:`vdiff.data.shards.iter_raw_samples`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -505,6 +506,8 @@ class VideoDataModule(LightningDataModule):
             processes and to the accelerator) and convert it to float in ``on_after_batch_transfer``;
             False converts in the workers, so the loaders alone yield contract batches.
         pin_memory: pin batches for faster host-to-GPU copies (default: when CUDA is available).
+        worker_start_method: how DataLoader workers start (default: the platform's, fork on Linux);
+            ``spawn``/``forkserver`` where forking is unsafe, at the cost of workers importing torch.
     """
 
     def __init__(
@@ -530,6 +533,7 @@ class VideoDataModule(LightningDataModule):
         val_clips_per_video: int = 1,
         float_on_device: bool = True,
         pin_memory: bool | None = None,
+        worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
     ):
         super().__init__()
         self.sources = {
@@ -589,6 +593,7 @@ class VideoDataModule(LightningDataModule):
         self.val_clips_per_video = val_clips_per_video
         self.float_on_device = float_on_device
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.worker_start_method = worker_start_method
         # Rows: per stage, the main process and each worker (see _StreamBase).
         self.skips = SkipCounter(SKIP_REASONS, num_slots=len(STAGES) * (num_workers + 1))
         self._epoch = 0
@@ -657,14 +662,12 @@ class VideoDataModule(LightningDataModule):
             consumed_fn=self._batches_consumed if stateful else None,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=functools.partial(collate_clips, normalize=not self.float_on_device),  # light to pickle
             pin_memory=self.pin_memory,
             drop_last=False,
+            multiprocessing_context=self.worker_start_method if self.num_workers > 0 else None,
         )
         return loader
-
-    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_clips(samples, normalize=not self.float_on_device)
 
     def train_dataloader(self) -> VideoLoader:
         if not self.sources["train"]:
