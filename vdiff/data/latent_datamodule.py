@@ -33,7 +33,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from vdiff.data import batch as B
@@ -89,7 +89,7 @@ def _parse_latent(key: str, files: dict[str, bytes], where: str) -> tuple[VideoM
         tensors = load_safetensors(files[LATENTS_EXT])
         frame = np.asarray(Image.open(io.BytesIO(files[FIRST_FRAME_EXT])).convert("RGB"))  # (H, W, 3) uint8
         embed = load_safetensors(files[IMAGE_EMBED_EXT])["embed"] if IMAGE_EMBED_EXT in files else None
-    except (SafetensorsError, OSError, KeyError, ValueError) as err:
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
         raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: unreadable latents or first frame ({err})") from None
     mean, std = tensors.get("mean"), tensors.get("std")
     if mean is None or std is None or mean.ndim != 4 or mean.shape != std.shape:

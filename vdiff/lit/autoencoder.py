@@ -134,7 +134,10 @@ class AutoencoderModule(L.LightningModule):
         val_seed: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(config, dict):  # YAML through LightningCLI's subclass mode can hand the dataclass as a dict
+            config = AutoencoderConfig.from_dict(config)
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
+        self.config = config  # the dataclass (hparams may hold the dict LightningCLI parsed)
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"AutoencoderModule: rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         for name, value in (("lpips_weight", lpips_weight), ("kl_weight", kl_weight), ("disc_weight", disc_weight)):
@@ -145,12 +148,12 @@ class AutoencoderModule(L.LightningModule):
         self.use_lpips_loss = lpips_weight > 0
         self.use_val_lpips = self.use_lpips_loss if val_lpips is None else bool(val_lpips)
         # Fail before any training when a local file is missing (both raise FileNotFoundError naming it).
-        if self.use_lpips_loss or self.use_val_lpips:
-            check_lpips_weights(lpips_net)
         if pretrained is not None:
             from vdiff.weights.safetensors_io import resolve_weights_path
 
             resolve_weights_path(pretrained, what="pretrained autoencoder weights")
+        if self.use_lpips_loss or self.use_val_lpips:
+            check_lpips_weights(lpips_net)
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer
         self.automatic_optimization = False
@@ -167,8 +170,8 @@ class AutoencoderModule(L.LightningModule):
         """The network: from ``pretrained`` (a local file) or freshly initialised from ``config``."""
         hp = self.hparams
         if hp.pretrained is not None:
-            return VideoAutoencoder.from_pretrained(hp.pretrained, layout=hp.pretrained_layout, config=hp.config)
-        return VideoAutoencoder(hp.config or AutoencoderConfig())
+            return VideoAutoencoder.from_pretrained(hp.pretrained, layout=hp.pretrained_layout, config=self.config)
+        return VideoAutoencoder(self.config or AutoencoderConfig())
 
     def configure_model(self) -> None:
         if self.autoencoder is not None:
