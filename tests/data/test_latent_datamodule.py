@@ -152,3 +152,21 @@ def test_eval_with_workers_reads_every_sample_once(latent_set):
     dm = LatentDataModule(val=str(latent_set), num_frames=12, val_batch_size=3, num_workers=2)
     keys = [k for b in dm.val_dataloader() for k in b[B.KEY]]
     assert sorted(keys) == [f"v{i:04d}" for i in range(8)]
+
+
+def test_a_diffusion_module_trains_on_latent_batches_without_encoding(latent_set, tiny_ae, monkeypatch):
+    from vdiff.lit.vdt import VDTModule
+
+    module = VDTModule(model="VDT-S/2", depth=1, hidden_size=32, num_heads=2, autoencoder=tiny_ae, learn_sigma=False,
+                       num_timesteps=10)
+    module.configure_model()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the autoencoder must not encode when batches carry latents")
+
+    monkeypatch.setattr(tiny_ae, "encode", no_encoding)
+    dm = LatentDataModule(train=str(latent_set), num_frames=4, batch_size=2, num_workers=0, epoch_length=1)
+    batch = next(iter(dm.train_dataloader()))
+    loss = module.compute_loss(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and module.net.x_embedder.proj.weight.grad is not None

@@ -291,8 +291,11 @@ class LatentDataModule(VideoDataModule):
         self.train_start = train_start
         self.skips = SkipCounter(LATENT_SKIP_REASONS, num_slots=len(STAGES) * (num_workers + 1))
 
-    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_latent_clips(samples)
+    def _loader(self, dataset, batch_size: int, stateful: bool) -> VideoLoader:
+        # The VideoDataModule's loader (epoch, resume state, workers), collating latent clips instead of video.
+        loader = super()._loader(dataset, batch_size, stateful)
+        loader.collate_fn = collate_latent_clips  # top-level function: cheap to pickle into workers
+        return loader
 
     def train_dataloader(self) -> VideoLoader:
         # VideoDataModule.train_dataloader with LatentTrainStream in place of TrainClipStream.

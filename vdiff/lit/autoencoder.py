@@ -419,6 +419,9 @@ class AutoencoderModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("test", batch, batch_idx)
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Generated:
+        return self.generate(batch)
+
     # ---------------------------------------------------------------- checkpoints and export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
