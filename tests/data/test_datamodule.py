@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import LightningModule, Trainer
 
 from tests.data.conftest import FPS, coordinate_frames, driving_actions, write_videos
 from vdiff.data import batch as B
@@ -287,3 +288,22 @@ data:
     assert dm.spec.out_hw == (16, 24) and dm.crop == "center"
     with pytest.raises((jsonargparse.ArgumentError, SystemExit, ValueError)):
         parser.parse_string(recipe.replace("crop: center", "crop: middle"))
+
+
+class _KeyRecorder(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def predict_step(self, batch, batch_idx):
+        assert batch[B.VIDEO].dtype == torch.float32 and batch[B.VIDEO].is_contiguous()
+        return batch[B.KEY]
+
+
+def test_predict_through_lightning_reads_every_sample(video_shards):
+    folder, keys = video_shards
+    dm = VideoDataModule(predict=str(folder), num_frames=2, size=16, val_batch_size=5, num_workers=0)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    predictions = trainer.predict(_KeyRecorder(), datamodule=dm)
+    assert sorted(k for batch in predictions for k in batch) == keys

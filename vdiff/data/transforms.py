@@ -162,27 +162,31 @@ def flip_actions(actions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def normalize_video(video: torch.Tensor) -> torch.Tensor:
-    """uint8 video in [0, 255] to float32 in [-1, 1] (any shape); float input is returned as is."""
+    """uint8 video in [0, 255] to contiguous float32 in [-1, 1] (any shape); float input is returned as is."""
     if video.dtype != torch.uint8:
         return video
-    return video.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+    return video.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0).contiguous()
 
 
 def collate_clips(samples: Sequence[dict[str, Any]], normalize: bool = True) -> dict[str, Any]:
     """Stack decoded clips into a batch following :mod:`vdiff.data.batch`.
 
     Each sample holds ``video`` ``(T, H, W, 3)`` uint8 (a view; its crop plan's flip not yet
-    applied), ``flip``, ``fps``, ``frame_indices``, ``key``, ``source`` and ``actions``. The video is
-    copied once into ``(B, T, 3, H, W)`` uint8; with ``normalize`` it becomes float in [-1, 1] here,
-    otherwise it stays uint8 for :func:`normalize_video` after the transfer to the device.
+    applied), ``flip``, ``fps``, ``frame_indices``, ``key``, ``source`` and ``actions``. The frames
+    are copied once, channels last (a plain copy, several times faster than transposing), and the
+    batch's ``video`` is a ``(B, T, 3, H, W)`` view of them. With ``normalize`` it becomes contiguous
+    float in [-1, 1] here; otherwise it stays uint8 for :func:`normalize_video` after the transfer
+    to the device, where the transposition is cheap.
     """
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     t, h, w, c = samples[0]["video"].shape
-    video = torch.empty((len(samples), t, c, h, w), dtype=torch.uint8)
+    # numpy copies here: torch's intra-op threads made this copy 20x slower on busy CPUs.
+    stacked = np.empty((len(samples), t, h, w, c), dtype=np.uint8)
     for row, sample in enumerate(samples):
-        frames = torch.from_numpy(sample["video"]).permute(0, 3, 1, 2)  # (T, 3, H, W), a view
-        video[row].copy_(frames.flip(-1) if sample["flip"] else frames)
+        frames = sample["video"]  # (T, H, W, 3), a view of the decoded crop
+        stacked[row] = frames[:, :, ::-1] if sample["flip"] else frames
+    video = torch.from_numpy(stacked).permute(0, 1, 4, 2, 3)  # (B, T, 3, H, W), channels-last strides
     batch: dict[str, Any] = {
         B.VIDEO: normalize_video(video) if normalize else video,
         B.FPS: torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
