@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         rows = []
         for name, ours_fn, theirs_fn in cases:
+            print(f"# measuring {name} ...", file=sys.stderr, flush=True)
             mem_o, mem_t = peak_memory(ours_fn, device), peak_memory(theirs_fn, device)
             sec_o, sec_t = seconds([ours_fn, theirs_fn], device, args.repeats)
             rows.append((name, b * t / sec_o, b * t / sec_t, mem_o, mem_t))

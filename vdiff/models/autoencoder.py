@@ -351,14 +351,14 @@ def decode_in_windows(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, windo
             shape[dim] = length * scale
             out = y.new_empty(shape)
         begin, size = start * scale, y.shape[dim]
-        shared = covered - begin
+        shared = covered - begin  # >= 0: consecutive windows overlap or abut
         if shared > 0:
             view = [1] * y.ndim
             view[dim] = shared
             ramp = torch.arange(1, shared + 1, device=y.device, dtype=y.dtype).div_(shared + 1).view(view)
             region = out.narrow(dim, begin, shared)
             region.copy_(torch.lerp(region, y.narrow(dim, 0, shared), ramp))
-        out.narrow(dim, covered, size - max(shared, 0)).copy_(y.narrow(dim, max(shared, 0), size - max(shared, 0)))
+        out.narrow(dim, covered, size - shared).copy_(y.narrow(dim, shared, size - shared))
         covered = begin + size
     assert out is not None and covered == length * scale
     return out
@@ -468,12 +468,15 @@ class VideoAutoencoder(nn.Module):
             if tile < 1 or not 0 <= tile_overlap < tile:
                 raise ValueError(f"decode: need tile >= 1 and 0 <= tile_overlap < tile, got {tile}, {tile_overlap}")
 
-        def decode_tiles(z: Tensor) -> Tensor:
+        f = self.spatial_downsample
+
+        def decode_row(z: Tensor) -> Tensor:  # (B, T', c, tile, w) -> (B, T', 3, tile*f, w*f), tiles along W
+            return decode_in_windows(self._decode_clip, z, 4, tile, tile_overlap, f)
+
+        def decode_tiles(z: Tensor) -> Tensor:  # (B, T', c, h, w) -> (B, T', 3, h*f, w*f), rows along H
             if tile is None:
                 return self._decode_clip(z)
-            f = self.spatial_downsample
-            rows = lambda zr: decode_in_windows(self._decode_clip, zr, 4, tile, tile_overlap, f)  # noqa: E731
-            return decode_in_windows(rows, z, 3, tile, tile_overlap, f)
+            return decode_in_windows(decode_row, z, 3, tile, tile_overlap, f)
 
         if chunk_size is None:
             return decode_tiles(latents)
