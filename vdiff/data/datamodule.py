@@ -42,7 +42,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vdiff.data import batch as B
 from vdiff.data import sampling
@@ -227,8 +227,6 @@ class _StreamBase(IterableDataset):
 
     def _bind_worker(self) -> tuple[int, int]:
         worker, num_workers = sampling.current_worker()
-        from torch.utils.data import get_worker_info
-
         self._row = self.stage_row + (0 if get_worker_info() is None else worker + 1)
         return worker, num_workers
 
