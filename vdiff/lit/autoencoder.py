@@ -161,7 +161,8 @@ class AutoencoderModule(L.LightningModule):
         self.discriminator: PatchDiscriminator | None = None
         self.lpips: LPIPS | None = None
         self.register_buffer("batches_trained", torch.zeros((), dtype=torch.long))
-        self._val_panel: Tensor | None = None
+        self._val_panel: Tensor | None = None  # first validation batch: truth | reconstruction | error map
+        self._worst_patch: Tensor | None = None
         self._val_blob_flags = 0
 
     # ---------------------------------------------------------------- building
@@ -395,7 +396,7 @@ class AutoencoderModule(L.LightningModule):
                 f"AutoencoderModule: {self._val_blob_flags} validation clip(s) have a blob ratio above "
                 f"{self.hparams.blob_threshold} (latent or decoder feature-norm spike): check for blob artifacts"
             )
-        if self._val_panel is None or self.trainer is None or self.trainer.sanity_checking:
+        if self._val_panel is None or self.trainer.sanity_checking:
             return
         self.log("val/worst_patch_error", self._worst_patch, sync_dist=False, rank_zero_only=True)
         if not self.trainer.is_global_zero:
