@@ -5,6 +5,7 @@ self-contained checkpoints, and both recipes through ``vdiff fit`` with tiny ove
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +41,8 @@ class OneClip(torch.utils.data.Dataset):
 
 def fit(module: L.LightningModule, video: torch.Tensor, batches: int, **trainer_kw) -> L.Trainer:
     loader = torch.utils.data.DataLoader(OneClip(video, batches), batch_size=1)
+    # Without a logger, Lightning's log_dir is the working directory: keep outputs out of the repo.
+    trainer_kw.setdefault("default_root_dir", tempfile.mkdtemp(prefix="vdiff-ae-test-"))
     trainer = L.Trainer(max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
     trainer.fit(module, loader)
