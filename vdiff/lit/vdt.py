@@ -9,7 +9,9 @@ replaces the sample at every step, and is left out of the loss.
 It works in pixel space (no autoencoder, as the quickstart does) or on the latents of any
 autoencoder that keeps the contract of DESIGN.md §3. Validation runs one deterministic task
 (by default prediction: 2 given frames -> the rest), samples with DDIM from a fixed seed, and logs
-PSNR/SSIM on generated frames only beside the copy-last-frame baseline.
+PSNR/SSIM on generated frames only beside the copy-last-frame baseline. Test runs the full
+evaluation protocol (:class:`EvalProtocol`): ``k`` samples per clip from distinct deterministic
+seeds, SSIM/PSNR as the mean over samples and best-of-k, and prints the protocol with the result.
 
 Subclassing: override :meth:`VDTModule.compute_loss` (a different loss), :meth:`build_network` (a
 different backbone) or :meth:`conditioning` (class labels, actions...).
@@ -17,6 +19,8 @@ different backbone) or :meth:`conditioning` (class labels, actions...).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -32,11 +36,65 @@ from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, 
 from vdiff.models.vdt import VDT, VDT_models
 
 DEFAULT_MASK_WEIGHTS: dict[str, float] = {mode: 1.0 for mode in MASK_MODES}
+SAMPLE_SEED_STRIDE = 1_000_003  # seed of sample j of batch b: seed + b + j * stride (distinct while b < stride)
+FVD_FRAMES = ("generated", "all")
+CLIP_KEYS = (B.VIDEO, B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD, B.FRAME_INDICES, B.ACTIONS)  # (B, T, ...) entries
 
 
 def given_frames_of(given_mask: Tensor) -> Tensor:
     """Frames that are given entirely: bool ``(B, T)`` from a mask ``(B, T, 1|C, H, W)``."""
     return given_mask.flatten(2).all(dim=2)
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a test result was obtained; printed with every result so numbers can be compared.
+
+    task:              the evaluation task, a mask mode (Cityscapes: ``prediction``).
+    given_frames:      frames given to the model (prediction/backward; Cityscapes: 2).
+    num_frames:        frames of every evaluation clip (the first ``num_frames`` of the data's clip);
+                       None = the data's clip length (Cityscapes: 30, i.e. 2 -> 28).
+    samples_per_video: k, samples drawn per clip; metrics are the mean over the k samples and the
+                       best of the k (MCVD/VDT report SSIM best-of-k).
+    sampler, steps, eta: the sampler.
+    seed:              sample ``j`` of test batch ``b`` uses the seed ``seed + b + j * 1_000_003``.
+    fvd_frames:        which frames would enter FVD: ``"generated"`` (only the predicted frames) or
+                       ``"all"`` (given frames included). FVD itself is not computed by vdiff.
+    """
+
+    task: str
+    given_frames: int
+    num_frames: int | None
+    samples_per_video: int
+    sampler: str
+    steps: int
+    eta: float
+    seed: int
+    fvd_frames: Literal["generated", "all"] = "generated"
+
+    def sample_seed(self, batch_idx: int, sample: int) -> int:
+        """The seed of sample ``sample`` (0..k-1) of batch ``batch_idx``; sample 0 is validation's seed."""
+        return self.seed + batch_idx + sample * SAMPLE_SEED_STRIDE
+
+    def describe(self, clips: int | None = None) -> str:
+        """One paragraph naming every choice behind a result (and the number of clips when known)."""
+        frames = "the data's clip length" if self.num_frames is None else f"{self.num_frames}"
+        if self.task in ("prediction", "backward"):
+            generated = "the rest" if self.num_frames is None else f"{self.num_frames - self.given_frames}"
+            task = f"{self.task} {self.given_frames} -> {generated} frames"
+        else:
+            task = self.task
+        lines = [
+            f"task: {task}; frames per test clip: {frames}"
+            + (f"; test clips: {clips}" if clips is not None else ""),
+            f"samples per video: k={self.samples_per_video} (seeds {self.seed} + batch + j*{SAMPLE_SEED_STRIDE}); "
+            f"sampler: {self.sampler}, {self.steps} steps, eta={self.eta}",
+            "metrics: PSNR/SSIM on generated frames only, per clip the mean over the k samples and the best "
+            "of k; copy-last-given-frame baseline beside them",
+            f"FVD frames: {'generated frames only' if self.fvd_frames == 'generated' else 'all frames (given included)'}"
+            " - FVD NOT computed here: it needs I3D (Kinetics-400) weights, which vdiff never downloads",
+        ]
+        return "\n".join(lines)
 
 
 class VDTModule(VideoDiffusionModule):
@@ -61,6 +119,13 @@ class VDTModule(VideoDiffusionModule):
         val_seed: seed of the validation noise (same noise every epoch: curves compare).
         autoencoder, lr, weight_decay, betas, warmup_steps, optimizer: see
             :class:`~vdiff.lit.base.VideoDiffusionModule`.
+        eval_num_frames: test clips are cut to their first this many frames (None = as the data
+            gives them); a shorter clip is an error.
+        eval_samples_per_video: k samples per test clip (distinct deterministic seeds); test logs
+            ``test/{psnr,ssim}`` (mean over samples) and ``test/{psnr,ssim}_best_of_k``.
+        fvd_frames: which frames enter FVD in the printed protocol, ``generated`` or ``all``.
+        The test protocol (:meth:`eval_protocol`) also uses val_task, val_given_frames,
+        val_sampler, val_steps, val_eta and val_seed.
     """
 
     def __init__(
@@ -93,6 +158,9 @@ class VDTModule(VideoDiffusionModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         optimizer: OptimizerCallable | None = None,
+        eval_num_frames: int | None = None,
+        eval_samples_per_video: int = 1,
+        fvd_frames: Literal["generated", "all"] = "generated",
     ) -> None:
         super().__init__(autoencoder, lr, weight_decay, betas, warmup_steps, optimizer)
         self.save_hyperparameters(ignore=["autoencoder", "optimizer"])
@@ -100,11 +168,25 @@ class VDTModule(VideoDiffusionModule):
             raise ValueError(f"VDTModule: unknown model {model!r}; choose from {sorted(VDT_models)}")
         if val_task not in MASK_MODES:
             raise ValueError(f"VDTModule: val_task must be one of {MASK_MODES}, got {val_task!r}")
+        if eval_samples_per_video < 1:
+            raise ValueError(f"VDTModule: eval_samples_per_video must be >= 1, got {eval_samples_per_video}")
+        if fvd_frames not in FVD_FRAMES:
+            raise ValueError(f"VDTModule: fvd_frames must be one of {FVD_FRAMES}, got {fvd_frames!r}")
+        if eval_num_frames is not None and eval_num_frames < 2:
+            raise ValueError(f"VDTModule: eval_num_frames must be >= 2 or null, got {eval_num_frames}")
+        if eval_num_frames is not None and val_task in ("prediction", "backward") and eval_num_frames <= val_given_frames:
+            raise ValueError(
+                f"VDTModule: eval_num_frames={eval_num_frames} leaves nothing to generate with "
+                f"val_given_frames={val_given_frames}"
+            )
         self.diffusion = GaussianDiffusion(
             num_timesteps=num_timesteps, beta_schedule=beta_schedule, prediction=prediction, learn_sigma=learn_sigma
         )
         self.masks = MaskMixture(mask_weights or DEFAULT_MASK_WEIGHTS, mask_specs)
         self.net: VDT | None = None
+        self._test_totals: dict[str, float] = {}
+        self._test_clips = 0
+        self.test_results: dict[str, float] = {}
 
     # ---------------------------------------------------------------- network
 
@@ -210,6 +292,21 @@ class VDTModule(VideoDiffusionModule):
         x0 = self.batch_latents(batch, sample=False)  # (B, T, c, h, w)
         b, t, _, h, w = x0.shape
         given_mask = self.task_given_mask(task, t, h, w, b, given_frames)
+        return self._sample_video(batch, x0, given_mask, sampler, steps, eta, generator, progress)
+
+    def _sample_video(
+        self,
+        batch: dict[str, Any],
+        x0: Tensor,
+        given_mask: Tensor,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Generated:
+        """One sample of the clips whose clean latents are ``x0 (B, T, c, h, w)``, decoded to video."""
+        b, t = x0.shape[:2]
         latents = self.sample_latents(
             x0, given_mask, self.conditioning(batch), sampler, steps, eta, generator, progress
         )
@@ -275,6 +372,89 @@ class VDTModule(VideoDiffusionModule):
             "ssim_copy_last": masked_frame_mean(frame_ssim(baseline, target), frames),
         }
 
+    def eval_protocol(self) -> EvalProtocol:
+        """The test protocol from this module's hyperparameters."""
+        hp = self.hparams
+        return EvalProtocol(
+            task=hp.val_task,
+            given_frames=int(hp.val_given_frames),
+            num_frames=hp.get("eval_num_frames"),
+            samples_per_video=int(hp.get("eval_samples_per_video", 1)),
+            sampler=hp.val_sampler,
+            steps=int(hp.val_steps),
+            eta=float(hp.val_eta),
+            seed=int(hp.val_seed),
+            fvd_frames=hp.get("fvd_frames", "generated"),
+        )
+
+    def protocol_clips(self, batch: dict[str, Any], num_frames: int | None = None) -> dict[str, Any]:
+        """The batch cut to its first ``num_frames`` frames (default: the protocol's; None = unchanged)."""
+        num_frames = self.eval_protocol().num_frames if num_frames is None else num_frames
+        if num_frames is None:
+            return batch
+        source = B.VIDEO if B.VIDEO in batch else B.LATENTS
+        have = int(batch[source].shape[1])
+        if have < num_frames:
+            raise ValueError(
+                f"VDTModule: eval_num_frames={num_frames} but the test clips have {have} frames; "
+                "give the data module longer evaluation clips or lower eval_num_frames"
+            )
+        if have == num_frames:
+            return batch
+        cut = dict(batch)
+        for key in CLIP_KEYS:
+            value = cut.get(key)
+            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == have:
+                cut[key] = value[:, :num_frames]
+        return cut
+
+    @torch.no_grad()
+    def evaluate_samples(self, batch: dict[str, Any], seeds: Sequence[int]) -> dict[str, Tensor]:
+        """Score one sample per seed of every clip on the validation task's generated frames.
+
+        Returns ``psnr``/``ssim`` of shape ``(B, k)`` (k = len(seeds), column j from ``seeds[j]``)
+        and the copy-last-given-frame baseline ``psnr_copy_last``/``ssim_copy_last`` of shape ``(B,)``.
+        The clips are encoded once; each sample draws its noise from its own generator.
+        """
+        if not seeds:
+            raise ValueError("evaluate_samples: need at least one seed")
+        target = batch.get(B.VIDEO)
+        if target is None:
+            raise KeyError("VDTModule evaluation needs 'video' in the batch to score samples against")
+        x0 = self.batch_latents(batch, sample=False)  # (B, T, c, h, w)
+        b, t, _, h, w = x0.shape
+        given_mask = self.task_given_mask(self.hparams.val_task, t, h, w, b)
+        given = given_frames_of(given_mask)  # (B, T)
+        frames = ~given  # generated frames only
+        psnr, ssim = [], []
+        for seed in seeds:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            video = self._sample_video(batch, x0, given_mask, generator=generator).video
+            psnr.append(masked_frame_mean(frame_psnr(video, target), frames))
+            ssim.append(masked_frame_mean(frame_ssim(video, target), frames))
+        baseline = copy_last_given_frame(target, given)
+        return {
+            "psnr": torch.stack(psnr, dim=1),  # (B, k)
+            "ssim": torch.stack(ssim, dim=1),  # (B, k)
+            "psnr_copy_last": masked_frame_mean(frame_psnr(baseline, target), frames),
+            "ssim_copy_last": masked_frame_mean(frame_ssim(baseline, target), frames),
+        }
+
+    def evaluate_protocol_batch(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """The test protocol on one batch: per-clip ``(B,)`` tensors ``psnr``, ``ssim`` (mean over the
+        k samples), ``psnr_best_of_k``, ``ssim_best_of_k`` and the copy-last baselines."""
+        protocol = self.eval_protocol()
+        seeds = [protocol.sample_seed(batch_idx, j) for j in range(protocol.samples_per_video)]
+        scores = self.evaluate_samples(self.protocol_clips(batch), seeds)
+        psnr, ssim = scores.pop("psnr"), scores.pop("ssim")
+        return {
+            "psnr": psnr.mean(dim=1),
+            "psnr_best_of_k": psnr.max(dim=1).values,
+            "ssim": ssim.mean(dim=1),
+            "ssim_best_of_k": ssim.max(dim=1).values,
+            **scores,
+        }
+
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.val_seed + batch_idx)
         scores = self.evaluate_batch(batch, generator)
@@ -288,8 +468,50 @@ class VDTModule(VideoDiffusionModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
 
+    def on_test_epoch_start(self) -> None:
+        self._test_totals, self._test_clips, self.test_results = {}, 0, {}
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch, batch_idx)
+        scores = self.evaluate_protocol_batch(batch, batch_idx)
+        batch_size = int(next(iter(scores.values())).numel())
+        for name, values in scores.items():
+            self.log(f"test/{name}", values.mean(), batch_size=batch_size, sync_dist=True)
+            self._test_totals[name] = self._test_totals.get(name, 0.0) + float(values.double().sum())
+        self._test_clips += batch_size
+        with torch.no_grad():
+            loss = self.compute_loss(self.protocol_clips(batch))["loss"]
+        self.log("test/loss", loss, batch_size=batch_size, sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        """Average the per-clip scores over all ranks and print them with the protocol (rank 0)."""
+        names = sorted(self._test_totals)
+        totals = torch.tensor([self._test_clips] + [self._test_totals[k] for k in names], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        clips = int(totals[0])
+        self.test_results = {k: float(v) / max(clips, 1) for k, v in zip(names, totals[1:].tolist())}
+        self.test_results["clips"] = clips
+        if self.trainer.is_global_zero:
+            print(self.test_report(self.test_results))
+
+    def test_report(self, results: dict[str, float]) -> str:
+        """The test table (``results`` as in :attr:`test_results`) under the protocol that produced it."""
+        protocol = self.eval_protocol()
+        clips = int(results.get("clips", 0))
+        lines = ["", f"VDT test results ({clips} clips)", "protocol:", protocol.describe(clips=clips)]
+        if clips == 0:
+            lines.append("no test clips were scored (empty test loader)")
+            return "\n".join(lines + [""])
+        k = protocol.samples_per_video
+        lines += [
+            f"{'':<28}{'PSNR (dB)':>12}{'SSIM':>10}",
+            f"{f'samples, mean of k={k}':<28}{results['psnr']:>12.2f}{results['ssim']:>10.4f}",
+            f"{f'samples, best of k={k}':<28}{results['psnr_best_of_k']:>12.2f}{results['ssim_best_of_k']:>10.4f}",
+            f"{'copy last given frame':<28}{results['psnr_copy_last']:>12.2f}{results['ssim_copy_last']:>10.4f}",
+            f"FVD: not computed (no I3D weights offline); protocol frames: {protocol.fvd_frames}",
+            "",
+        ]
+        return "\n".join(lines)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Generated:
         generator = torch.Generator(device=self.device).manual_seed(self.hparams.val_seed + batch_idx)

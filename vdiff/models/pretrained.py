@@ -26,7 +26,7 @@ from typing import Literal
 
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder, sd_vae_config, svd_vae_config
 
-Preset = Literal["sd", "svd"]
+Preset = Literal["auto", "sd", "svd"]
 PRESETS = {"sd": sd_vae_config, "svd": svd_vae_config}
 README_SECTION = 'README section "Pretrained weights"'
 
@@ -40,9 +40,9 @@ class PretrainedAutoencoder(VideoAutoencoder):
         layout: key names in the file: ``"diffusers"`` (``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder``,
             e.g. ``sd-vae-ft-mse``), ``"sgm"`` (the original SVD checkpoint) or ``"vdiff"``
             (:meth:`VideoAutoencoder.save_pretrained`).
-        preset: architecture, ``"sd"`` (SD 2.1 VAE: 8x, 4 channels, 2D decoder) or ``"svd"`` (SVD's
-            temporal decoder). None: the config stored in a vdiff file, else SVD when the file has
-            temporal decoder weights and SD otherwise.
+        preset: architecture, ``"sd"`` (SD 2.1 VAE: 8x, 4 channels, 2D decoder), ``"svd"`` (SVD's
+            temporal decoder) or ``"auto"``: the config stored in a vdiff file, else SVD when the file
+            has temporal decoder weights and SD otherwise.
         scale_factor: latent scale override (None keeps the preset's or file's, 0.18215 for SD).
 
     Raises:
@@ -55,20 +55,20 @@ class PretrainedAutoencoder(VideoAutoencoder):
         self,
         path: str,
         layout: Literal["vdiff", "diffusers", "sgm"] = "diffusers",
-        preset: Preset | None = None,
+        preset: Preset = "auto",
         scale_factor: float | None = None,
     ) -> None:
         # Local imports: vdiff.weights sits above vdiff.models in the layering and imports it.
         from vdiff.weights.autoencoder_convert import load_autoencoder_state_dict
         from vdiff.weights.safetensors_io import resolve_weights_path
 
-        if preset is not None and preset not in PRESETS:
-            raise ValueError(f"PretrainedAutoencoder: preset must be one of {sorted(PRESETS)} or None, got {preset!r}")
+        if preset != "auto" and preset not in PRESETS:
+            raise ValueError(f"PretrainedAutoencoder: preset must be 'auto' or one of {sorted(PRESETS)}, got {preset!r}")
         try:
             resolved = resolve_weights_path(path, what=f"PretrainedAutoencoder weights file {os.fspath(path)!r}")
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{error} See the {README_SECTION}.") from None
-        config: AutoencoderConfig | None = PRESETS[preset]() if preset is not None else None
+        config: AutoencoderConfig | None = PRESETS[preset]() if preset != "auto" else None
         state_dict, config = load_autoencoder_state_dict(resolved, layout=layout, config=config)
         if scale_factor is not None:
             if not scale_factor > 0:
@@ -80,4 +80,6 @@ class PretrainedAutoencoder(VideoAutoencoder):
         self.layout = layout
 
     def extra_repr(self) -> str:
-        return f"path={self.weights_path!r}, layout={self.layout!r}, scale_factor={self.scale_factor}"
+        # getattr: repr may run while __init__ is still loading (e.g. in a traceback).
+        path, layout = getattr(self, "weights_path", None), getattr(self, "layout", None)
+        return f"path={path!r}, layout={layout!r}, scale_factor={getattr(self, 'scale_factor', None)}"
