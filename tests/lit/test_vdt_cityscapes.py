@@ -61,7 +61,9 @@ def test_best_of_k_is_at_least_the_mean_and_equals_it_for_one_sample():
 def test_eval_num_frames_cuts_the_clips_and_rejects_short_ones():
     module = tiny_module(eval_num_frames=4)
     batch = noisy_clips(batch=1, frames=6)
-    assert module.protocol_clips(batch)["video"].shape[1] == 4
+    batch["actions"] = {"speed": torch.zeros(1, 6)}
+    cut = module.protocol_clips(batch)
+    assert cut["video"].shape[1] == 4 and cut["actions"]["speed"].shape == (1, 4) and cut["key"] == batch["key"]
     assert torch.isfinite(module.evaluate_protocol_batch(batch, 0)["psnr"]).all()
     with pytest.raises(ValueError, match="eval_num_frames=8"):
         tiny_module(eval_num_frames=8).evaluate_protocol_batch(batch, 0)
@@ -152,7 +154,7 @@ def test_recipe_trains_two_steps_then_tests_with_the_protocol(tmp_path, capsys):
 
     main(["test", *args, "--ckpt_path", str(checkpoints[0])])
     out = capsys.readouterr().out
-    for needle in ("VDT test results (4 clips)", "prediction 2 -> 4 frames", "frames per test clip: 6",
+    for needle in ("VDT test results (4 clips)", f"checkpoint: {checkpoints[0]}", "prediction 2 -> 4 frames", "frames per test clip: 6",
                    "k=2", "ancestral, 2 steps", "best of k=2", "copy last given frame", "FVD NOT computed"):
         assert needle in out, (needle, out)
     rows = {line[:28].strip(): line[28:].split() for line in out.splitlines() if "of k=2" in line[:28]}

@@ -401,12 +401,14 @@ class VDTModule(VideoDiffusionModule):
             )
         if have == num_frames:
             return batch
-        cut = dict(batch)
-        for key in CLIP_KEYS:
-            value = cut.get(key)
+        def first_frames(value: Any) -> Any:
             if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == have:
-                cut[key] = value[:, :num_frames]
-        return cut
+                return value[:, :num_frames]
+            if isinstance(value, dict):  # e.g. actions {name: (B, T, ...)}
+                return {k: first_frames(v) for k, v in value.items()}
+            return value
+
+        return {key: first_frames(value) if key in CLIP_KEYS else value for key, value in batch.items()}
 
     @torch.no_grad()
     def evaluate_samples(self, batch: dict[str, Any], seeds: Sequence[int]) -> dict[str, Tensor]:
@@ -492,13 +494,16 @@ class VDTModule(VideoDiffusionModule):
         self.test_results = {k: float(v) / max(clips, 1) for k, v in zip(names, totals[1:].tolist())}
         self.test_results["clips"] = clips
         if self.trainer.is_global_zero:
-            print(self.test_report(self.test_results))
+            print(self.test_report(self.test_results, checkpoint=getattr(self.trainer, "ckpt_path", None)))
 
-    def test_report(self, results: dict[str, float]) -> str:
+    def test_report(self, results: dict[str, float], checkpoint: str | None = None) -> str:
         """The test table (``results`` as in :attr:`test_results`) under the protocol that produced it."""
         protocol = self.eval_protocol()
         clips = int(results.get("clips", 0))
-        lines = ["", f"VDT test results ({clips} clips)", "protocol:", protocol.describe(clips=clips)]
+        lines = ["", f"VDT test results ({clips} clips)"]
+        if checkpoint:
+            lines.append(f"checkpoint: {checkpoint}")
+        lines += ["protocol:", protocol.describe(clips=clips)]
         if clips == 0:
             lines.append("no test clips were scored (empty test loader)")
             return "\n".join(lines + [""])
@@ -508,7 +513,6 @@ class VDTModule(VideoDiffusionModule):
             f"{f'samples, mean of k={k}':<28}{results['psnr']:>12.2f}{results['ssim']:>10.4f}",
             f"{f'samples, best of k={k}':<28}{results['psnr_best_of_k']:>12.2f}{results['ssim_best_of_k']:>10.4f}",
             f"{'copy last given frame':<28}{results['psnr_copy_last']:>12.2f}{results['ssim_copy_last']:>10.4f}",
-            f"FVD: not computed (no I3D weights offline); protocol frames: {protocol.fvd_frames}",
             "",
         ]
         return "\n".join(lines)
