@@ -15,6 +15,7 @@ from vdiff.data import batch as B
 from vdiff.data import sampling
 from vdiff.data.datamodule import DataSource, VideoDataModule, eval_clip_starts
 from vdiff.data.schema import ACTION_KEYS, ACTION_SHAPES
+from vdiff.data.shards import iter_raw_samples
 from vdiff.data.video_io import decode_all, encode_video
 
 
@@ -307,3 +308,29 @@ def test_predict_through_lightning_reads_every_sample(video_shards):
                       enable_model_summary=False)
     predictions = trainer.predict(_KeyRecorder(), datamodule=dm)
     assert sorted(k for batch in predictions for k in batch) == keys
+
+
+def test_tar_cut_at_a_file_boundary_counts_the_missing_samples(tmp_path):
+    # tarfile reads a tar cut exactly between two members as a complete, shorter tar: only the
+    # manifest's sample count reveals the loss.
+    import tarfile
+
+    keys = write_videos(tmp_path / "set", 8, num_frames=4, per_shard=4)
+    shard = tmp_path / "set" / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()  # json, mp4 of 4 samples
+    shard.write_bytes(shard.read_bytes()[: members[4].offset])  # keep 2 whole samples
+    assert len(list(iter_raw_samples(shard))) == 2  # no error: the loss is silent at this level
+    dm = VideoDataModule(val=str(tmp_path / "set"), num_frames=4, size=16, num_workers=0)
+    seen = [k for batch in dm.val_dataloader() for k in batch[B.KEY]]
+    assert seen == keys[:6]
+    counts = dm.skipped_counts()
+    assert counts["truncated_shard"] == 2 and counts["bad_shard"] == 0
+    assert dm.skipped_counts_by_stage()["val"]["truncated_shard"] == 2
+    # Training reads the shard again and again: every short read counts its missing samples.
+    dm = VideoDataModule(train=str(tmp_path / "set"), num_frames=4, size=16, num_workers=0, batch_size=2,
+                         epoch_length=4, shuffle_buffer=0)
+    list(dm.train_dataloader())
+    train_counts = dm.skipped_counts_by_stage()["train"]
+    assert train_counts["truncated_shard"] > 0 and train_counts["truncated_shard"] % 2 == 0
+    assert train_counts["bad_shard"] == 0

@@ -19,6 +19,7 @@ from vdiff.data.shards import (
     expand_shard_spec,
     iter_raw_samples,
     load_manifests,
+    manifest_sample_counts,
     read_json_meta,
 )
 from vdiff.data.video_io import decode_frames, encode_video
@@ -202,3 +203,12 @@ def test_error_inside_with_keeps_shards_but_writes_no_manifest(tmp_path, mp4):
     assert count_samples(tmp_path / "set") == (3, 12)  # counted from the tars
     with pytest.raises(RuntimeError, match="wrote no manifest"):
         writer.close()
+
+
+def test_manifest_sample_counts_lists_only_shards_in_a_manifest(two_sets):
+    root = two_sets
+    a_shards, b_shards = expand_shard_spec(root / "a"), expand_shard_spec(root / "b")
+    assert manifest_sample_counts(b_shards) == dict(zip(b_shards, [2, 2]))
+    (root / "b" / MANIFEST_NAME).unlink()
+    counts = manifest_sample_counts(a_shards + b_shards)
+    assert counts == dict(zip(a_shards, [1] * 5))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -48,7 +48,7 @@ from vdiff.data import batch as B
 from vdiff.data import sampling
 from vdiff.data.sampling import ReaderSlot
 from vdiff.data.schema import META_EXT, VIDEO_EXT, SampleType, SchemaError, VideoMeta
-from vdiff.data.shards import count_samples, expand_shard_spec, iter_raw_samples
+from vdiff.data.shards import count_samples, expand_shard_spec, iter_raw_samples, manifest_sample_counts
 from vdiff.data.skips import SkipCounter
 from vdiff.data.transforms import (
     CropPlan,
@@ -76,7 +76,10 @@ MISSING_JSON = "missing_json"  # the sample has no <key>.json
 BAD_JSON = "bad_json"  # json unparsable or not following the schema (SchemaError)
 TOO_SMALL = "too_small"  # frames smaller than the crop and resize=False
 BAD_SHARD = "bad_shard"  # a tar that cannot be read (or is truncated) from some point on
-SKIP_REASONS: tuple[str, ...] = (*DECODE_ERROR_REASONS, MISSING_VIDEO, MISSING_JSON, BAD_JSON, TOO_SMALL, BAD_SHARD)
+TRUNCATED_SHARD = "truncated_shard"  # samples a manifest lists but a tar that ends cleanly lacks (one per sample)
+SKIP_REASONS: tuple[str, ...] = (
+    *DECODE_ERROR_REASONS, MISSING_VIDEO, MISSING_JSON, BAD_JSON, TOO_SMALL, BAD_SHARD, TRUNCATED_SHARD
+)
 
 STAGES: tuple[str, ...] = ("train", "val", "test", "predict")
 MAX_CONSECUTIVE_SKIPS = 1000  # a training source this bad is a configuration error, not bad luck
@@ -100,11 +103,15 @@ class DataSource:
 SourceSpec = str | list[DataSource] | None
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str, message: str):
+class Skip(Exception):
+    """Raised by a stream's raw sample -> clip step (:meth:`TrainClipStream.train_clip`,
+    :meth:`EvalClipStream.eval_clips`): the sample is dropped and counted under ``reason``."""
+
+    def __init__(self, reason: str, message: str, count: int = 1):
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.count = count
 
 
 def _as_sources(spec: Any, field: str) -> list[DataSource]:
@@ -143,24 +150,35 @@ class ClipSpec:
     decode_threads: int
 
 
-def _parse_meta(key: str, files: dict[str, bytes], where: str) -> VideoMeta:
-    if VIDEO_EXT not in files:
-        raise _Skip(MISSING_VIDEO, f"{where}: sample {key!r} has no .{VIDEO_EXT} (files: {sorted(files)})")
+def parse_meta(
+    key: str, files: dict[str, bytes], where: str, sample_type: SampleType = SampleType.VIDEO, hint: str = ""
+) -> VideoMeta:
+    """The json of raw sample ``key`` (read from ``where``), which must be a ``sample_type`` sample.
+
+    Raises :class:`Skip` (``missing_json``, or ``bad_json`` with ``hint`` appended when the type is wrong).
+    """
     if META_EXT not in files:
-        raise _Skip(MISSING_JSON, f"{where}: sample {key!r} has no .{META_EXT} (files: {sorted(files)})")
+        raise Skip(MISSING_JSON, f"{where}: sample {key!r} has no .{META_EXT} (files: {sorted(files)})")
     try:
         meta = VideoMeta.from_json(files[META_EXT])
     except SchemaError as err:
-        raise _Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
-    if meta.sample_type != SampleType.VIDEO.value:
-        raise _Skip(BAD_JSON, f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a video sample")
+        raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
+    if meta.sample_type != sample_type.value:
+        raise Skip(BAD_JSON, f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a {sample_type.value} "
+                             f"sample{hint}")
     return meta
+
+
+def _parse_video_meta(key: str, files: dict[str, bytes], where: str) -> VideoMeta:
+    if VIDEO_EXT not in files:
+        raise Skip(MISSING_VIDEO, f"{where}: sample {key!r} has no .{VIDEO_EXT} (files: {sorted(files)})")
+    return parse_meta(key, files, where)
 
 
 def _clip_starts(meta: VideoMeta, spec: ClipSpec, key: str, where: str) -> int:
     last = max_clip_start(meta.num_frames, meta.fps, spec.num_frames, spec.frame_stride, spec.target_fps)
     if last < 0:
-        raise _Skip(
+        raise Skip(
             TOO_SHORT,
             f"{where}: sample {key!r} has {meta.num_frames} frames at {meta.fps} fps, too few for a clip of "
             f"{spec.num_frames} frames (stride {spec.frame_stride}, target fps {spec.target_fps})",
@@ -185,15 +203,15 @@ def _decode_clip(
     try:
         actions = clip_actions(meta.actions, indices)
     except SchemaError as err:
-        raise _Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
+        raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
     decode_hw = cover_size((meta.height, meta.width), spec.out_hw) if spec.resize else None
     try:
         frames = decode_frames(files[VIDEO_EXT], indices, size=decode_hw, thread_count=spec.decode_threads)
     except VideoDecodeError as err:
-        raise _Skip(err.reason, f"{where}: sample {key!r}: {err}") from None
+        raise Skip(err.reason, f"{where}: sample {key!r}: {err}") from None
     frame_hw = frames.shape[1:3]
     if frame_hw[0] < spec.out_hw[0] or frame_hw[1] < spec.out_hw[1]:
-        raise _Skip(TOO_SMALL, f"{where}: sample {key!r} has {frame_hw[0]}x{frame_hw[1]} frames, smaller than "
+        raise Skip(TOO_SMALL, f"{where}: sample {key!r} has {frame_hw[0]}x{frame_hw[1]} frames, smaller than "
                     f"the crop {spec.out_hw[0]}x{spec.out_hw[1]} (set resize=True to scale it up)")
     plan: CropPlan = plan_crop(frame_hw, spec.out_hw, crop, generator, flip)
     actions["goal"], actions[B.valid_key("goal")] = move_goal(actions["goal"], actions[B.valid_key("goal")], plan)
@@ -217,10 +235,15 @@ def _decode_clip(
 
 
 class _StreamBase(IterableDataset):
-    """Shared parts of the train and eval streams: skip counting in this stage's counter rows."""
+    """Shared parts of the train and eval streams: skip counting in this stage's counter rows, and
+    reading shards (``expected_samples``: samples per shard path from the manifests, see
+    :func:`vdiff.data.shards.manifest_sample_counts`)."""
 
-    def __init__(self, counter: SkipCounter, stage: str, workers_per_stage: int):
+    def __init__(
+        self, counter: SkipCounter, stage: str, workers_per_stage: int, expected_samples: Mapping[str, int] | None
+    ):
         self.counter = counter
+        self.expected_samples = dict(expected_samples or {})
         self.stage_row = STAGES.index(stage) * (workers_per_stage + 1)
         self.count_skips = True
         self._row = self.stage_row
@@ -230,17 +253,27 @@ class _StreamBase(IterableDataset):
         self._row = self.stage_row + (0 if get_worker_info() is None else worker + 1)
         return worker, num_workers
 
-    def _skip(self, skip: _Skip) -> None:
+    def _skip(self, skip: Skip) -> None:
         if self.count_skips:
-            self.counter.add(self._row, skip.reason, skip.message)
+            self.counter.add(self._row, skip.reason, skip.message, skip.count)
 
     def _raw_samples(self, shard: str, first_count: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Samples of one shard; a damaged tar ends early and is counted once (if ``first_count``)."""
+        """Samples of one shard; counted (if ``first_count``) when it falls short: a damaged tar ends early
+        (``bad_shard``, once), and a tar that ends cleanly with fewer samples than its manifest lists (cut at
+        a file boundary, which tarfile reads as the end) counts each missing sample as ``truncated_shard``."""
+        read = 0
         try:
-            yield from iter_raw_samples(shard)
+            for sample in iter_raw_samples(shard):
+                read += 1
+                yield sample
         except ValueError as err:
             if first_count:
-                self._skip(_Skip(BAD_SHARD, str(err)))
+                self._skip(Skip(BAD_SHARD, str(err)))
+            return
+        expected = self.expected_samples.get(shard)
+        if first_count and expected is not None and read < expected:
+            message = f"shard {shard} ended after {read} samples, its manifest lists {expected} (truncated tar?)"
+            self._skip(Skip(TRUNCATED_SHARD, message, count=expected - read))
 
 
 class TrainClipStream(_StreamBase):
@@ -249,6 +282,8 @@ class TrainClipStream(_StreamBase):
     Iterating yields, in each worker, exactly that worker's share of ``num_batches * batch_size``
     samples (see :func:`vdiff.data.sampling.split_batches`) for epoch ``epoch``, after silently
     replaying the first ``start_batch`` batches of the epoch (resume).
+
+    Subclasses for other sample kinds override :meth:`train_clip` (one raw sample -> one clip) only.
     """
 
     def __init__(
@@ -266,8 +301,9 @@ class TrainClipStream(_StreamBase):
         world_size: int,
         counter: SkipCounter,
         workers_per_stage: int,
+        expected_samples: Mapping[str, int] | None = None,
     ):
-        super().__init__(counter, "train", workers_per_stage)
+        super().__init__(counter, "train", workers_per_stage, expected_samples)
         self.sources = [(list(shards), name) for shards, name in sources]
         self.probabilities = sampling.normalized_weights(weights)
         self.spec = spec
@@ -337,17 +373,33 @@ class TrainClipStream(_StreamBase):
             # samples came before: a fresh generator per attempt.
             generator = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index, 1)
             try:
-                meta = _parse_meta(key, files, shard)
-                last = _clip_starts(meta, self.spec, key, shard)
-                start = int(generator.integers(last + 1))
-                flip = bool(generator.random() < 0.5) if self.flip else False
-                return _decode_clip(key, files, meta, start, self.spec, self.crop, generator, flip, name, shard)
-            except _Skip as skip:
+                return self.train_clip(shard, key, files, name, generator, index, slot)
+            except Skip as skip:
                 self._skip(skip)
         raise RuntimeError(
             f"training source with shards {shards[:3]}{'...' if len(shards) > 3 else ''}: "
             f"{MAX_CONSECUTIVE_SKIPS} consecutive samples were bad; see the skip counts and warnings"
         )
+
+    def train_clip(
+        self,
+        shard: str,
+        key: str,
+        files: dict[str, bytes],
+        name: str | None,
+        generator: np.random.Generator,
+        index: int,
+        slot: ReaderSlot,
+    ) -> dict[str, Any]:
+        """One raw sample (``key``, ``{ext: bytes}`` read from ``shard``, source ``name``) -> the item of
+        output sample ``index`` of reader ``slot``; raises :class:`Skip` for a bad sample. Draw every
+        random choice from ``generator`` (or from :func:`vdiff.data.sampling.rng` with ``index`` and
+        ``slot``): the output must be a function of ``(seed, epoch, slot, index)`` for resumes."""
+        meta = _parse_video_meta(key, files, shard)
+        last = _clip_starts(meta, self.spec, key, shard)
+        start = int(generator.integers(last + 1))
+        flip = bool(generator.random() < 0.5) if self.flip else False
+        return _decode_clip(key, files, meta, start, self.spec, self.crop, generator, flip, name, shard)
 
 
 def eval_clip_starts(last_start: int, clips_per_video: int) -> list[int]:
@@ -363,6 +415,8 @@ class EvalClipStream(_StreamBase):
 
     ``shards`` are ``(path, source name)`` pairs in a fixed order. With ``clips_per_video`` > 1 each
     video gives several clips, keyed ``<key>/clip<j>``. Center crop, no flip.
+
+    Subclasses for other sample kinds override :meth:`eval_clips` (one raw sample -> its clips) only.
     """
 
     def __init__(
@@ -375,8 +429,9 @@ class EvalClipStream(_StreamBase):
         counter: SkipCounter,
         stage: str,
         workers_per_stage: int,
+        expected_samples: Mapping[str, int] | None = None,
     ):
-        super().__init__(counter, stage, workers_per_stage)
+        super().__init__(counter, stage, workers_per_stage, expected_samples)
         self.shards = list(shards)
         self.spec = spec
         self.clips_per_video = clips_per_video
@@ -395,20 +450,27 @@ class EvalClipStream(_StreamBase):
             for key, files in self._raw_samples(shard, first_count=every == 1 or slot.index == 0):
                 if next(counter) % every != offset:
                     continue
-                yield from self._clips(shard, key, files, names[shard])
+                try:
+                    clips = self.eval_clips(shard, key, files, names[shard])
+                except Skip as skip:  # one bad clip drops the whole sample, counted once
+                    self._skip(skip)
+                    continue
+                yield from clips
 
-    def _clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> Iterator[dict[str, Any]]:
-        try:
-            meta = _parse_meta(key, files, shard)
-            starts = eval_clip_starts(_clip_starts(meta, self.spec, key, shard), self.clips_per_video)
-            clips = [_decode_clip(key, files, meta, start, self.spec, "center", None, False, name, shard) for start in starts]
-        except _Skip as skip:  # one bad clip drops the whole video, counted once
-            self._skip(skip)
-            return
+    def clip_key(self, key: str, j: int) -> str:
+        """Key of clip ``j`` of sample ``key``: ``<key>/clip<j>`` with several clips per video, else ``key``."""
+        return f"{key}/clip{j}" if self.clips_per_video > 1 else key
+
+    def eval_clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> list[dict[str, Any]]:
+        """One raw sample (``key``, ``{ext: bytes}`` read from ``shard``, source ``name``) -> its evaluation
+        clips (starts from :func:`eval_clip_starts`, keys from :meth:`clip_key`), deterministic; raises
+        :class:`Skip` for a bad sample."""
+        meta = _parse_video_meta(key, files, shard)
+        starts = eval_clip_starts(_clip_starts(meta, self.spec, key, shard), self.clips_per_video)
+        clips = [_decode_clip(key, files, meta, start, self.spec, "center", None, False, name, shard) for start in starts]
         for j, clip in enumerate(clips):
-            if self.clips_per_video > 1:
-                clip["key"] = f"{key}/clip{j}"
-            yield clip
+            clip["key"] = self.clip_key(key, j)
+        return clips
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,7 +568,17 @@ class VideoDataModule(LightningDataModule):
         pin_memory: pin batches for faster host-to-GPU copies (default: when CUDA is available).
         worker_start_method: how DataLoader workers start (default: the platform's, fork on Linux);
             ``spawn``/``forkserver`` where forking is unsafe, at the cost of workers importing torch.
+
+    Extending it to another kind of sample (see :class:`~vdiff.data.latent_datamodule.LatentDataModule`):
+    set :attr:`train_stream_class` / :attr:`eval_stream_class` to subclasses of :class:`TrainClipStream` /
+    :class:`EvalClipStream` that override their raw sample -> clip step, pass their extra arguments with
+    :meth:`train_stream_kwargs` / :meth:`eval_stream_kwargs`, and set :attr:`skip_reasons` and
+    :meth:`collate_fn` where they differ. Everything else (sources, resume, workers, skips) is shared.
     """
+
+    train_stream_class: type[TrainClipStream] = TrainClipStream
+    eval_stream_class: type[EvalClipStream] = EvalClipStream
+    skip_reasons: tuple[str, ...] = SKIP_REASONS  # the columns of :attr:`skips`
 
     def __init__(
         self,
@@ -593,7 +665,7 @@ class VideoDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.worker_start_method = worker_start_method
         # Rows: per stage, the main process and each worker (see _StreamBase).
-        self.skips = SkipCounter(SKIP_REASONS, num_slots=len(STAGES) * (num_workers + 1))
+        self.skips = SkipCounter(self.skip_reasons, num_slots=len(STAGES) * (num_workers + 1))
         self._epoch = 0
         self._shards: dict[str, list[tuple[str, str | None]]] = {}
         self._train_loader: VideoLoader | None = None
@@ -653,6 +725,19 @@ class VideoDataModule(LightningDataModule):
             return None
         return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """What turns a list of stream items into a batch (a top-level function or partial: cheap to
+        pickle into workers)."""
+        return functools.partial(collate_clips, normalize=not self.float_on_device)
+
+    def train_stream_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :attr:`train_stream_class` beyond those every train stream takes."""
+        return {"crop": self.crop, "flip": self.flip}
+
+    def eval_stream_kwargs(self, stage: str) -> dict[str, Any]:
+        """Keyword arguments of :attr:`eval_stream_class` for ``stage`` beyond those every eval stream takes."""
+        return {}
+
     def _loader(self, dataset: IterableDataset, batch_size: int, stateful: bool) -> VideoLoader:
         loader = VideoLoader(
             dataset,
@@ -660,7 +745,7 @@ class VideoDataModule(LightningDataModule):
             consumed_fn=self._batches_consumed if stateful else None,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=functools.partial(collate_clips, normalize=not self.float_on_device),  # light to pickle
+            collate_fn=self.collate_fn(),
             pin_memory=self.pin_memory,
             drop_last=False,
             multiprocessing_context=self.worker_start_method if self.num_workers > 0 else None,
@@ -669,17 +754,15 @@ class VideoDataModule(LightningDataModule):
 
     def train_dataloader(self) -> VideoLoader:
         if not self.sources["train"]:
-            raise ValueError("VideoDataModule has no train shards: set `train`")
+            raise ValueError(f"{type(self).__name__} has no train shards: set `train`")
         rank, world = self.rank_and_world_size()
         by_source = []
         for source in self.sources["train"]:
             by_source.append((expand_shard_spec(source.path), source.name))
-        dataset = TrainClipStream(
+        dataset = self.train_stream_class(
             by_source,
             [s.weight for s in self.sources["train"]],
             self.spec,
-            crop=self.crop,
-            flip=self.flip,
             shuffle_buffer=self.shuffle_buffer,
             batch_size=self.batch_size,
             num_batches=self.train_num_batches(),
@@ -688,6 +771,8 @@ class VideoDataModule(LightningDataModule):
             world_size=world,
             counter=self.skips,
             workers_per_stage=self.num_workers,
+            expected_samples=manifest_sample_counts([path for shards, _ in by_source for path in shards]),
+            **self.train_stream_kwargs(),
         )
         loader = self._loader(dataset, self.batch_size, stateful=True)
         if self._pending_loader_state is not None:
@@ -700,7 +785,7 @@ class VideoDataModule(LightningDataModule):
         if not self.sources[stage]:
             return []
         rank, world = self.rank_and_world_size()
-        dataset = EvalClipStream(
+        dataset = self.eval_stream_class(
             self.shards(stage),
             self.spec,
             self.val_clips_per_video,
@@ -709,6 +794,8 @@ class VideoDataModule(LightningDataModule):
             counter=self.skips,
             stage=stage,
             workers_per_stage=self.num_workers,
+            expected_samples=manifest_sample_counts([path for path, _ in self.shards(stage)]),
+            **self.eval_stream_kwargs(stage),
         )
         return self._loader(dataset, self.val_batch_size, stateful=False)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -40,23 +40,18 @@ from vdiff.data import batch as B
 from vdiff.data import sampling
 from vdiff.data.datamodule import (
     BAD_JSON,
-    MAX_CONSECUTIVE_SKIPS,
-    MISSING_JSON,
     SKIP_REASONS,
-    STAGES,
     ClipSpec,
     DataSource,
     EvalClipStream,
+    Skip,
     TrainClipStream,
     VideoDataModule,
-    VideoLoader,
-    _Skip,
     eval_clip_starts,
+    parse_meta,
 )
 from vdiff.data.sampling import ReaderSlot
-from vdiff.data.shards import expand_shard_spec
-from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, META_EXT, SampleType, SchemaError, VideoMeta
-from vdiff.data.skips import SkipCounter
+from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, SampleType, SchemaError, VideoMeta
 from vdiff.data.transforms import clip_actions
 from vdiff.data.video_io import TOO_SHORT, clip_frame_indices, max_clip_start
 
@@ -73,28 +68,20 @@ LATENT_NOISE = 11  # sampling purpose: posterior noise (distinct from the VideoD
 
 def _parse_latent(key: str, files: dict[str, bytes], where: str) -> tuple[VideoMeta, dict[str, torch.Tensor]]:
     """The json and the stored tensors (``mean``, ``std``, ``first_frame``, optional ``embed``) of a sample."""
-    if META_EXT not in files:
-        raise _Skip(MISSING_JSON, f"{where}: sample {key!r} has no .{META_EXT} (files: {sorted(files)})")
-    try:
-        meta = VideoMeta.from_json(files[META_EXT])
-    except SchemaError as err:
-        raise _Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
-    if meta.sample_type != SampleType.LATENT.value:
-        raise _Skip(BAD_JSON, f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a latent sample "
-                              "(encode video shards with `vdiff encode`)")
+    meta = parse_meta(key, files, where, SampleType.LATENT, hint=" (encode video shards with `vdiff encode`)")
     for ext in (LATENTS_EXT, FIRST_FRAME_EXT):
         if ext not in files:
-            raise _Skip(MISSING_LATENTS, f"{where}: sample {key!r} has no .{ext} (files: {sorted(files)})")
+            raise Skip(MISSING_LATENTS, f"{where}: sample {key!r} has no .{ext} (files: {sorted(files)})")
     try:
         tensors = load_safetensors(files[LATENTS_EXT])
         frame = np.asarray(Image.open(io.BytesIO(files[FIRST_FRAME_EXT])).convert("RGB"))  # (H, W, 3) uint8
         embed = load_safetensors(files[IMAGE_EMBED_EXT])["embed"] if IMAGE_EMBED_EXT in files else None
     except (SafetensorError, OSError, KeyError, ValueError) as err:
-        raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: unreadable latents or first frame ({err})") from None
+        raise Skip(BAD_LATENTS, f"{where}: sample {key!r}: unreadable latents or first frame ({err})") from None
     mean, std = tensors.get("mean"), tensors.get("std")
     if mean is None or std is None or mean.ndim != 4 or mean.shape != std.shape:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: need tensors mean and std of equal (T, c, h, w), got {shapes}")
+        raise Skip(BAD_LATENTS, f"{where}: sample {key!r}: need tensors mean and std of equal (T, c, h, w), got {shapes}")
     out = {"mean": mean, "std": std, "first_frame": torch.from_numpy(frame.copy()).permute(2, 0, 1)}
     if embed is not None:
         out["embed"] = embed.reshape(-1)
@@ -111,7 +98,7 @@ def _last_start(key: str, meta: VideoMeta, tensors: dict[str, torch.Tensor], spe
     frames, fps, _ = _latent_timing(meta, tensors)
     last = max_clip_start(frames, fps, spec.num_frames, spec.frame_stride, spec.target_fps)
     if last < 0:
-        raise _Skip(TOO_SHORT, f"{where}: sample {key!r} has {frames} latent frames at {fps:g} fps, too few for a "
+        raise Skip(TOO_SHORT, f"{where}: sample {key!r} has {frames} latent frames at {fps:g} fps, too few for a "
                                f"clip of {spec.num_frames} (stride {spec.frame_stride}, target fps {spec.target_fps})")
     return last
 
@@ -131,12 +118,12 @@ def _latent_clip(
     indices = clip_frame_indices(frames, fps, spec.num_frames, start, spec.frame_stride, spec.target_fps)
     video_indices = [i * down for i in indices]  # actions are per video frame
     if video_indices[-1] >= meta.num_frames:
-        raise _Skip(BAD_LATENTS, f"{where}: sample {key!r}: {frames} latent frames x {down} exceed the json's "
+        raise Skip(BAD_LATENTS, f"{where}: sample {key!r}: {frames} latent frames x {down} exceed the json's "
                                  f"num_frames {meta.num_frames}")
     try:
         actions = clip_actions(meta.actions, video_indices)
     except SchemaError as err:
-        raise _Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
+        raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
     index = torch.as_tensor(indices)
     mean = tensors["mean"][index].float()  # (T, c, h, w)
     std = tensors["std"][index].float()
@@ -196,27 +183,21 @@ class LatentTrainStream(TrainClipStream):
         super().__init__(*args, **kwargs)
         self.train_start = train_start
 
-    def _next_clip(self, index: int, streams: list[Iterator], slot: ReaderSlot) -> dict[str, Any]:
-        # Same draws as TrainClipStream._next_clip (source by weight, fresh generator per attempt), with the
-        # latent clip instead of a decoded one.
-        choice = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index)
-        s = sampling.choose_source(self.probabilities, choice)
-        shards, name = self.sources[s]
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
-            shard, key, files = next(streams[s])
-            generator = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index, 1)
-            noise = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, LATENT_NOISE, index)
-            try:
-                meta, tensors = _parse_latent(key, files, shard)
-                last = _last_start(key, meta, tensors, self.spec, shard)
-                start = 0 if self.train_start == "first" else int(generator.integers(last + 1))
-                return _latent_clip(key, meta, tensors, start, self.spec, noise, name, shard)
-            except _Skip as skip:
-                self._skip(skip)
-        raise RuntimeError(
-            f"training source with shards {shards[:3]}{'...' if len(shards) > 3 else ''}: "
-            f"{MAX_CONSECUTIVE_SKIPS} consecutive samples were bad; see the skip counts and warnings"
-        )
+    def train_clip(
+        self,
+        shard: str,
+        key: str,
+        files: dict[str, bytes],
+        name: str | None,
+        generator: np.random.Generator,
+        index: int,
+        slot: ReaderSlot,
+    ) -> dict[str, Any]:
+        noise = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, LATENT_NOISE, index)
+        meta, tensors = _parse_latent(key, files, shard)
+        last = _last_start(key, meta, tensors, self.spec, shard)
+        start = 0 if self.train_start == "first" else int(generator.integers(last + 1))
+        return _latent_clip(key, meta, tensors, start, self.spec, noise, name, shard)
 
 
 class LatentEvalStream(EvalClipStream):
@@ -226,20 +207,16 @@ class LatentEvalStream(EvalClipStream):
         super().__init__(*args, **kwargs)
         self.seed = seed
 
-    def _clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> Iterator[dict[str, Any]]:
-        try:
-            meta, tensors = _parse_latent(key, files, shard)
-            starts = eval_clip_starts(_last_start(key, meta, tensors, self.spec, shard), self.clips_per_video)
-            clips = []
-            for j, start in enumerate(starts):
-                clip_key = f"{key}/clip{j}" if self.clips_per_video > 1 else key
-                clip = _latent_clip(key, meta, tensors, start, self.spec, eval_noise(self.seed, clip_key), name, shard)
-                clip["key"] = clip_key
-                clips.append(clip)
-        except _Skip as skip:  # one bad clip drops the whole sample, counted once
-            self._skip(skip)
-            return
-        yield from clips
+    def eval_clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> list[dict[str, Any]]:
+        meta, tensors = _parse_latent(key, files, shard)
+        starts = eval_clip_starts(_last_start(key, meta, tensors, self.spec, shard), self.clips_per_video)
+        clips = []
+        for j, start in enumerate(starts):
+            clip_key = self.clip_key(key, j)
+            clip = _latent_clip(key, meta, tensors, start, self.spec, eval_noise(self.seed, clip_key), name, shard)
+            clip["key"] = clip_key
+            clips.append(clip)
+        return clips
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +237,10 @@ class LatentDataModule(VideoDataModule):
         batch_size, val_batch_size, num_workers, shuffle_buffer, seed, epoch_length, val_clips_per_video,
             pin_memory: as :class:`~vdiff.data.datamodule.VideoDataModule`.
     """
+
+    train_stream_class = LatentTrainStream
+    eval_stream_class = LatentEvalStream
+    skip_reasons = LATENT_SKIP_REASONS
 
     def __init__(
         self,
@@ -289,55 +270,12 @@ class LatentDataModule(VideoDataModule):
             val_clips_per_video=val_clips_per_video, float_on_device=False, pin_memory=pin_memory,
         )
         self.train_start = train_start
-        self.skips = SkipCounter(LATENT_SKIP_REASONS, num_slots=len(STAGES) * (num_workers + 1))
 
-    def _loader(self, dataset, batch_size: int, stateful: bool) -> VideoLoader:
-        # The VideoDataModule's loader (epoch, resume state, workers), collating latent clips instead of video.
-        loader = super()._loader(dataset, batch_size, stateful)
-        loader.collate_fn = collate_latent_clips  # top-level function: cheap to pickle into workers
-        return loader
+    def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        return collate_latent_clips
 
-    def train_dataloader(self) -> VideoLoader:
-        # VideoDataModule.train_dataloader with LatentTrainStream in place of TrainClipStream.
-        if not self.sources["train"]:
-            raise ValueError("LatentDataModule has no train shards: set `train`")
-        rank, world = self.rank_and_world_size()
-        dataset = LatentTrainStream(
-            [(expand_shard_spec(source.path), source.name) for source in self.sources["train"]],
-            [s.weight for s in self.sources["train"]],
-            self.spec,
-            crop="center",
-            flip=False,
-            shuffle_buffer=self.shuffle_buffer,
-            batch_size=self.batch_size,
-            num_batches=self.train_num_batches(),
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-            counter=self.skips,
-            workers_per_stage=self.num_workers,
-            train_start=self.train_start,
-        )
-        loader = self._loader(dataset, self.batch_size, stateful=True)
-        if self._pending_loader_state is not None:
-            loader.load_state_dict(self._pending_loader_state)
-            self._pending_loader_state = None
-        self._train_loader = loader
-        return loader
+    def train_stream_kwargs(self) -> dict[str, Any]:
+        return {"crop": "center", "flip": False, "train_start": self.train_start}
 
-    def _eval_loader(self, stage: str) -> VideoLoader | list:
-        if not self.sources[stage]:
-            return []
-        rank, world = self.rank_and_world_size()
-        dataset = LatentEvalStream(
-            self.shards(stage),
-            self.spec,
-            self.val_clips_per_video,
-            rank=rank,
-            world_size=world,
-            counter=self.skips,
-            stage=stage,
-            workers_per_stage=self.num_workers,
-            seed=self.seed,
-        )
-        return self._loader(dataset, self.val_batch_size, stateful=False)
+    def eval_stream_kwargs(self, stage: str) -> dict[str, Any]:
+        return {"seed": self.seed}

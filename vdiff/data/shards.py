@@ -374,6 +374,18 @@ def shard_counts(spec: str | Path | Sequence[str | Path]) -> list[ShardInfo]:
     return counts
 
 
+def manifest_sample_counts(paths: Sequence[str | Path]) -> dict[str, int]:
+    """``{path: samples}`` for each shard of ``paths`` that its folder's manifest lists (others are left
+    out): what a complete read of the tar must yield. Keys are the paths as given."""
+    cache: dict[str, Manifest | None] = {}
+    counts = {}
+    for path in paths:
+        entry = _manifest_entry(os.fspath(path), cache)
+        if entry is not None:
+            counts[os.fspath(path)] = entry[1].num_samples
+    return counts
+
+
 def count_samples(spec: str | Path | Sequence[str | Path]) -> tuple[int, int]:
     """``(samples, frames)`` of the shards of ``spec``: from manifests, else by reading each tar."""
     counts = shard_counts(spec)
@@ -396,7 +408,9 @@ def iter_raw_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, byte
     """Yield ``(key, {ext: bytes})`` for each sample of a tar, grouping consecutive files by key.
 
     Streams the tar (constant memory). Raises ValueError naming the file when the tar is unreadable
-    or truncated; samples before the damage are yielded first.
+    or truncated; samples before the damage are yielded first. A tar cut exactly at a file boundary
+    reads as a complete, shorter tar (tarfile takes the cut for the end of the archive): compare the
+    samples read with the manifest (:func:`manifest_sample_counts`) to notice it.
     """
     tar_path = os.fspath(tar_path)
     key: str | None = None
