@@ -314,6 +314,13 @@ def test_sampler_accepts_a_plain_denoise_function_and_custom_sigmas():
         euler_sample(diffusion, zero_net, noise, {}, sigmas=torch.tensor([1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="given"):
         euler_sample(diffusion, zero_net, noise, {}, given=noise)
+    # the same input checks as the DDPM samplers (vdiff.diffusion.common.check_sampler_inputs)
+    with pytest.raises(ValueError, match=r"sampler: noise must be \(B, T, C, H, W\)"):
+        euler_sample(diffusion, zero_net, noise[0], {})
+    with pytest.raises(ValueError, match="sampler: given has shape"):
+        euler_sample(diffusion, zero_net, noise, {}, given=noise[:1], given_mask=torch.ones(1, dtype=torch.bool))
+    with pytest.raises(TypeError, match="sampler: given_mask must be bool"):
+        euler_sample(diffusion, zero_net, noise, {}, given=noise, given_mask=torch.ones(noise.shape))
 
 
 def test_edm_diffusion_builds_from_a_recipe_config():

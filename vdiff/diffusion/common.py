@@ -56,3 +56,22 @@ def masked_mean(values: Tensor, given_mask: Tensor | None) -> Tensor:
 def append_dims(x: Tensor, ndim: int) -> Tensor:
     """Append singleton dims so that a per-clip ``(B,)`` tensor broadcasts over ``ndim`` dims."""
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def check_sampler_inputs(noise: Tensor, given: Tensor | None, given_mask: Tensor | None, where: str) -> None:
+    """Raise a clear error (prefixed ``where``, e.g. the sampler's name) unless a sampler's inputs fit.
+
+    noise: ``(B, T, C, H, W)``; given and given_mask: both None, or ``given`` of noise's shape and a
+    bool ``given_mask`` broadcastable to it (true = given).
+    """
+    if noise.ndim != 5:
+        raise ValueError(f"{where}: noise must be (B, T, C, H, W), got shape {tuple(noise.shape)}")
+    if (given is None) != (given_mask is None):
+        raise ValueError(f"{where}: pass given and given_mask together (got given={'set' if given is not None else None}, "
+                         f"given_mask={'set' if given_mask is not None else None})")
+    if given is not None and given_mask is not None:
+        if given.shape != noise.shape:
+            raise ValueError(f"{where}: given has shape {tuple(given.shape)}, noise {tuple(noise.shape)}; they must match")
+        if given_mask.dtype != torch.bool:
+            raise TypeError(f"{where}: given_mask must be bool (true = given), got {given_mask.dtype}")
+        torch.broadcast_shapes(given_mask.shape, noise.shape)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import Denoiser, replace_given
+from vdiff.diffusion.common import Denoiser, check_sampler_inputs, replace_given
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.guidance import Guidance, guided_call
 
@@ -97,19 +97,6 @@ def _progress(indices: Sequence[int], enabled: bool, desc: str) -> Iterator[int]
     return iter(tqdm(indices, desc=desc))
 
 
-def _check_inputs(noise: Tensor, given: Tensor | None, given_mask: Tensor | None, name: str) -> None:
-    if noise.ndim != 5:
-        raise ValueError(f"{name}: noise must be (B, T, C, H, W), got {tuple(noise.shape)}")
-    if (given is None) != (given_mask is None):
-        raise ValueError(f"{name}: pass given and given_mask together (got given={'set' if given is not None else None}, given_mask={'set' if given_mask is not None else None})")
-    if given is not None and given_mask is not None:
-        if given.shape != noise.shape:
-            raise ValueError(f"{name}: given has shape {tuple(given.shape)}, noise {tuple(noise.shape)}; they must match")
-        if given_mask.dtype != torch.bool:
-            raise TypeError(f"{name}: given_mask must be bool (true = given), got {given_mask.dtype}")
-        torch.broadcast_shapes(given_mask.shape, noise.shape)
-
-
 def _sample(
     kind: str,
     diffusion: GaussianDiffusion,
@@ -127,7 +114,7 @@ def _sample(
     clip_x0: float | None,
 ) -> Tensor:
     name = f"{kind}_sample"
-    _check_inputs(noise, given, given_mask, name)
+    check_sampler_inputs(noise, given, given_mask, name)
     process = diffusion if steps is None else diffusion.respaced(steps)
     x = noise
     for index in _progress(range(process.num_timesteps - 1, -1, -1), progress, kind):

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from vdiff.diffusion.common import Denoiser as Network
-from vdiff.diffusion.common import replace_given
+from vdiff.diffusion.common import check_sampler_inputs, replace_given
 from vdiff.diffusion.guidance import Guidance, guided_call
 
 InitNoiseScale = Literal["sigma", "svd"]
@@ -68,15 +68,6 @@ def _resolve_denoise(diffusion_or_denoise_fn: Any) -> DenoiseFn:
     return denoise
 
 
-def _check_given(noise: Tensor, given: Tensor | None, given_mask: Tensor | None) -> None:
-    if noise.ndim != 5:
-        raise ValueError(f"sampler: noise must be (B, T, C, H, W), got shape {tuple(noise.shape)}")
-    if (given is None) != (given_mask is None):
-        raise ValueError("sampler: pass given and given_mask together (or neither)")
-    if given is not None and given.shape != noise.shape:
-        raise ValueError(f"sampler: given has shape {tuple(given.shape)}, noise has {tuple(noise.shape)}")
-
-
 @torch.no_grad()
 def _karras_sample(
     order: int,
@@ -102,7 +93,7 @@ def _karras_sample(
     progress: bool,
 ) -> Tensor:
     """Karras et al. Algorithm 2 (order 2, Euler on the last step) or its Euler-only variant (order 1)."""
-    _check_given(noise, given, given_mask)
+    check_sampler_inputs(noise, given, given_mask, "sampler")
     denoise = _resolve_denoise(diffusion_or_denoise_fn)
     if sigmas is None:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho)
