@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.lit.helpers import TINY_VDT, quiet_trainer, tiny_synthetic_data
+from vdiff.callbacks.checkpoint_eval import load_module
 from vdiff.cli import main
 from vdiff.data.synthetic_datamodule import SyntheticDrivingDataModule
 from vdiff.lit.vdt import EvalProtocol, VDTModule
@@ -150,6 +151,13 @@ def test_recipe_trains_two_steps_then_tests_with_the_protocol(tmp_path, capsys):
     checkpoint = torch.load(checkpoints[0], weights_only=False)
     assert checkpoint["global_step"] == 2
     assert any(k.startswith("autoencoder.encoder.") for k in checkpoint["state_dict"])
+    # The checkpoint is self-contained: it reloads (as `vdiff sample` does) even without the weights file.
+    vae_path.rename(tmp_path / "moved.safetensors")
+    module = load_module(str(checkpoints[0]), use_ema=False)
+    assert type(module.autoencoder) is VideoAutoencoder and module.net.in_channels == 4
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][name]), name
+    (tmp_path / "moved.safetensors").rename(vae_path)
     capsys.readouterr()
 
     main(["test", *args, "--ckpt_path", str(checkpoints[0])])
