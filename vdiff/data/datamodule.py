@@ -22,8 +22,8 @@ per-step collective. With fewer shards than readers (world size x workers) every
 shards and keeps every ``readers``-th sample (see :func:`vdiff.data.sampling.assign_eval_shards`).
 
 Bad input (undecodable or too short videos, missing or malformed json, odd frame sizes, unreadable
-shards) is skipped and counted in :attr:`VideoDataModule.skips` (see :mod:`vdiff.data.skips`);
-training never stops for it.
+shards, shards with fewer samples than their manifest lists) is skipped and counted in
+:attr:`VideoDataModule.skips` (see :mod:`vdiff.data.skips`); training never stops for it.
 
 Why not webdataset's pipeline stages: ``ResampledShards``/``shuffle`` seed from worker info and
 their own state, which cannot be replayed from (seed, epoch, rank, worker, index), and
@@ -76,7 +76,7 @@ MISSING_JSON = "missing_json"  # the sample has no <key>.json
 BAD_JSON = "bad_json"  # json unparsable or not following the schema (SchemaError)
 TOO_SMALL = "too_small"  # frames smaller than the crop and resize=False
 BAD_SHARD = "bad_shard"  # a tar that cannot be read (or is truncated) from some point on
-TRUNCATED_SHARD = "truncated_shard"  # samples a manifest lists but a tar that ends cleanly lacks (one per sample)
+TRUNCATED_SHARD = "truncated_shard"  # per read, each sample a manifest lists but a cleanly ending tar lacks
 SKIP_REASONS: tuple[str, ...] = (
     *DECODE_ERROR_REASONS, MISSING_VIDEO, MISSING_JSON, BAD_JSON, TOO_SMALL, BAD_SHARD, TRUNCATED_SHARD
 )
