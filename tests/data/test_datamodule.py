@@ -250,6 +250,20 @@ def test_target_fps_sampling(video_shards):
     assert batch[B.FRAME_INDICES][0].tolist() == [0, 2, 4] and batch[B.FPS][0].item() == 5.0
 
 
+def test_evaluation_clips_can_be_longer_than_training_clips(video_shards):
+    """Train on short clips, evaluate on long ones (MCVD/VDT: train 16, evaluate 2 -> 28 on 30)."""
+    folder, _ = video_shards
+    dm = VideoDataModule(train=str(folder), val=str(folder), num_frames=3, eval_num_frames=6, size=16,
+                         num_workers=0, batch_size=2, shuffle_buffer=0)
+    dm.setup("fit")
+    val = next(iter(dm.val_dataloader()))
+    train = next(iter(dm.train_dataloader()))
+    assert val[B.FRAME_INDICES][0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert train[B.FRAME_INDICES].shape == (2, 3) and val[B.VIDEO].shape[1] == 6
+    with pytest.raises(ValueError, match="eval_num_frames"):
+        VideoDataModule(val=str(folder), eval_num_frames=0)
+
+
 def test_configuration_errors(tmp_path, video_shards):
     folder, _ = video_shards
     with pytest.raises(FileNotFoundError, match="matches no shard"):

@@ -132,6 +132,7 @@ def tiny_recipe_args(tmp_path: Path, vae_path: Path) -> list[str]:
         "--model.init_args.autoencoder.init_args.preset", "auto",
         "--data.class_path", "vdiff.data.synthetic_datamodule.SyntheticDrivingDataModule",
         *tiny_synthetic_data(cache, frames=FRAMES),
+        "--data.init_args.eval_num_frames", str(FRAMES),
         "--data.init_args.test", str(stand_in.synthetic_root / "val"),
         *quiet_trainer(tmp_path / "runs"),
         "--trainer.precision", "32-true",

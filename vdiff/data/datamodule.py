@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -562,6 +562,8 @@ class VideoDataModule(LightningDataModule):
         decode_threads: PyAV decoding threads per reader (keep small: workers decode in parallel).
         val_clips_per_video: evaluation clips per video, evenly spaced from the first frame to the
             last possible start; with more than one, keys become ``<key>/clip<j>``.
+        eval_num_frames: frames per clip in validation, test and predict (default: ``num_frames``);
+            e.g. train on 16-frame clips and evaluate 2 -> 28 on 30-frame clips (MCVD's protocol).
         float_on_device: keep ``video`` uint8 through the DataLoader (4x less to copy between
             processes and to the accelerator) and convert it to float in ``on_after_batch_transfer``;
             False converts in the workers, so the loaders alone yield contract batches.
@@ -601,6 +603,7 @@ class VideoDataModule(LightningDataModule):
         epoch_length: int | None = None,
         decode_threads: int = 1,
         val_clips_per_video: int = 1,
+        eval_num_frames: int | None = None,
         float_on_device: bool = True,
         pin_memory: bool | None = None,
         worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
@@ -652,6 +655,9 @@ class VideoDataModule(LightningDataModule):
             resize=resize,
             decode_threads=decode_threads,
         )
+        if eval_num_frames is not None and eval_num_frames < 1:
+            raise ValueError(f"eval_num_frames must be >= 1, got {eval_num_frames}")
+        self.eval_spec = replace(self.spec, num_frames=eval_num_frames) if eval_num_frames else self.spec
         self.crop = crop
         self.flip = flip
         self.batch_size = batch_size
@@ -787,7 +793,7 @@ class VideoDataModule(LightningDataModule):
         rank, world = self.rank_and_world_size()
         dataset = self.eval_stream_class(
             self.shards(stage),
-            self.spec,
+            self.eval_spec,
             self.val_clips_per_video,
             rank=rank,
             world_size=world,

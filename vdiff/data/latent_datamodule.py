@@ -235,7 +235,7 @@ class LatentDataModule(VideoDataModule):
         train_start: ``"random"`` clip starts in training, or ``"first"`` (always latent frame 0, so that
             ``first_frame`` is the clip's first frame).
         batch_size, val_batch_size, num_workers, shuffle_buffer, seed, epoch_length, val_clips_per_video,
-            pin_memory: as :class:`~vdiff.data.datamodule.VideoDataModule`.
+            eval_num_frames, pin_memory: as :class:`~vdiff.data.datamodule.VideoDataModule`.
     """
 
     train_stream_class = LatentTrainStream
@@ -259,6 +259,7 @@ class LatentDataModule(VideoDataModule):
         seed: int = 0,
         epoch_length: int | None = None,
         val_clips_per_video: int = 1,
+        eval_num_frames: int | None = None,
         pin_memory: bool | None = None,
     ) -> None:
         if train_start not in ("random", "first"):
@@ -267,7 +268,8 @@ class LatentDataModule(VideoDataModule):
             train=train, val=val, test=test, predict=predict, num_frames=num_frames, frame_stride=frame_stride,
             target_fps=target_fps, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
             shuffle_buffer=shuffle_buffer, seed=seed, epoch_length=epoch_length,
-            val_clips_per_video=val_clips_per_video, float_on_device=False, pin_memory=pin_memory,
+            val_clips_per_video=val_clips_per_video, eval_num_frames=eval_num_frames, float_on_device=False,
+            pin_memory=pin_memory,
         )
         self.train_start = train_start
 
