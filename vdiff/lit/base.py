@@ -7,7 +7,8 @@ latents, the optimizer and warm-up, and the small protocol that callbacks use:
   by ``SampleVideos``, validation and ``vdiff sample``);
 * :meth:`VideoDiffusionModule.ema_parameters` - the parameters an EMA callback tracks;
 * ``checkpoint["vdiff_module"]`` - the class path, so ``vdiff sample`` can reload any subclass,
-  and ``checkpoint["vdiff_clip"]`` - the clip length and frame size trained on.
+  ``checkpoint["vdiff_clip"]`` - the clip length and frame size trained on, and
+  ``checkpoint["vdiff_autoencoder_config"]`` - the latent autoencoder's architecture.
 
 Subclasses build their network in ``configure_model()`` (DESIGN.md §6) and implement
 ``training_step``/``validation_step`` with the diffusion core.
@@ -24,6 +25,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from vdiff.data import batch as B
+
+AUTOENCODER_CONFIG_KEY = "vdiff_autoencoder_config"  # checkpoint entry: the VideoAutoencoder's architecture
 
 
 @dataclass
@@ -118,6 +121,27 @@ class VideoDiffusionModule(L.LightningModule):
         spec = getattr(getattr(self._trainer, "datamodule", None), "spec", None) if self._trainer else None
         if spec is not None:
             checkpoint["vdiff_clip"] = {"num_frames": int(spec.num_frames), "size": [int(v) for v in spec.out_hw]}
+        # The autoencoder is not a hyperparameter (recipes inject it), but its weights are in the state
+        # dict: record its architecture so load_from_checkpoint can rebuild it without the weights file.
+        from vdiff.models.autoencoder import VideoAutoencoder
+
+        if isinstance(self.autoencoder, VideoAutoencoder):
+            checkpoint[AUTOENCODER_CONFIG_KEY] = self.autoencoder.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild a latent autoencoder recorded in the checkpoint when this module was constructed
+        without one (``load_from_checkpoint``), then let subclasses resize what depends on it."""
+        from vdiff.models.autoencoder import AutoencoderConfig, IdentityAutoencoder, VideoAutoencoder
+
+        stored = checkpoint.get(AUTOENCODER_CONFIG_KEY)
+        if stored is None or not isinstance(self.autoencoder, IdentityAutoencoder):
+            return
+        config = AutoencoderConfig.from_dict(stored)
+        self.autoencoder = VideoAutoencoder(config).to(self.device).eval().requires_grad_(False)
+        self.autoencoder_replaced()
+
+    def autoencoder_replaced(self) -> None:
+        """Called after :meth:`on_load_checkpoint` rebuilt the autoencoder; rebuild what it sizes."""
 
     # ---------------------------------------------------------------- optimisation
 

@@ -33,11 +33,9 @@ from vdiff.diffusion.ddpm_samplers import ancestral_sample, ddim_sample
 from vdiff.diffusion.masks import MASK_MODES, MaskMixture, MaskSpec, task_mask
 from vdiff.lit.base import Generated, VideoDiffusionModule
 from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
-from vdiff.models.autoencoder import AutoencoderConfig, IdentityAutoencoder, VideoAutoencoder
 from vdiff.models.vdt import VDT, VDT_models
 
 DEFAULT_MASK_WEIGHTS: dict[str, float] = {mode: 1.0 for mode in MASK_MODES}
-AUTOENCODER_CONFIG_KEY = "vdiff_autoencoder_config"  # checkpoint entry: the VideoAutoencoder's architecture
 SAMPLE_SEED_STRIDE = 1_000_003  # seed of sample j of batch b: seed + b + j * stride (distinct while b < stride)
 FVD_FRAMES = ("generated", "all")
 CLIP_KEYS = (B.VIDEO, B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD, B.FRAME_INDICES, B.ACTIONS)  # (B, T, ...) entries
@@ -223,25 +221,9 @@ class VDTModule(VideoDiffusionModule):
         if self.net is None:
             self.net = self.build_network()
 
-    # ---------------------------------------------------------------- checkpoints
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Also record the autoencoder's architecture: its weights are already in the state dict, so
-        :meth:`load_from_checkpoint` can rebuild a latent model without the original weights file."""
-        super().on_save_checkpoint(checkpoint)
-        if isinstance(self.autoencoder, VideoAutoencoder):
-            checkpoint[AUTOENCODER_CONFIG_KEY] = self.autoencoder.config.to_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the autoencoder (and the network's input size) when the checkpoint was trained on
-        latents but this module was constructed without an autoencoder (``load_from_checkpoint``:
-        the autoencoder is not a hyperparameter). The state dict then fills in the weights."""
-        super().on_load_checkpoint(checkpoint)
-        stored = checkpoint.get(AUTOENCODER_CONFIG_KEY)
-        if stored is None or not isinstance(self.autoencoder, IdentityAutoencoder):
-            return
-        config = AutoencoderConfig.from_dict(stored)
-        self.autoencoder = VideoAutoencoder(config).to(self.device).eval().requires_grad_(False)
+    def autoencoder_replaced(self) -> None:
+        """The network's input channels follow the autoencoder: rebuild it after a checkpoint load
+        restored a latent autoencoder (its weights then come from the state dict)."""
         if self.net is not None:
             self.net = self.build_network().to(self.device)
 
