@@ -141,3 +141,14 @@ def test_subclass_trains_through_vdiff_fit(tmp_path):
     checkpoint = torch.load(checkpoints[0], weights_only=False)
     assert checkpoint["vdiff_module"] == "tests.lit.test_vdt_module.L1VDTModule"
     assert checkpoint["global_step"] == 2
+
+
+def test_learning_rate_warmup_then_cosine_decay():
+    from vdiff.lit.base import lr_factor
+
+    assert [lr_factor(s, warmup=4, total=None) for s in (0, 1, 3, 100)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_factor(4, warmup=4, total=104) == 1.0
+    assert abs(lr_factor(54, warmup=4, total=104) - 0.5) < 1e-12
+    assert lr_factor(104, warmup=4, total=104) == 0.0 and lr_factor(500, warmup=4, total=104) == 0.0
+    with pytest.raises(ValueError, match="lr_decay"):
+        VDTModule(lr_decay="linear")

@@ -16,8 +16,10 @@ Subclasses build their network in ``configure_model()`` (DESIGN.md §6) and impl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -53,6 +55,8 @@ class VideoDiffusionModule(L.LightningModule):
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases, embeddings).
         betas: AdamW betas.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
+        lr_decay: ``"constant"`` after warm-up, or ``"cosine"``: cosine decay to 0 at the trainer's
+            last step (``trainer.estimated_stepping_batches``, i.e. ``max_steps`` when set).
         optimizer: any optimizer class from the recipe (``class_path``/``init_args``); receives the
             parameter groups.
     """
@@ -65,6 +69,7 @@ class VideoDiffusionModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         optimizer: OptimizerCallable | None = None,
+        lr_decay: Literal["constant", "cosine"] = "constant",
     ) -> None:
         super().__init__()
         if autoencoder is None:
@@ -76,6 +81,9 @@ class VideoDiffusionModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
+        self.lr_decay = lr_decay
         self.optimizer_factory = optimizer
 
     # ---------------------------------------------------------------- autoencoder
@@ -163,8 +171,22 @@ class VideoDiffusionModule(L.LightningModule):
             optimizer = self.optimizer_factory(groups)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        warmup = max(int(self.warmup_steps), 0)
+        total = self.trainer.estimated_stepping_batches if self.lr_decay == "cosine" and self._trainer else None
+        if total is not None and not math.isfinite(total):
+            raise ValueError("lr_decay='cosine' needs a finite training length: set trainer.max_steps or max_epochs")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            optimizer, partial(lr_factor, warmup=max(int(self.warmup_steps), 0), total=total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, total: float | None) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then constant (``total``
+    None) or cosine decay reaching 0 at step ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if total is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+

@@ -117,7 +117,7 @@ class VDTModule(VideoDiffusionModule):
         val_steps: sampler steps at validation and by default in :meth:`generate`.
         val_eta: DDIM eta.
         val_seed: seed of the validation noise (same noise every epoch: curves compare).
-        autoencoder, lr, weight_decay, betas, warmup_steps, optimizer: see
+        autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay: see
             :class:`~vdiff.lit.base.VideoDiffusionModule`.
         eval_num_frames: test clips are cut to their first this many frames (None = as the data
             gives them); a shorter clip is an error.
@@ -158,11 +158,12 @@ class VDTModule(VideoDiffusionModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         optimizer: OptimizerCallable | None = None,
+        lr_decay: Literal["constant", "cosine"] = "constant",
         eval_num_frames: int | None = None,
         eval_samples_per_video: int = 1,
         fvd_frames: Literal["generated", "all"] = "generated",
     ) -> None:
-        super().__init__(autoencoder, lr, weight_decay, betas, warmup_steps, optimizer)
+        super().__init__(autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay)
         self.save_hyperparameters(ignore=["autoencoder", "optimizer"])
         if model not in VDT_models:
             raise ValueError(f"VDTModule: unknown model {model!r}; choose from {sorted(VDT_models)}")
