@@ -52,7 +52,7 @@ def test_fit_help_and_print_config(capsys):
     assert printed["model"]["class_path"] == "vdiff.lit.vdt.VDTModule"
     assert printed["data"]["class_path"] == "vdiff.data.synthetic_datamodule.SyntheticDrivingDataModule"
     assert printed["checkpoint"]["save_last"] is True
-    assert printed["model"]["init_args"]["mask_specs"]["predict"]["given_frames"] == 4
+    assert printed["model"]["init_args"]["mask_specs"]["predict"]["given_frames"] == 2
 
 
 @pytest.mark.parametrize(
