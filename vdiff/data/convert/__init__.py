@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -38,3 +39,17 @@ class DatasetReport:
             lines.append(f"  SKIPPED {item} [{reason}] {message}")
         lines.append(f"  time: {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+def parallel_map(fn: Callable, tasks: list, workers: int) -> Iterator:
+    """``map(fn, tasks)`` in order, in ``workers`` processes when more than one (fork where available,
+    so workers share the parent's imports; one task at a time, since tasks are whole clips or scenes)."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(fn, tasks)
+        return
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(fn, tasks, chunksize=1)
+

@@ -30,13 +30,12 @@ import re
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vdiff.data.convert import DatasetReport
+from vdiff.data.convert import DatasetReport, parallel_map
 from vdiff.data.convert.frames import RESIZE_MODES, read_image, resize_image
 from vdiff.data.schema import VideoMeta
 from vdiff.data.shards import ShardWriter
@@ -165,7 +164,7 @@ def convert_cityscapes(
     tasks = [(str(root), split, [str(p) for p in clip], tuple(size), resize, crf) for clip in clips]
     extra = {"converter": "vdiff.data.convert.cityscapes", "split": split, "size": list(size), "resize": resize}
     with ShardWriter(target, max_count=shard_max_count, extra=extra) as writer:
-        for key, mp4, meta in _map(tasks, workers):
+        for key, mp4, meta in parallel_map(_convert_clip, tasks, workers):
             if mp4 is None:
                 report.failed.append((key, "unreadable", str(meta)))
                 continue
@@ -175,17 +174,6 @@ def convert_cityscapes(
             report.frames_kept += parsed.num_frames
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _map(tasks: list, workers: int) -> Iterator:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_convert_clip, tasks)
-        return
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        yield from pool.imap(_convert_clip, tasks, chunksize=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,13 +41,13 @@ import math
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vdiff.data.convert import DatasetReport
+from vdiff.data.convert import DatasetReport, parallel_map
 from vdiff.data.convert.ego import (
     PoseTrack,
     command_from_trajectory,
@@ -332,7 +332,7 @@ def convert_nuscenes(
             )
         manifest_extra = {"converter": "vdiff.data.convert.nuscenes", "version": version, "split": split_name, "camera": camera}
         with ShardWriter(target, max_count=shard_max_count, extra=manifest_extra) as writer:
-            for name, samples, error in _map(tasks, workers):
+            for name, samples, error in parallel_map(_convert_scene, tasks, workers):
                 if samples is None:
                     reason, _, message = error.partition(": ")
                     report.failed.append((name, reason, message))
@@ -347,17 +347,6 @@ def convert_nuscenes(
         report.seconds = time.perf_counter() - started
         reports[split_name] = report
     return reports
-
-
-def _map(tasks: list, workers: int) -> Iterator:
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_convert_scene, tasks)
-        return
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
-        yield from pool.imap(_convert_scene, tasks, chunksize=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
