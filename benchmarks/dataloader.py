@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     for workers, r in results.items():
         n = len(r["clips"])
         ratio = (n / r["wall"]) / raw_rate
-        rows.append((f"VideoDataModule", str(workers), n / r["wall"], n / r["cpu"] if workers == 0 else float("nan"), f"{ratio:.2f}"))
+        rows.append(("VideoDataModule", str(workers), n / r["wall"], n / r["cpu"] if workers == 0 else float("nan"), f"{ratio:.2f}"))
     cpu_ratio = (n0 / results[0]["cpu"]) / (n0 / raw["cpu"])
 
     print()
