@@ -139,7 +139,8 @@ class EMA(L.Callback):
         # checkpoint can be loaded for sampling with EMA weights: see `load_ema_weights`.
         if self.shadow is None:
             return
-        names = [n for n, p in pl_module.named_parameters() if any(p is q for q in _tracked(pl_module))]
+        tracked = {id(p) for p in _tracked(pl_module)}
+        names = [n for n, p in pl_module.named_parameters() if id(p) in tracked]
         checkpoint["ema_state_dict"] = {n: s.detach().cpu() for n, s in zip(names, self.shadow)}
 
     def state_dict(self) -> dict[str, Any]:

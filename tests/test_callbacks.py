@@ -1,0 +1,71 @@
+"""EMA (update rule, swapping, checkpoint round trip) and SampleVideos' frame markers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from vdiff.callbacks.ema import EMA, load_ema_weights
+from vdiff.callbacks.sample_videos import GENERATED_COLOUR, GIVEN_COLOUR, mark_frames
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+        self.frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+
+    def ema_parameters(self):
+        return list(self.layer.parameters())
+
+
+def test_ema_follows_the_update_rule_swaps_and_round_trips():
+    module, ema = Tiny(), EMA(decay=0.9, warmup=False)
+    trainer = SimpleNamespace(global_step=0, sanity_checking=False)
+    ema.on_fit_start(trainer, module)
+    start = module.layer.weight.detach().clone()
+    expected = start.clone()
+    for step in range(1, 4):
+        with torch.no_grad():
+            module.layer.weight.add_(1.0)
+        trainer.global_step = step
+        ema.on_train_batch_end(trainer, module, None, None, step)
+        expected = 0.9 * expected + 0.1 * module.layer.weight.detach()
+    assert torch.allclose(ema.shadow[0], expected, atol=1e-6)
+    assert len(ema.shadow) == 2  # the frozen layer is not tracked
+
+    trained = module.layer.weight.detach().clone()
+    ema.swap_in(module)
+    assert torch.allclose(module.layer.weight, expected, atol=1e-6)
+    ema.swap_out(module)
+    assert torch.equal(module.layer.weight, trained)
+
+    checkpoint: dict = {}
+    ema.on_save_checkpoint(trainer, module, checkpoint)
+    assert set(checkpoint["ema_state_dict"]) == {"layer.weight", "layer.bias"}
+    fresh = Tiny()
+    assert load_ema_weights(fresh, checkpoint)
+    assert torch.allclose(fresh.layer.weight, expected, atol=1e-6)
+
+    resumed = EMA(decay=0.9, warmup=False)
+    resumed.load_state_dict(ema.state_dict())
+    resumed.on_fit_start(trainer, Tiny())
+    assert resumed.num_updates == 3 and torch.allclose(resumed.shadow[0], expected, atol=1e-6)
+
+
+def test_ema_warmup_decay_grows_towards_the_target():
+    ema = EMA(decay=0.999, warmup=True)
+    values = []
+    for n in (0, 10, 1000, 100000):
+        ema.num_updates = n
+        values.append(ema.current_decay())
+    assert values[0] == 0.1 and values == sorted(values) and values[-1] == 0.999
+
+
+def test_mark_frames_paints_given_green_and_generated_red():
+    video = torch.full((1, 2, 3, 6, 6), 0.5)
+    marked = mark_frames(video, torch.tensor([[True, False]]))
+    assert marked[0, 0, :, 0, 0].tolist() == list(GIVEN_COLOUR)
+    assert marked[0, 1, :, -1, 3].tolist() == list(GENERATED_COLOUR)
+    assert torch.equal(marked[:, :, :, 1:-1, 1:-1], video[:, :, :, 1:-1, 1:-1])
