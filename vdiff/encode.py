@@ -42,7 +42,7 @@ from vdiff.data.schema import (
     VideoMeta,
 )
 from vdiff.data.shards import ShardWriter, expand_shard_spec, iter_raw_samples
-from vdiff.data.transforms import cover_size, crop_frames, move_goal, plan_crop
+from vdiff.data.transforms import cover_size, crop_frames, move_goal, normalize_video, plan_crop
 from vdiff.data.video_io import VideoDecodeError, decode_frames
 
 PARTIAL_PREFIX = ".partial-"
@@ -207,7 +207,7 @@ class ShardEncoder:
     def encode_batch(self, clips: Sequence[_Clip]) -> tuple[Tensor, Tensor]:
         """Posterior ``(mean, std)`` ``(B, T, c, h, w)`` float32 on the CPU for same-shaped clips."""
         video = torch.from_numpy(np.stack([c.frames for c in clips])).to(self.device)  # (B, T, H, W, 3) uint8
-        video = video.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)  # (B, T, 3, H, W) in [-1, 1]
+        video = normalize_video(video.permute(0, 1, 4, 2, 3))  # (B, T, 3, H, W) in [-1, 1]
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             posterior = self.autoencoder.encode(video)
         return posterior.mean.float().cpu(), posterior.std.float().cpu()

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from vdiff.data.schema import META_EXT, VIDEO_EXT, VideoMeta
+from vdiff.data.transforms import normalize_video
 
 
 def _read_inputs(
@@ -52,7 +53,7 @@ def _read_inputs(
 
 def _to_video(frames: np.ndarray) -> Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return normalize_video(torch.from_numpy(frames).permute(0, 3, 1, 2))
 
 
 def _to_frames(video: Tensor) -> np.ndarray:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt_path = Path(args.ckpt)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"vdiff sample: no checkpoint at {ckpt_path}")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # metadata only
     num_frames = args.num_frames or _training_setting(checkpoint, "num_frames")
     size = args.size or _training_setting(checkpoint, "size")
     if num_frames is None or size is None:

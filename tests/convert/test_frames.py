@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from tests.convert.helpers import frame_index_from_level, indexed_video
-from vdiff.data.convert.frames import crop_box, iter_frames, output_size, resize_image
+from vdiff.data.convert.frames import crop_box, resize_image
+from vdiff.data.video_io import iter_frames, output_size
 from vdiff.data.video_io import VideoDecodeError, clip_frame_indices, encode_video
 
 

@@ -12,6 +12,7 @@ from vdiff.data import batch as B
 from vdiff.data.latent_datamodule import LatentDataModule, eval_noise
 from vdiff.data.schema import ACTION_KEYS, ACTION_SHAPES, VideoMeta
 from vdiff.data.shards import ShardWriter, dump_json
+from vdiff.data.transforms import normalize_video
 from vdiff.data.video_io import decode_all, encode_video
 from vdiff.encode import ShardEncoder, autoencoder_info, encode_shards
 from vdiff.models.autoencoder import VideoAutoencoder, tiny_vae_config
@@ -56,7 +57,7 @@ def test_round_trip_equals_direct_encode(latent_set, tiny_ae):
             truth = driving_actions(12, seed=int(batch[B.KEY][row][1:]))
             np.testing.assert_allclose(batch[B.ACTIONS]["speed"][row].numpy(), truth["speed"], rtol=1e-6)
             assert batch[B.ACTIONS]["command"][row].tolist() == truth["command"]
-        first = torch.from_numpy(frames[0]).permute(2, 0, 1).float() / 127.5 - 1
+        first = normalize_video(torch.from_numpy(frames[0]).permute(2, 0, 1))  # the batch contract's [-1, 1]
         assert torch.equal(batch[B.FIRST_FRAME], first.expand(n, -1, -1, -1))
         assert batch[B.FPS].tolist() == [FPS] * n and batch[B.SOURCE] == ["drive"] * n
     assert keys == [f"v{i:04d}" for i in range(8)]  # every sample exactly once, in order

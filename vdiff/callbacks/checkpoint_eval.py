@@ -21,7 +21,8 @@ def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bo
     """Load any vdiff LightningModule from a checkpoint written by ``vdiff fit``."""
     import importlib
 
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    # mmap: only the entries read here are loaded; load_from_checkpoint reads the weights once.
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     class_path = checkpoint.get("vdiff_module")
     if class_path is None:
         raise KeyError(f"{path}: no 'vdiff_module' entry; was it written by a vdiff LightningModule?")

@@ -52,7 +52,7 @@ from vdiff.data.datamodule import (
 )
 from vdiff.data.sampling import ReaderSlot
 from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, SampleType, SchemaError, VideoMeta
-from vdiff.data.transforms import clip_actions
+from vdiff.data.transforms import clip_actions, normalize_video
 from vdiff.data.video_io import TOO_SHORT, clip_frame_indices, max_clip_start
 
 MISSING_LATENTS = "missing_latents"  # the sample has no <key>.latents.safetensors or no first frame
@@ -152,7 +152,7 @@ def collate_latent_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
         B.LATENTS: torch.stack([s["latents"] for s in samples]),
         B.LATENTS_MEAN: torch.stack([s["latents_mean"] for s in samples]),
         B.LATENTS_STD: torch.stack([s["latents_std"] for s in samples]),
-        B.FIRST_FRAME: torch.stack([s["first_frame"] for s in samples]).float().div_(127.5).sub_(1.0),
+        B.FIRST_FRAME: normalize_video(torch.stack([s["first_frame"] for s in samples])),
         B.FPS: torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
         B.FRAME_INDICES: torch.tensor(np.stack([s["frame_indices"] for s in samples]), dtype=torch.long),
         B.KEY: [s["key"] for s in samples],

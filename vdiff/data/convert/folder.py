@@ -44,7 +44,7 @@ from vdiff.data.convert.curation import (
     SceneCutDetector,
     motion_score,
 )
-from vdiff.data.convert.frames import iter_frames
+from vdiff.data.video_io import iter_frames
 from vdiff.data.schema import Manifest, ShardInfo, VideoMeta
 from vdiff.data.shards import ShardWriter
 from vdiff.data.video_io import DEFAULT_CRF, VideoDecodeError, encode_video, probe

@@ -1,5 +1,6 @@
-"""Still-image helpers for image-sequence datasets (Cityscapes, nuScenes), and re-exports of the
-streaming video reader that lives in :mod:`vdiff.data.video_io` (the only module importing PyAV).
+"""Still-image helpers for image-sequence datasets (Cityscapes, nuScenes).
+
+Video sources are read with :func:`vdiff.data.video_io.iter_frames` (the only module importing PyAV).
 """
 
 from __future__ import annotations
@@ -7,10 +8,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from vdiff.data.video_io import StreamFrame, iter_frames, output_size
-
-__all__ = ["StreamFrame", "iter_frames", "output_size", "RESIZE_MODES", "read_image", "crop_box", "resize_image"]
 
 
 # ----------------------------------------------------------------------------------------------
