@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from vdiff.diffusion.common import LOSS_KEYS
+
 from vdiff.diffusion.ddpm import GaussianDiffusion, discretized_gaussian_log_likelihood, make_betas, normal_kl
 from vdiff.diffusion.ddpm_samplers import ancestral_sample, ddim_sample
 from vdiff.diffusion.guidance import VanillaCFG
@@ -146,7 +148,9 @@ def test_hybrid_loss_stops_gradient_to_mean_and_masks_vb():
     given_mask[:, 0] = True
     output = torch.zeros(SHAPE[0], SHAPE[1], 2 * SHAPE[2], SHAPE[3], SHAPE[4], requires_grad=True)
     losses = diffusion.training_losses(lambda x, n, c, m: output, x0, {}, given_mask, noise=noise, t=t)
-    assert set(losses) == {"loss", "mse", "vb"} and losses["loss"].ndim == 0
+    assert set(losses) == set(LOSS_KEYS) and losses["loss"].ndim == 0
+    assert losses["loss_per_clip"].shape == (SHAPE[0],) and torch.equal(losses["noise_level"], t)
+    assert losses["denoised"].shape == x0.shape and torch.equal(losses["denoised"][:, 0], x0[:, 0])
     assert torch.isfinite(losses["vb"]) and float(losses["vb"].detach()) > 0
     (grad,) = torch.autograd.grad(losses["vb"], output)
     assert float(grad[:, :, :3].abs().max()) == 0.0  # mean channels: stop-gradient

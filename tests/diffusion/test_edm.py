@@ -113,7 +113,7 @@ def test_training_uses_one_sigma_per_clip():
     noise = torch.ones_like(x0)
     net = RecordingNet()
     out = diffusion.training_losses(net, x0, {}, noise=noise, generator=torch.Generator().manual_seed(0))
-    sigma = out["sigma"]
+    sigma = out["noise_level"]
     assert sigma.shape == (4,)
     assert len(set(sigma.tolist())) == 4
     seen_x, seen_level, _, _ = net.inputs[0]
@@ -345,3 +345,21 @@ def test_edm_diffusion_builds_from_a_recipe_config():
     assert isinstance(diffusion.precond, VScalingPrecond)
     assert (diffusion.sigma_sampler.p_mean, diffusion.sigma_sampler.p_std) == (1.0, 1.6)
     assert (diffusion.loss_weighting, diffusion.offset_noise, diffusion.offset_noise_scope) == ("v", 0.02, "frame")
+
+
+def test_ddpm_and_edm_return_the_same_loss_keys():
+    """A recipe can switch the process: both return exactly LOSS_KEYS, with the same shapes."""
+    from vdiff.diffusion.common import LOSS_KEYS
+    from vdiff.diffusion.ddpm import GaussianDiffusion
+
+    x0 = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 3, 1, 1, 1, dtype=torch.bool)
+    mask[:, 0] = True
+    net = lambda x, n, c, m: 0.5 * x  # noqa: E731
+    for process in (GaussianDiffusion(100), EDMDiffusion()):
+        out = process.training_losses(net, x0, {}, mask)
+        assert tuple(sorted(out)) == tuple(sorted(LOSS_KEYS)), type(process).__name__
+        assert out["loss"].ndim == out["mse"].ndim == out["vb"].ndim == 0
+        assert out["loss_per_clip"].shape == out["noise_level"].shape == (2,)
+        assert out["denoised"].shape == x0.shape
+        assert torch.equal(out["denoised"][:, 0], x0[:, 0])  # given content is the given content

@@ -24,6 +24,13 @@ import torch
 from torch import Tensor
 
 
+# What every training process's ``training_losses`` returns, so a recipe can switch the process:
+# "loss" (scalar, optimised), "loss_per_clip" (B,), "mse" (scalar, unweighted squared error over
+# generated elements), "vb" (scalar, variational-bound term; 0 where the process has none),
+# "noise_level" (B,) (DDPM timestep or EDM sigma) and "denoised" (B, T, C, H, W) (the x0 estimate).
+LOSS_KEYS: tuple[str, ...] = ("loss", "loss_per_clip", "mse", "vb", "noise_level", "denoised")
+
+
 class Denoiser(Protocol):
     def __call__(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor], given_mask: Tensor | None) -> Tensor: ...
 

@@ -438,9 +438,11 @@ class GaussianDiffusion:
         One timestep per clip (``t`` ``(B,)``, drawn uniformly when None). Given content
         (``given_mask`` true, broadcastable to x0) replaces the noisy input, and every term averages
         over generated elements only (per clip, then over the clips that generate anything).
-        Returns scalars "loss" = "mse" + "vb": "mse" against the prediction type's target; "vb"
-        is improved DDPM's variational bound term with the mean stop-gradiented (it trains the
-        variance only), times ``vb_weight``; 0 without ``learn_sigma``.
+        Returns the keys every vdiff process returns (:data:`~vdiff.diffusion.common.LOSS_KEYS`):
+        scalars "loss" = "mse" + "vb": "mse" against the prediction type's target; "vb" is improved
+        DDPM's variational bound term with the mean stop-gradiented (it trains the variance only),
+        times ``vb_weight``; 0 without ``learn_sigma``. "loss_per_clip" ``(B,)``, "noise_level" the
+        timesteps ``(B,)`` and "denoised" the (detached) x0 estimate ``(B, T, C, H, W)``.
         """
         if x0.ndim != 5:
             raise ValueError(f"training_losses: x0 must be (B, T, C, H, W), got {tuple(x0.shape)}")
@@ -475,7 +477,15 @@ class GaussianDiffusion:
         denom = weights.sum().clamp_min(1.0)
         mse_mean = (mse * weights).sum() / denom
         vb_mean = (vb * weights).sum() / denom
-        return {"loss": mse_mean + vb_mean, "mse": mse_mean, "vb": vb_mean}
+        denoised = replace_given(self.predict_x0(prediction.detach(), x_t, t), x0, given_mask)
+        return {
+            "loss": mse_mean + vb_mean,
+            "loss_per_clip": mse + vb,
+            "mse": mse_mean,
+            "vb": vb_mean,
+            "noise_level": t,
+            "denoised": denoised,
+        }
 
     # -- respacing ---------------------------------------------------------------------------
 

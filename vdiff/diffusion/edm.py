@@ -289,8 +289,10 @@ class EDMDiffusion:
         x0: ``(B, T, C, H, W)``; given_mask: bool broadcastable to x0 (true = given, enters clean and
         is left out of the loss) or None; noise: the full training noise (used as is; default
         :meth:`sample_noise`); sigma: ``(B,)`` (default: drawn by the sigma sampler, one per clip).
-        Returns ``loss`` (scalar, mean over clips), ``loss_per_clip`` ``(B,)`` (weighted MSE averaged
-        over generated elements), ``sigma`` ``(B,)``, ``weight`` ``(B,)`` and ``denoised`` (D, like x0).
+        Returns the keys every vdiff process returns (:data:`~vdiff.diffusion.common.LOSS_KEYS`):
+        ``loss`` (scalar, mean over clips), ``loss_per_clip`` ``(B,)`` (weighted MSE averaged over
+        generated elements), ``mse`` (scalar, the unweighted MSE), ``vb`` (0: EDM has no VB term),
+        ``noise_level`` (sigma ``(B,)``) and ``denoised`` (D, like x0). The weight is :meth:`weight`.
         """
         if x0.ndim != 5:
             raise ValueError(f"EDMDiffusion.training_losses: x0 must be (B, T, C, H, W), got shape {tuple(x0.shape)}")
@@ -308,13 +310,15 @@ class EDMDiffusion:
         weight = self.weight(sigma)  # (B,)
         loss_dtype = torch.promote_types(denoised.dtype, torch.float32)  # at least fp32 under bf16/fp16
         squared_error = (denoised.to(loss_dtype) - x0.to(loss_dtype)) ** 2
-        loss_per_clip = weight.to(loss_dtype) * masked_mean(squared_error, given_mask)  # (B,)
+        mse_per_clip = masked_mean(squared_error, given_mask)  # (B,)
+        loss_per_clip = weight.to(loss_dtype) * mse_per_clip  # (B,)
         return {
             "loss": loss_per_clip.mean(),
             "loss_per_clip": loss_per_clip,
-            "sigma": sigma,
-            "weight": weight,
-            "denoised": denoised,
+            "mse": mse_per_clip.detach().mean(),
+            "vb": loss_per_clip.new_zeros(()),
+            "noise_level": sigma,
+            "denoised": replace_given(denoised, x0, given_mask),
         }
 
     def __repr__(self) -> str:
