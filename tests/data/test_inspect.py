@@ -118,3 +118,97 @@ def test_unreadable_shard_is_counted(tmp_path):
     summary = inspect_shards(tmp_path / "set")
     assert summary["undecodable"].get("bad_shard") == 1
     assert summary["good_samples"] >= 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A root folder whose shard sets sit in subfolders
+# ----------------------------------------------------------------------------------------------
+
+
+def test_frames_per_sample_histogram(shard_set, capsys):
+    summary = inspect_shards(shard_set)
+    assert summary["frames_per_sample"] == {"8": 3, "24": 2}  # good samples only, ordered by frame count
+    assert _run([str(shard_set)]) == 0
+    text = capsys.readouterr().out
+    block = text[text.index("frames per sample:"):text.index("fps:")].splitlines()
+    assert [line.split()[:2] for line in block[1:]] == [["8", "3"], ["24", "2"]]
+    assert _run([str(shard_set), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames_per_sample"] == {"8": 3, "24": 2}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    """The layout ``vdiff data synth --out ROOT --val-videos 2`` writes: ROOT/train and ROOT/val."""
+    from vdiff.data.synthetic import ensure_synthetic_splits
+
+    root = tmp_path_factory.mktemp("synth") / "root"
+    manifests = ensure_synthetic_splits(root, num_videos=3, num_frames=4, size=16, seed=0, val_videos=2, max_count=2)
+    return root, manifests
+
+
+def test_root_reports_each_set_and_total(synth_root, capsys):
+    root, manifests = synth_root
+    assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
+    summary = inspect_shards(root)
+    assert list(summary["sets"]) == [str(root / "train"), str(root / "val")]
+    for split, manifest in manifests.items():
+        one = summary["sets"][str(root / split)]
+        assert one == inspect_shards(root / split)  # a set's entry is what inspecting it alone gives
+        assert one["shards"] == len(manifest.shards)
+        assert one["samples"] == one["good_samples"] == manifest.num_samples
+        assert one["frames"] == manifest.num_frames
+        assert one["frames_per_sample"] == {"4": manifest.num_samples}
+    assert summary["shards"] == 2 + 1
+    assert summary["samples"] == summary["good_samples"] == 3 + 2
+    assert summary["frames"] == 4 * (3 + 2)
+    assert summary["frames_per_sample"] == {"4": 5}
+    assert summary["duration_s"] == pytest.approx(5 * 0.4)
+
+    assert _run([str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "shard sets:       2" in text
+    rows = {line.split()[0]: line.split()[1:6] for line in text.splitlines() if line.strip().startswith(str(root))}
+    assert rows == {str(root / "train"): ["2", "3", "3", "0", "12"], str(root / "val"): ["1", "2", "2", "0", "8"]}
+    assert "total over all sets:" in text
+    assert "samples:          5 (5 usable, 0 undecodable)" in text
+    assert "frames:           20" in text
+
+    assert _run([str(root), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"] == 5 and set(out["sets"]) == {str(root / "train"), str(root / "val")}
+
+
+def test_nested_root_with_mixed_sets(shard_set, tmp_path):
+    """Sets at different depths (cityscapes-style ROOT/city/train, a shards-style folder), a hidden
+    partial folder and an empty folder: the sets are found, the rest ignored, and the totals add up."""
+    root = tmp_path / "data"
+    with ShardWriter(root / "city" / "train", max_count=2) as writer:
+        for i in range(3):
+            writer.write_video(f"c{i}", encode_video(video(16), fps=10), meta(16))
+    with ShardWriter(root / ".val.partial-123") as writer:  # a run in progress: skipped
+        writer.write_video("p", encode_video(video(8), fps=10), meta(8))
+    (root / "empty" / "deeper").mkdir(parents=True)
+    (root / "clips").symlink_to(shard_set, target_is_directory=True)
+
+    summary = inspect_shards(root)
+    assert list(summary["sets"]) == [str(root / "city" / "train"), str(root / "clips")]
+    assert summary["sets"][str(root / "city" / "train")]["frames_per_sample"] == {"16": 3}
+    alone = inspect_shards(shard_set)
+    assert summary["samples"] == 3 + alone["samples"]
+    assert summary["good_samples"] == 3 + alone["good_samples"]
+    assert summary["frames"] == 3 * 16 + alone["frames"]
+    assert summary["frames_per_sample"] == {"8": 3, "16": 3, "24": 2}
+    assert summary["undecodable"] == EXPECTED_BAD
+    # Naming the root and one of its sets reads that set once.
+    assert inspect_shards([root, root / "city" / "train"])["samples"] == summary["samples"]
+
+
+def test_root_without_sets_fails_naming_it(tmp_path, capsys):
+    root = tmp_path / "nosets"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "notes.txt").write_text("no shards here")
+    with pytest.raises(FileNotFoundError, match="no shard set in .*nosets"):
+        inspect_shards(root)
+    assert _run([str(root)]) == 1
+    err = capsys.readouterr().err
+    assert str(root) in err and "manifest.json" in err
