@@ -26,7 +26,7 @@ def test_quickstart_finishes_in_five_minutes_and_beats_copy_last_by_3_db(tmp_pat
     )
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
-    gain = re.search(r"^gain\s+([+-][0-9.]+)", result.stdout, re.MULTILINE)
+    gain = re.search(r"^gain[^+\n]*?([+-][0-9.]+)", result.stdout, re.MULTILINE)
     assert gain, result.stdout[-3000:]
     assert float(gain.group(1)) >= 3.0, result.stdout[-1500:]
     assert seconds <= 300, f"quickstart took {seconds:.0f} s"

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, help="clip length per sampling window (default: the training clip length)")
     parser.add_argument("--total-frames", type=int, default=None, help="roll out autoregressively to this many frames")
     parser.add_argument("--size", type=int, nargs="+", default=None, help="frame size H [W] (default: the training size)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's val_steps)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's sampler steps)")
     parser.add_argument("--sampler", default=None, help="ddim or ancestral (default: the model's)")
     parser.add_argument("--num-videos", type=int, default=4, help="clips to sample from the input")
     parser.add_argument("--seed", type=int, default=0)
@@ -111,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
 
     module = load_module(str(ckpt_path), map_location=args.device, use_ema=not args.no_ema)
     total = args.total_frames or num_frames
-    read_frames = num_frames if total <= num_frames else (args.given_frames or module.hparams.get("val_given_frames", 2))
+    read_frames = num_frames if total <= num_frames else (args.given_frames or module.evaluation.given_frames)
     keys, clips, rates = _read_inputs(args.input, read_frames, size, args.num_videos)
     video = torch.stack([_to_video(c) for c in clips]).to(args.device)  # (B, T, 3, H, W)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
 
     if total > num_frames:
-        given = args.given_frames or module.hparams.get("val_given_frames", 2)
+        given = args.given_frames or module.evaluation.given_frames
         sample = module.rollout(video, total, window=num_frames, given_frames=given, sampler=args.sampler,
                                 steps=args.steps, generator=generator, progress=True)
         given_frames = torch.zeros(sample.shape[:2], dtype=torch.bool, device=sample.device)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     write_grid(out / "grid.png", sample, given_frames)
     (out / "samples.json").write_text(json.dumps({
         "checkpoint": str(ckpt_path), "keys": keys, "frames": int(sample.shape[1]),
-        "task": args.task or module.hparams.get("val_task"), "steps": args.steps or module.hparams.get("val_steps"),
+        "task": args.task or module.evaluation.task, "sampler": module.sampler_with(args.sampler, args.steps).describe(),
         "rollout": total > num_frames,
     }, indent=1))
     print(f"wrote {len(keys)} samples of {sample.shape[1]} frames to {out}")

@@ -156,11 +156,9 @@ def test_eval_with_workers_reads_every_sample_once(latent_set):
 
 
 def test_a_diffusion_module_trains_on_latent_batches_without_encoding(latent_set, tiny_ae, monkeypatch):
-    from vdiff.lit.vdt import VDTModule
+    from tests.lit.helpers import vdt_module
 
-    module = VDTModule(model="VDT-S/2", depth=1, hidden_size=32, num_heads=2, autoencoder=tiny_ae, learn_sigma=False,
-                       num_timesteps=10)
-    module.configure_model()
+    module = vdt_module(depth=1, hidden_size=32, num_heads=2, autoencoder=tiny_ae, learn_sigma=False, num_timesteps=10)
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the autoencoder must not encode when batches carry latents")

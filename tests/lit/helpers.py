@@ -6,12 +6,43 @@ from pathlib import Path
 
 # A VDT small enough to train in seconds on 2 CPU cores, on 32x32 synthetic clips.
 TINY_VDT = [
-    "--model.init_args.patch_size", "8",
-    "--model.init_args.depth", "2",
-    "--model.init_args.hidden_size", "32",
-    "--model.init_args.num_heads", "2",
-    "--model.init_args.val_steps", "3",
+    "--model.init_args.net.patch_size", "8",
+    "--model.init_args.net.depth", "2",
+    "--model.init_args.net.hidden_size", "32",
+    "--model.init_args.net.num_heads", "2",
+    "--model.init_args.sampler.steps", "3",
 ]
+
+NET_FIELDS = ("patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio", "temporal_pos", "spatial_pos", "qk_norm",
+              "gradient_checkpointing", "in_channels")
+PROCESS_FIELDS = ("num_timesteps", "beta_schedule", "prediction", "learn_sigma")
+SAMPLER_FIELDS = {"val_sampler": "name", "val_steps": "steps", "val_eta": "eta"}
+PROTOCOL_FIELDS = {"val_task": "task", "val_given_frames": "given_frames", "val_seed": "seed",
+                   "eval_num_frames": "num_frames", "eval_samples_per_video": "samples_per_video",
+                   "fvd_frames": "fvd_frames"}
+
+
+def vdt_module(net: str = "VDT-S/2", configure: bool = True, **flat):
+    """A VDTModule from flat keyword arguments (network sizes, DDPM process, sampler and protocol
+    settings side by side, as tests like to write them), sorted into the module's groups."""
+    from vdiff.diffusion.ddpm import GaussianDiffusion
+    from vdiff.diffusion.sampling import SamplerConfig
+    from vdiff.lit.evaluation import EvalProtocol
+    from vdiff.lit.vdt import VDTModule
+    from vdiff.models.vdt import VDTConfig
+
+    config = VDTConfig.from_name(net, **{k: flat.pop(k) for k in NET_FIELDS if k in flat})
+    process = {k: flat.pop(k) for k in PROCESS_FIELDS if k in flat}
+    process.setdefault("learn_sigma", True)
+    sampler = {v: flat.pop(k) for k, v in SAMPLER_FIELDS.items() if k in flat}
+    protocol = {v: flat.pop(k) for k, v in PROTOCOL_FIELDS.items() if k in flat}
+    module = VDTModule(
+        net=config, diffusion=GaussianDiffusion(**process), sampler=SamplerConfig(**sampler),
+        evaluation=EvalProtocol(**protocol), **flat,
+    )
+    if configure:
+        module.configure_model()
+    return module
 
 
 def tiny_synthetic_data(cache: Path, frames: int = 8) -> list[str]:

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.lit.helpers import TINY_VDT, quiet_trainer, tiny_synthetic_data
+from tests.lit.helpers import TINY_VDT, quiet_trainer, tiny_synthetic_data, vdt_module
 from vdiff.callbacks.checkpoint_eval import load_module
 from vdiff.cli import main
 from vdiff.data.synthetic_datamodule import SyntheticDrivingDataModule
-from vdiff.lit.vdt import EvalProtocol, VDTModule
+from vdiff.diffusion.sampling import SamplerConfig
+from vdiff.lit.evaluation import EvalProtocol
+from vdiff.metrics.frames import frame_psnr, masked_frame_mean
 from vdiff.models.autoencoder import VideoAutoencoder, tiny_vae_config
 from vdiff.models.pretrained import PretrainedAutoencoder
 
@@ -23,9 +25,7 @@ FRAMES = 8
 def tiny_module(**overrides) -> VDTModule:
     kwargs = dict(patch_size=4, depth=1, hidden_size=32, num_heads=2, val_steps=2, val_given_frames=2)
     kwargs.update(overrides)
-    module = VDTModule(**kwargs)
-    module.configure_model()
-    return module
+    return vdt_module(**kwargs)
 
 
 def noisy_clips(batch: int = 3, frames: int = 6, size: int = 16) -> dict:
@@ -54,9 +54,14 @@ def test_best_of_k_is_at_least_the_mean_and_equals_it_for_one_sample():
     one = single.evaluate_protocol_batch(batch, batch_idx=1)
     for metric in ("psnr", "ssim"):
         assert torch.equal(one[f"{metric}_best_of_k"], one[metric])
-    # Sample 0 uses validation's seed (val_seed + batch_idx): k = 1 reproduces evaluate_batch.
-    reference = single.evaluate_batch(batch, torch.Generator().manual_seed(single.hparams.val_seed + 1))
-    assert torch.allclose(one["psnr"], reference["psnr"]) and torch.allclose(one["ssim"], reference["ssim"])
+    # Sample 0 uses validation's seed (seed + batch_idx): k = 1 reproduces a sample drawn with it.
+    generated = single.generate(batch, generator=torch.Generator().manual_seed(single.evaluation.seed + 1))
+    frames = ~generated.given_frames
+    reference = masked_frame_mean(frame_psnr(generated.video, batch["video"]), frames)
+    assert torch.allclose(one["psnr"], reference)
+    # Validation scores sample 0 whatever k is: k = 3 asked for one sample gives k = 1's numbers.
+    first = module.evaluate_protocol_batch(batch, batch_idx=1, samples_per_video=1)
+    assert all(torch.equal(first[k], one[k]) for k in one)
 
 
 def test_eval_num_frames_cuts_the_clips_and_rejects_short_ones():
@@ -66,29 +71,30 @@ def test_eval_num_frames_cuts_the_clips_and_rejects_short_ones():
     cut = module.protocol_clips(batch)
     assert cut["video"].shape[1] == 4 and cut["actions"]["speed"].shape == (1, 4) and cut["key"] == batch["key"]
     assert torch.isfinite(module.evaluate_protocol_batch(batch, 0)["psnr"]).all()
-    with pytest.raises(ValueError, match="eval_num_frames=8"):
+    with pytest.raises(ValueError, match="num_frames=8"):
         tiny_module(eval_num_frames=8).evaluate_protocol_batch(batch, 0)
-    with pytest.raises(ValueError, match="eval_samples_per_video"):
-        VDTModule(eval_samples_per_video=0)
+    with pytest.raises(ValueError, match="samples_per_video"):
+        EvalProtocol(samples_per_video=0)
     with pytest.raises(ValueError, match="fvd_frames"):
-        VDTModule(fvd_frames="some")
+        EvalProtocol(fvd_frames="some")
+    with pytest.raises(ValueError, match="leaves nothing to generate"):
+        EvalProtocol(given_frames=2, num_frames=2)
 
 
 def test_protocol_is_printed_with_the_results():
-    protocol = EvalProtocol(
-        task="prediction", given_frames=2, num_frames=30, samples_per_video=5, sampler="ancestral",
-        steps=200, eta=0.0, seed=0, fvd_frames="generated",
-    )
+    protocol = EvalProtocol(task="prediction", given_frames=2, num_frames=30, samples_per_video=5, seed=0,
+                            fvd_frames="generated")
     assert protocol.sample_seed(3, 0) == 3 and len({protocol.sample_seed(b, j) for b in range(4) for j in range(5)}) == 20
-    text = protocol.describe(clips=12)
-    for needle in ("prediction 2 -> 28 frames", "frames per test clip: 30", "test clips: 12", "k=5",
-                   "ancestral, 200 steps", "generated frames only", "FVD NOT computed"):
+    text = protocol.describe(SamplerConfig(name="ancestral", steps=200), clips=12)
+    for needle in ("prediction 2 -> 28 frames", "frames per clip: 30", "clips: 12", "k=5",
+                   "ancestral, 200 steps", "generated frames only", "FVD not computed"):
         assert needle in text, (needle, text)
     module = tiny_module(eval_samples_per_video=2, eval_num_frames=6, fvd_frames="all")
     results = {"psnr": 20.0, "ssim": 0.5, "psnr_best_of_k": 21.0, "ssim_best_of_k": 0.6,
                "psnr_copy_last": 18.0, "ssim_copy_last": 0.4, "clips": 4}
-    report = module.test_report(results)
-    for needle in ("prediction 2 -> 4 frames", "k=2", "best of k=2", "mean of k=2", "all frames", "0.6000", "18.00"):
+    report = module.report(results)
+    for needle in ("prediction 2 -> 4 frames", "k=2", "best of k=2", "mean of k=2", "all frames", "0.6000", "18.00",
+                   "+2.00"):
         assert needle in report, (needle, report)
 
 
@@ -113,7 +119,7 @@ def test_recipe_prints_its_config(capsys):
     assert exit_info.value.code in (0, None)
     config = capsys.readouterr().out
     for needle in ("VDT-L/2", "vdiff.models.pretrained.PretrainedAutoencoder", "weights/sd-vae-ft-mse.safetensors",
-                   "eval_samples_per_video: 5", "fvd_frames: generated", "val_given_frames: 2", "size: 128"):
+                   "samples_per_video: 5", "fvd_frames: generated", "given_frames: 2", "size: 128"):
         assert needle in config, needle
 
 
@@ -124,9 +130,9 @@ def tiny_recipe_args(tmp_path: Path, vae_path: Path) -> list[str]:
     return [
         "-c", str(RECIPE),
         *TINY_VDT,
-        "--model.init_args.val_steps", "2",
-        "--model.init_args.eval_num_frames", "6",
-        "--model.init_args.eval_samples_per_video", "2",
+        "--model.init_args.sampler.steps", "2",
+        "--model.init_args.evaluation.num_frames", "6",
+        "--model.init_args.evaluation.samples_per_video", "2",
         "--model.init_args.autoencoder.init_args.path", str(vae_path),
         "--model.init_args.autoencoder.init_args.layout", "vdiff",
         "--model.init_args.autoencoder.init_args.preset", "auto",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.lit.helpers import TINY_VDT, quiet_trainer, tiny_synthetic_data
+from tests.lit.helpers import TINY_VDT, quiet_trainer, tiny_synthetic_data, vdt_module
 from vdiff.cli import main
 from vdiff.lit.vdt import VDTModule
 
@@ -18,9 +18,7 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 def tiny_module(**overrides) -> VDTModule:
     kwargs = dict(patch_size=8, depth=2, hidden_size=32, num_heads=2, val_steps=4)
     kwargs.update(overrides)
-    module = VDTModule(**kwargs)
-    module.configure_model()
-    return module
+    return vdt_module(**kwargs)
 
 
 def moving_square_batch(batch: int = 2, frames: int = 6, size: int = 16, seed: int = 0) -> dict:
@@ -35,7 +33,7 @@ def moving_square_batch(batch: int = 2, frames: int = 6, size: int = 16, seed: i
 
 
 def test_network_is_built_in_configure_model_with_overrides():
-    module = VDTModule(patch_size=8, depth=3, hidden_size=48, num_heads=3)
+    module = vdt_module(patch_size=8, depth=3, hidden_size=48, num_heads=3, configure=False)
     assert module.net is None
     module.configure_model()
     assert len(module.net.blocks) == 3 and module.net.hidden_size == 48 and module.net.patch_size == 8
@@ -79,11 +77,11 @@ def test_rollout_extends_beyond_the_training_window():
         module.rollout(context, num_frames=8, window=2, given_frames=2)
 
 
-def test_evaluate_batch_scores_generated_frames_only():
+def test_evaluate_protocol_batch_scores_generated_frames_only():
     module = tiny_module()
     batch = moving_square_batch()
-    scores = module.evaluate_batch(batch, torch.Generator().manual_seed(0))
-    assert set(scores) == {"psnr", "ssim", "psnr_copy_last", "ssim_copy_last"}
+    scores = module.evaluate_protocol_batch(batch, 0)
+    assert set(scores) == {"psnr", "ssim", "psnr_best_of_k", "ssim_best_of_k", "psnr_copy_last", "ssim_copy_last"}
     assert all(torch.isfinite(v).all() for v in scores.values())
 
 
@@ -105,7 +103,7 @@ def test_learns_to_beat_copy_last_frame():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    scores = module.evaluate_batch(moving_square_batch(batch=16, seed=10_000), torch.Generator().manual_seed(0))
+    scores = module.evaluate_protocol_batch(moving_square_batch(batch=16, seed=10_000), 0)
     assert scores["psnr"].mean() > scores["psnr_copy_last"].mean() + 1.0, scores
 
 
@@ -132,7 +130,7 @@ def test_subclass_trains_through_vdiff_fit(tmp_path):
     args = [
         "fit", "-c", str(QUICKSTART),
         "--model.class_path", "tests.lit.test_vdt_module.L1VDTModule",
-        *TINY_VDT, "--model.init_args.learn_sigma", "false",
+        *TINY_VDT, "--model.init_args.diffusion.init_args.learn_sigma", "false",
         *tiny_synthetic_data(tmp_path / "cache"), *quiet_trainer(tmp_path / "runs"),
     ]
     main(args)

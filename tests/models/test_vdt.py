@@ -12,16 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-import vdiff.models.vdt as vdt_module
-from vdiff.models.vdt import VDT, VDT_models, load_vdt_checkpoint
+import vdiff.weights as weights_package
+from vdiff.models.vdt import VDT, VDT_CONFIGS, VDTConfig
+from vdiff.weights.vdt import load_vdt_checkpoint
 
-MANIFEST = Path(vdt_module.__file__).parent / "manifests" / "vdt_keys.json"
+MANIFEST = Path(weights_package.__file__).parent / "manifests" / "vdt_keys.json"
 
 
 def tiny(**kwargs) -> VDT:
     config = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_frames=4)
     config.update(kwargs)
-    return VDT(**config)
+    config.setdefault("learn_sigma", True)
+    return VDT(VDTConfig(**config))
 
 
 @torch.no_grad()
@@ -179,10 +181,20 @@ def test_unpatchify_uses_the_reference_channel_order():
 
 
 def test_presets():
-    assert set(VDT_models) == {"VDT-S/2", "VDT-B/2", "VDT-L/2"}
+    assert set(VDT_CONFIGS) == {"VDT-S/2", "VDT-B/2", "VDT-L/2"}
     with torch.device("meta"):
-        b = VDT_models["VDT-B/2"]()
+        b = VDT(VDTConfig.from_name("VDT-B/2", in_channels=4, learn_sigma=True))
     assert (len(b.blocks), b.hidden_size, b.num_heads, b.patch_size) == (12, 768, 12, 2)
+    assert b.config == VDT_CONFIGS["VDT-B/2"].replace(in_channels=4, learn_sigma=True)
+
+
+def test_config_from_name_rejects_unknown_names_and_fields():
+    with pytest.raises(ValueError, match="unknown size 'VDT-XL/2'"):
+        VDTConfig.from_name("VDT-XL/2")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['widht'\]"):
+        VDTConfig.from_name("VDT-S/2", widht=3)
+    with pytest.raises(ValueError, match="in_channels and learn_sigma must be set"):
+        VDT(VDTConfig.from_name("VDT-S/2"))
 
 
 #################################################################################
@@ -231,7 +243,7 @@ def test_manifest_loads_strictly(name):
     runs against the reference's formulas."""
     config, keys = _manifest(name)
     with torch.device("meta"):
-        model = VDT(**_model_kwargs(config))
+        model = VDT(VDTConfig(**_model_kwargs(config)))
         state = {k: torch.empty(shape) for k, shape in keys.items()}
     state.update(_reference_tables(config))
     assert [list(v.shape) for v in _reference_tables(config).values()] == [keys["pos_embed"], keys["time_embed"]]

@@ -1,22 +1,33 @@
-"""The base LightningModule every vdiff diffusion model shares.
+"""The base LightningModule every vdiff diffusion module shares.
 
-It owns what is not specific to a model family: the (frozen) autoencoder between pixels and
-latents, the optimizer and warm-up, and the small protocol that callbacks use:
+It owns everything that does not depend on the model family, so a family module (VDT, SVD, Vista)
+only says how its network is built, what conditions it and how a training clip is masked:
 
-* ``generate(batch, **options) -> Generated`` (each subclass) - samples videos for a batch (used
-  by ``SampleVideos``, validation and ``vdiff sample``);
-* :meth:`VideoDiffusionModule.ema_parameters` - the parameters an EMA callback tracks;
-* ``checkpoint["vdiff_module"]`` - the class path, so ``vdiff sample`` can reload any subclass,
-  ``checkpoint["vdiff_clip"]`` - the clip length and frame size trained on, and
-  ``checkpoint["vdiff_autoencoder_config"]`` - the latent autoencoder's architecture.
+* the frozen autoencoder between pixels and latents (identity in pixel space);
+* the diffusion process (``diffusion``: DDPM or EDM; their losses return the same keys) and the
+  sampler (``sampler``: dispatched to the process by :func:`vdiff.diffusion.sampling.sample`);
+* the network hook: :meth:`configure_model` builds the network (:meth:`build_network`) and then
+  calls ``configure_network(trainer, pl_module)`` on every callback that has it, before the strategy
+  wraps or shards the network and before optimizers are built (LoRA injection works there);
+* sampling (:meth:`generate`, :meth:`rollout`), and the evaluation protocol (:class:`EvalProtocol`:
+  k samples per clip, mean and best-of-k, copy-last baseline, generated frames only) with one
+  cross-rank aggregation and one printed report (:mod:`vdiff.lit.evaluation`);
+* AdamW with weight-decay groups, warm-up and optional cosine decay;
+* lean checkpoints: a frozen autoencoder loaded from a weights file is recorded by path and sha256
+  instead of being stored, and reloaded (and checked) on load.
 
-Subclasses build their network in ``configure_model()`` (DESIGN.md §6) and implement
-``training_step``/``validation_step`` with the diffusion core.
+Subclasses implement :meth:`build_network` and, where they differ, :meth:`conditioning`,
+:meth:`training_given_mask` and :meth:`compute_loss`. The protocol callbacks rely on:
+``generate(batch, **options) -> Generated``, ``ema_parameters()`` / ``ema_named_parameters()``,
+``evaluate_protocol_batch(batch, batch_idx)``, ``evaluation``, ``sampler``, and the checkpoint
+entries ``vdiff_module`` (class path), ``vdiff_clip`` (clip length and size trained on) and
+``vdiff_autoencoder`` (the autoencoder's architecture and, when it came from a file, the file).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -27,8 +38,18 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from vdiff.data import batch as B
+from vdiff.diffusion.ddpm import GaussianDiffusion
+from vdiff.diffusion.edm import EDMDiffusion
+from vdiff.diffusion.masks import task_mask
+from vdiff.diffusion.sampling import SamplerConfig, check_sampler, default_sampler, sample
+from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, format_report
+from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
+from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
 
-AUTOENCODER_CONFIG_KEY = "vdiff_autoencoder_config"  # checkpoint entry: the VideoAutoencoder's architecture
+AUTOENCODER_KEY = "vdiff_autoencoder"  # checkpoint entry: {"config": ..., and for file-backed ones "path", "layout", "sha256"}
+AUTOENCODER_PREFIX = "autoencoder."
+CLIP_KEYS = (B.VIDEO, B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD, B.FRAME_INDICES, B.ACTIONS)  # (B, T, ...) entries
+NETWORK_HOOK = "configure_network"  # callback method the base module calls after building the network
 
 
 @dataclass
@@ -45,25 +66,38 @@ class Generated:
     target: Tensor | None = None
 
 
+def given_frames_of(given_mask: Tensor) -> Tensor:
+    """Frames that are given entirely: bool ``(B, T)`` from a mask ``(B, T, 1|C, H, W)``."""
+    return given_mask.flatten(2).all(dim=2)
+
+
 class VideoDiffusionModule(L.LightningModule):
-    """Autoencoder plumbing, optimizer, and the callback protocol shared by every diffusion module.
+    """Autoencoder, diffusion process, sampling, evaluation and optimisation shared by every family.
 
     Args:
-        autoencoder: maps video ``(B, T, 3, H, W)`` to latents and back (DESIGN.md §3). None means
-            pixel space (the identity autoencoder). It is frozen.
+        autoencoder: maps video ``(B, T, 3, H, W)`` to latents and back. None means pixel space (the
+            identity autoencoder). It is frozen.
+        diffusion: the training process, :class:`~vdiff.diffusion.ddpm.GaussianDiffusion` or
+            :class:`~vdiff.diffusion.edm.EDMDiffusion` (a recipe names it by ``class_path``).
+        sampler: the sampler used for validation, test and by default in :meth:`generate`; None = the
+            process's usual one (DDIM 50 steps for DDPM, Euler 25 for EDM).
+        evaluation: the validation/test protocol; None = :class:`EvalProtocol` defaults.
         lr: AdamW learning rate (ignored when ``optimizer`` is given).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases, embeddings).
         betas: AdamW betas.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
-        lr_decay: ``"constant"`` after warm-up, or ``"cosine"``: cosine decay to 0 at the trainer's
-            last step (``trainer.estimated_stepping_batches``, i.e. ``max_steps`` when set).
         optimizer: any optimizer class from the recipe (``class_path``/``init_args``); receives the
             parameter groups.
+        lr_decay: ``"constant"`` after warm-up, or ``"cosine"``: cosine decay to 0 at the trainer's
+            last step (``trainer.estimated_stepping_batches``, i.e. ``max_steps`` when set).
     """
 
     def __init__(
         self,
         autoencoder: nn.Module | None = None,
+        diffusion: GaussianDiffusion | EDMDiffusion | None = None,
+        sampler: SamplerConfig | None = None,
+        evaluation: EvalProtocol | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -72,19 +106,48 @@ class VideoDiffusionModule(L.LightningModule):
         lr_decay: Literal["constant", "cosine"] = "constant",
     ) -> None:
         super().__init__()
-        if autoencoder is None:
-            from vdiff.models.autoencoder import IdentityAutoencoder
-
-            autoencoder = IdentityAutoencoder()
-        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.autoencoder = (autoencoder if autoencoder is not None else IdentityAutoencoder()).eval().requires_grad_(False)
+        self.diffusion = diffusion if diffusion is not None else self.default_diffusion()
+        self.sampler = sampler if sampler is not None else default_sampler(self.diffusion)
+        check_sampler(self.diffusion, self.sampler)
+        self.evaluation = evaluation if evaluation is not None else EvalProtocol()
+        if lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
-        if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
         self.lr_decay = lr_decay
         self.optimizer_factory = optimizer
+        self.net: nn.Module | None = None
+        self.test_results: dict[str, float] = {}
+        self._test_totals = ScoreTotals()
+
+    def default_diffusion(self) -> GaussianDiffusion | EDMDiffusion:
+        """The process used when a recipe names none (override per family)."""
+        return GaussianDiffusion()
+
+    # ---------------------------------------------------------------- network and the callback hook
+
+    def build_network(self) -> nn.Module:
+        """The denoiser ``net(x, noise_level, cond, given_mask)`` (the diffusion contract)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_network()")
+
+    def configure_model(self) -> None:
+        """Build the network once, then let callbacks change it (``configure_network``) before the
+        strategy wraps or shards it and before optimizers are built."""
+        if self.net is not None:
+            return
+        self.net = self.build_network()
+        trainer = self._trainer
+        for callback in trainer.callbacks if trainer is not None else []:
+            hook = getattr(callback, NETWORK_HOOK, None)
+            if callable(hook):
+                hook(trainer, self)
+
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Conditioning tensors for the network (none by default); override to add some."""
+        return {}
 
     # ---------------------------------------------------------------- autoencoder
 
@@ -95,6 +158,10 @@ class VideoDiffusionModule(L.LightningModule):
     @property
     def latent_shift(self) -> float:
         return float(getattr(self.autoencoder, "shift_factor", 0.0))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(getattr(self.autoencoder, "latent_channels", 3))
 
     @torch.no_grad()
     def encode_video(self, video: Tensor, sample: bool = True) -> Tensor:
@@ -116,11 +183,268 @@ class VideoDiffusionModule(L.LightningModule):
             return (latents - self.latent_shift) * self.latent_scale
         return self.encode_video(batch[B.VIDEO], sample=sample)
 
+    def autoencoder_replaced(self) -> None:
+        """Called after :meth:`on_load_checkpoint` rebuilt the autoencoder: rebuild the network,
+        whose input channels follow it (its weights then come from the state dict)."""
+        if self.net is not None:
+            self.net = self.build_network().to(self.device)
+
+    # ---------------------------------------------------------------- training
+
+    def training_given_mask(self, latents: Tensor) -> Tensor | None:
+        """Bool mask ``(B, T, 1, h, w)`` (true = given, clean, left out of the loss) for a training
+        batch of latents ``(B, T, c, h, w)``, or None (everything generated). Families override."""
+        return None
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The diffusion loss of a batch: the process's :data:`~vdiff.diffusion.common.LOSS_KEYS`."""
+        x0 = self.batch_latents(batch)  # (B, T, c, h, w)
+        return self.diffusion.training_losses(self.net, x0, self.conditioning(batch), self.training_given_mask(x0))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.compute_loss(batch)
+        batch_size = len(batch[B.KEY]) if B.KEY in batch else None
+        scalars = {f"train/{k}": v.detach() for k, v in losses.items() if isinstance(v, Tensor) and v.ndim == 0}
+        self.log_dict(scalars, prog_bar=False, batch_size=batch_size)
+        self.log("loss", losses["loss"].detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return losses["loss"]
+
+    # ---------------------------------------------------------------- sampling
+
+    def task_given_mask(
+        self, task: str, num_frames: int, height: int, width: int, batch: int, given_frames: int | None = None
+    ) -> Tensor:
+        """Deterministic mask ``(B, T, 1, h, w)`` (true = given) for an evaluation task."""
+        params: dict[str, Any] = {}
+        if task in PREDICTION_TASKS:
+            params["given_frames"] = int(given_frames if given_frames is not None else self.evaluation.given_frames)
+        return task_mask(task, num_frames, height, width, batch=batch, device=self.device, **params)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        given: Tensor,
+        given_mask: Tensor,
+        cond: dict[str, Tensor] | None = None,
+        sampler: SamplerConfig | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Sample scaled latents ``(B, T, c, h, w)`` where ``given_mask`` is false; given is pasted in."""
+        noise = torch.randn(given.shape, generator=generator, device=given.device, dtype=given.dtype)
+        return sample(
+            self.diffusion, self.net, noise, cond or {}, sampler or self.sampler,
+            given=given, given_mask=given_mask, generator=generator, progress=progress,
+        )  # fmt: skip
+
+    def sampler_with(self, sampler: str | None = None, steps: int | None = None, eta: float | None = None) -> SamplerConfig:
+        """This module's sampler with the given settings replaced (None keeps a setting)."""
+        return self.sampler.replace(name=sampler, steps=steps, eta=eta)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, Any],
+        task: str | None = None,
+        given_frames: int | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Generated:
+        """Sample the task's generated part of every clip of ``batch`` (video or latent batches)."""
+        task = task or self.evaluation.task
+        x0 = self.batch_latents(batch, sample=False)  # (B, T, c, h, w)
+        b, t, _, h, w = x0.shape
+        given_mask = self.task_given_mask(task, t, h, w, b, given_frames)
+        return self.sample_video(batch, x0, given_mask, self.sampler_with(sampler, steps, eta), generator, progress)
+
+    def sample_video(
+        self,
+        batch: dict[str, Any],
+        x0: Tensor,
+        given_mask: Tensor,
+        sampler: SamplerConfig | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Generated:
+        """One sample of the clips whose clean latents are ``x0 (B, T, c, h, w)``, decoded to video."""
+        b, t = x0.shape[:2]
+        latents = self.sample_latents(x0, given_mask, self.conditioning(batch), sampler, generator, progress)
+        video = self.decode_latents(latents)
+        target = batch.get(B.VIDEO)
+        if target is not None:
+            # Given frames show the input exactly (latent round trips would blur them otherwise).
+            frames = given_frames_of(given_mask).view(b, t, 1, 1, 1)
+            video = torch.where(frames, target.to(video.dtype), video)
+        return Generated(video=video, given_frames=given_frames_of(given_mask), target=target)
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        context: Tensor,
+        num_frames: int,
+        window: int,
+        given_frames: int = 2,
+        sampler: str | None = None,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Autoregressive prediction beyond the training clip length.
+
+        context: video ``(B, Tc, 3, H, W)`` in [-1, 1] with ``Tc >= given_frames``. Each round
+        conditions a ``window``-frame clip on the last ``given_frames`` frames of the video so far and
+        appends the ``window - given_frames`` new ones, until the video has ``num_frames`` frames
+        (context included). Returns ``(B, num_frames, 3, H, W)``.
+        """
+        if not 1 <= given_frames < window:
+            raise ValueError(f"rollout: need 1 <= given_frames < window, got {given_frames} and {window}")
+        if context.shape[1] < given_frames:
+            raise ValueError(f"rollout: context has {context.shape[1]} frames, given_frames={given_frames}")
+        config = self.sampler_with(sampler, steps)
+        video = context
+        while video.shape[1] < num_frames:
+            past = self.encode_video(video[:, -given_frames:], sample=False)  # (B, k, c, h, w)
+            b, _, c, h, w = past.shape
+            given = torch.cat([past, past.new_zeros(b, window - given_frames, c, h, w)], dim=1)  # (B, W, c, h, w)
+            mask = self.task_given_mask("prediction", window, h, w, b, given_frames)
+            latents = self.sample_latents(given, mask, {}, config, generator, progress)
+            new = self.decode_latents(latents[:, given_frames:])  # (B, W-k, 3, H, W)
+            video = torch.cat([video, new], dim=1)
+        return video[:, :num_frames]
+
+    # ---------------------------------------------------------------- evaluation
+
+    def protocol_clips(self, batch: dict[str, Any], num_frames: int | None = None) -> dict[str, Any]:
+        """The batch cut to its first ``num_frames`` frames (default: the protocol's; None = unchanged)."""
+        num_frames = self.evaluation.num_frames if num_frames is None else num_frames
+        if num_frames is None:
+            return batch
+        source = B.VIDEO if B.VIDEO in batch else B.LATENTS
+        have = int(batch[source].shape[1])
+        if have < num_frames:
+            raise ValueError(
+                f"{type(self).__name__}: evaluation.num_frames={num_frames} but the clips have {have} frames; "
+                "give the data module longer evaluation clips or lower evaluation.num_frames"
+            )
+        if have == num_frames:
+            return batch
+
+        def first_frames(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == have:
+                return value[:, :num_frames]
+            if isinstance(value, dict):  # e.g. actions {name: (B, T, ...)}
+                return {k: first_frames(v) for k, v in value.items()}
+            return value
+
+        return {key: first_frames(value) if key in CLIP_KEYS else value for key, value in batch.items()}
+
+    @torch.no_grad()
+    def evaluate_samples(self, batch: dict[str, Any], seeds: list[int]) -> dict[str, Tensor]:
+        """Score one sample per seed of every clip on the protocol task's generated frames.
+
+        Returns ``psnr``/``ssim`` of shape ``(B, k)`` (k = len(seeds), column j from ``seeds[j]``)
+        and the copy-last-given-frame baseline ``psnr_copy_last``/``ssim_copy_last`` of shape ``(B,)``.
+        The clips are encoded once; each sample draws its noise from its own generator.
+        """
+        if not seeds:
+            raise ValueError("evaluate_samples: need at least one seed")
+        target = batch.get(B.VIDEO)
+        if target is None:
+            raise KeyError(f"{type(self).__name__} evaluation needs 'video' in the batch to score samples against")
+        x0 = self.batch_latents(batch, sample=False)  # (B, T, c, h, w)
+        b, t, _, h, w = x0.shape
+        given_mask = self.task_given_mask(self.evaluation.task, t, h, w, b)
+        given = given_frames_of(given_mask)  # (B, T)
+        frames = ~given  # generated frames only
+        psnr, ssim = [], []
+        for seed in seeds:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+            video = self.sample_video(batch, x0, given_mask, generator=generator).video
+            psnr.append(masked_frame_mean(frame_psnr(video, target), frames))
+            ssim.append(masked_frame_mean(frame_ssim(video, target), frames))
+        baseline = copy_last_given_frame(target, given)
+        return {
+            "psnr": torch.stack(psnr, dim=1),  # (B, k)
+            "ssim": torch.stack(ssim, dim=1),  # (B, k)
+            "psnr_copy_last": masked_frame_mean(frame_psnr(baseline, target), frames),
+            "ssim_copy_last": masked_frame_mean(frame_ssim(baseline, target), frames),
+        }
+
+    def evaluate_protocol_batch(
+        self, batch: dict[str, Any], batch_idx: int, samples_per_video: int | None = None
+    ) -> dict[str, Tensor]:
+        """The protocol on one batch: per-clip ``(B,)`` tensors ``psnr``, ``ssim`` (mean over the k
+        samples), ``psnr_best_of_k``, ``ssim_best_of_k`` and the copy-last baselines.
+        ``samples_per_video`` overrides k (validation draws 1)."""
+        protocol = self.evaluation
+        k = protocol.samples_per_video if samples_per_video is None else samples_per_video
+        seeds = [protocol.sample_seed(batch_idx, j) for j in range(k)]
+        scores = self.evaluate_samples(self.protocol_clips(batch), seeds)
+        psnr, ssim = scores.pop("psnr"), scores.pop("ssim")
+        return {
+            "psnr": psnr.mean(dim=1),
+            "psnr_best_of_k": psnr.max(dim=1).values,
+            "ssim": ssim.mean(dim=1),
+            "ssim_best_of_k": ssim.max(dim=1).values,
+            **scores,
+        }
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One deterministic sample per clip (sample 0 of the protocol) scored beside copy-last, and the loss."""
+        scores = self.evaluate_protocol_batch(batch, batch_idx, samples_per_video=1)
+        batch_size = int(scores["psnr"].numel())
+        for name in ("psnr", "ssim", "psnr_copy_last", "ssim_copy_last"):
+            self.log(f"val/{name}", scores[name].mean(), batch_size=batch_size, sync_dist=True, prog_bar=name == "psnr")
+        with torch.no_grad():
+            loss = self.compute_loss(self.protocol_clips(batch))["loss"]
+        self.log("val/loss", loss, batch_size=batch_size, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._test_totals, self.test_results = ScoreTotals(), {}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        scores = self.evaluate_protocol_batch(batch, batch_idx)
+        batch_size = int(scores["psnr"].numel())
+        for name, values in scores.items():
+            self.log(f"test/{name}", values.mean(), batch_size=batch_size, sync_dist=True)
+        self._test_totals.add(scores)
+        with torch.no_grad():
+            loss = self.compute_loss(self.protocol_clips(batch))["loss"]
+        self.log("test/loss", loss, batch_size=batch_size, sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        """Average the per-clip scores over all ranks and print them with the protocol (rank 0)."""
+        reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if self.trainer.world_size > 1 else None
+        self.test_results = self._test_totals.means(reduce, self.device)
+        if self.trainer.is_global_zero:
+            print(self.report(self.test_results, checkpoint=getattr(self.trainer, "ckpt_path", None)))
+
+    def report(self, results: dict[str, float], checkpoint: str | None = None, title: str | None = None,
+               notes: str | None = None) -> str:
+        """``results`` (as :attr:`test_results`) under this module's protocol and sampler."""
+        title = title or f"{type(self).__name__} test results"
+        return format_report(title, results, self.evaluation, self.sampler, checkpoint, notes)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Generated:
+        generator = torch.Generator(device=self.device).manual_seed(self.evaluation.sample_seed(batch_idx, 0))
+        return self.generate(batch, generator=generator)
+
     # ---------------------------------------------------------------- callback protocol
 
+    def ema_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` an EMA callback tracks: every trainable parameter outside the autoencoder."""
+        for name, param in self.named_parameters():
+            if param.requires_grad and not name.startswith(AUTOENCODER_PREFIX):
+                yield name, param
+
     def ema_parameters(self) -> list[nn.Parameter]:
-        """Parameters an EMA callback tracks: every trainable parameter outside the autoencoder."""
-        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("autoencoder.")]
+        """The parameters of :meth:`ema_named_parameters`."""
+        return [p for _, p in self.ema_named_parameters()]
+
+    # ---------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
@@ -129,27 +453,33 @@ class VideoDiffusionModule(L.LightningModule):
         spec = getattr(getattr(self._trainer, "datamodule", None), "spec", None) if self._trainer else None
         if spec is not None:
             checkpoint["vdiff_clip"] = {"num_frames": int(spec.num_frames), "size": [int(v) for v in spec.out_hw]}
-        # The autoencoder is not a hyperparameter (recipes inject it), but its weights are in the state
-        # dict: record its architecture so load_from_checkpoint can rebuild it without the weights file.
-        from vdiff.models.autoencoder import VideoAutoencoder
-
         if isinstance(self.autoencoder, VideoAutoencoder):
-            checkpoint[AUTOENCODER_CONFIG_KEY] = self.autoencoder.config.to_dict()
+            from vdiff.lit.autoencoder_source import describe_autoencoder
+
+            entry = describe_autoencoder(self.autoencoder)
+            checkpoint[AUTOENCODER_KEY] = entry
+            if "sha256" in entry:  # file-backed: reloaded from the file, not stored (SD-VAE: 335 MB)
+                state = checkpoint["state_dict"]
+                for key in [k for k in state if k.startswith(AUTOENCODER_PREFIX)]:
+                    del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild a latent autoencoder recorded in the checkpoint when this module was constructed
-        without one (``load_from_checkpoint``), then let subclasses resize what depends on it."""
-        from vdiff.models.autoencoder import AutoencoderConfig, IdentityAutoencoder, VideoAutoencoder
+        """Restore the autoencoder recorded in the checkpoint: rebuild it when this module was
+        constructed without one (``load_from_checkpoint``), check that a file-backed one is the same
+        file, and put its weights back into the state dict (lean checkpoints do not store them)."""
+        from vdiff.lit.autoencoder_source import restore_autoencoder
 
-        stored = checkpoint.get(AUTOENCODER_CONFIG_KEY)
-        if stored is None or not isinstance(self.autoencoder, IdentityAutoencoder):
+        entry = checkpoint.get(AUTOENCODER_KEY)
+        if entry is None:
             return
-        config = AutoencoderConfig.from_dict(stored)
-        self.autoencoder = VideoAutoencoder(config).to(self.device).eval().requires_grad_(False)
-        self.autoencoder_replaced()
-
-    def autoencoder_replaced(self) -> None:
-        """Called after :meth:`on_load_checkpoint` rebuilt the autoencoder; rebuild what it sizes."""
+        rebuilt = restore_autoencoder(entry, current=self.autoencoder)
+        if rebuilt is not None:
+            self.autoencoder = rebuilt.to(self.device).eval().requires_grad_(False)
+            self.autoencoder_replaced()
+        if "sha256" in entry:
+            state = checkpoint["state_dict"]
+            for key, value in self.autoencoder.state_dict().items():
+                state.setdefault(AUTOENCODER_PREFIX + key, value)
 
     # ---------------------------------------------------------------- optimisation
 

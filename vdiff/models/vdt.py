@@ -1,7 +1,7 @@
 """VDT: a video diffusion transformer (Lu et al., ICLR 2024), as a plain nn.Module.
 
 Architecture and parameter names follow RERV/VDT ``models.py`` (a fork of facebookresearch/DiT), so
-its checkpoints load strictly (see ``manifests/vdt_keys.json`` and :func:`load_vdt_checkpoint`).
+its checkpoints load strictly (the reader is :func:`vdiff.weights.vdt.load_vdt_checkpoint`).
 Each block runs temporal attention over the frames of every spatial token (plain LayerNorm, attention,
 a linear projection, residual), then spatial attention within each frame (adaLN-Zero), then an MLP
 (adaLN-Zero). One timestep per video conditions every block.
@@ -23,10 +23,10 @@ Differences from the reference, none of which changes what its weights compute:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from timm.layers import Mlp
@@ -49,6 +49,79 @@ from vdiff.nn.modulation import adaln_modulation, gated_residual, modulate
 PositionKind = Literal["sincos", "rope", "sincos+rope"]
 POSITION_KINDS: tuple[str, ...] = ("sincos", "rope", "sincos+rope")
 CLASS_LABEL_KEY = "class_label"  # cond key of the optional class label, long (B,)
+
+
+#################################################################################
+#                                   Config                                      #
+#################################################################################
+
+
+@dataclass
+class VDTConfig:
+    """Everything that decides a VDT's architecture; named sizes are in :data:`VDT_CONFIGS`.
+
+    The defaults are VDT-S/2's. ``in_channels`` and ``learn_sigma`` may be left None when the network
+    is built by a LightningModule: it fills them in from the autoencoder (latent channels) and the
+    diffusion process (learned variance doubles the output channels).
+
+    patch_size, hidden_size, depth, num_heads, mlp_ratio: as in DiT.
+    in_channels: channels of the input latents (3 in pixel space).
+    learn_sigma: output ``2 * in_channels`` (the prediction and the learned-range variance value).
+    num_classes: build a class-label embedder (the reference always has one; its released Physion
+        checkpoint uses ``num_classes=1`` and was sampled with label 0); None for none.
+    class_dropout_prob: training-time label dropout to the null class (index ``num_classes``).
+    input_size, num_frames: sizes of the stored ``pos_embed`` / ``time_embed`` buffers (checkpoint
+        compatibility only; ``forward`` takes any ``T`` and any ``H, W`` divisible by ``patch_size``).
+    temporal_pos, spatial_pos: ``"sincos"`` (reference), ``"rope"`` or ``"sincos+rope"``.
+    rope_theta: RoPE base.
+    qk_norm: None (reference), ``"rms"`` or ``"layer"`` per-head norm on queries and keys.
+    gradient_checkpointing: recompute each block in backward instead of storing its activations.
+    """
+
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    in_channels: int | None = None
+    learn_sigma: bool | None = None
+    num_classes: int | None = None
+    class_dropout_prob: float = 0.1
+    input_size: int = 32
+    num_frames: int = 16
+    temporal_pos: PositionKind = "sincos"
+    spatial_pos: PositionKind = "sincos"
+    rope_theta: float = 10000.0
+    qk_norm: QKNorm | None = None
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> VDTConfig:
+        """The named size (a key of :data:`VDT_CONFIGS`) with ``overrides`` applied to its fields."""
+        if name not in VDT_CONFIGS:
+            raise ValueError(f"VDTConfig: unknown size {name!r}; choose from {sorted(VDT_CONFIGS)}")
+        return VDT_CONFIGS[name].replace(**overrides)
+
+    def replace(self, **overrides: Any) -> VDTConfig:
+        """A copy with ``overrides`` applied; an unknown field is an error naming it."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"VDTConfig: unknown field(s) {unknown}; fields are {sorted(fields)}")
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def out_channels(self) -> int:
+        self._check_complete()
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def _check_complete(self) -> None:
+        if self.in_channels is None or self.learn_sigma is None:
+            raise ValueError(
+                "VDTConfig: in_channels and learn_sigma must be set to build a VDT (a LightningModule fills them in "
+                f"from its autoencoder and diffusion process); got in_channels={self.in_channels}, "
+                f"learn_sigma={self.learn_sigma}"
+            )
 
 
 #################################################################################
@@ -111,73 +184,52 @@ class FinalLayer(nn.Module):
 class VDT(nn.Module):
     """Video diffusion transformer with temporal + spatial attention blocks and adaLN-Zero conditioning.
 
-    Args:
-        input_size: latent side length whose ``(input_size / patch_size)**2`` token grid the stored
-            ``pos_embed`` buffer covers (checkpoint compatibility only; ``forward`` takes any ``H, W``
-            divisible by ``patch_size``).
-        patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio: as in DiT.
-        num_classes: build a class-label embedder (the reference always has one; its released
-            Physion checkpoint uses ``num_classes=1`` and was sampled with label 0); ``None`` for none.
-        class_dropout_prob: training-time label dropout to the null class (index ``num_classes``).
-        learn_sigma: output ``2 * in_channels`` (epsilon and the variance interpolation ``v``).
-        num_frames: length of the stored ``time_embed`` buffer (checkpoint compatibility only;
-            ``forward`` takes any ``T``).
-        temporal_pos, spatial_pos: ``"sincos"`` (reference), ``"rope"`` or ``"sincos+rope"``.
-        rope_theta: RoPE base.
-        qk_norm: ``None`` (reference), ``"rms"`` or ``"layer"`` per-head norm on queries and keys.
-        gradient_checkpointing: recompute each block in backward instead of storing its activations.
+    Built from a complete :class:`VDTConfig` (``VDT(VDTConfig.from_name("VDT-L/2", in_channels=4,
+    learn_sigma=True))``); the config is kept as ``self.config``.
     """
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int | None = None,
-        class_dropout_prob: float = 0.1,
-        learn_sigma: bool = True,
-        num_frames: int = 16,
-        temporal_pos: PositionKind = "sincos",
-        spatial_pos: PositionKind = "sincos",
-        rope_theta: float = 10000.0,
-        qk_norm: QKNorm | None = None,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, config: VDTConfig) -> None:
         super().__init__()
-        for name, kind in (("temporal_pos", temporal_pos), ("spatial_pos", spatial_pos)):
+        config._check_complete()
+        for name, kind in (("temporal_pos", config.temporal_pos), ("spatial_pos", config.spatial_pos)):
             if kind not in POSITION_KINDS:
                 raise ValueError(f"VDT: {name} must be one of {POSITION_KINDS}, got {kind!r}")
+        hidden_size, num_heads, patch_size = config.hidden_size, config.num_heads, config.patch_size
+        if hidden_size % num_heads:
+            raise ValueError(f"VDT: hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         head_dim = hidden_size // num_heads
-        if "rope" in temporal_pos and head_dim % 2:
+        if "rope" in config.temporal_pos and head_dim % 2:
             raise ValueError(f"VDT: temporal RoPE needs an even head dim, got {head_dim}")
-        if "rope" in spatial_pos and head_dim % 4:
+        if "rope" in config.spatial_pos and head_dim % 4:
             raise ValueError(f"VDT: spatial (2D) RoPE needs a head dim divisible by 4, got {head_dim}")
         if hidden_size % 4:
             raise ValueError(f"VDT: hidden_size must be a multiple of 4 for the 2D sin-cos table, got {hidden_size}")
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
+        if config.input_size % patch_size:
+            raise ValueError(f"VDT: input_size {config.input_size} must be a multiple of patch_size {patch_size}")
+        self.config = config
+        self.in_channels = int(config.in_channels)
+        self.out_channels = config.out_channels
+        self.learn_sigma = bool(config.learn_sigma)
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
-        self.temporal_pos = temporal_pos
-        self.spatial_pos = spatial_pos
-        self.rope_theta = rope_theta
-        self.gradient_checkpointing = gradient_checkpointing
+        self.temporal_pos = config.temporal_pos
+        self.spatial_pos = config.spatial_pos
+        self.rope_theta = config.rope_theta
+        self.gradient_checkpointing = config.gradient_checkpointing
+        in_channels, num_classes, mlp_ratio = self.in_channels, config.num_classes, config.mlp_ratio
 
         self.x_embedder = PatchEmbed2d(in_channels, hidden_size, patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes is not None else None
+        self.y_embedder = (
+            LabelEmbedder(num_classes, hidden_size, config.class_dropout_prob) if num_classes is not None else None
+        )
         # Reference-sized fixed tables, stored for checkpoint compatibility only (see the module docstring).
-        if input_size % patch_size:
-            raise ValueError(f"VDT: input_size {input_size} must be a multiple of patch_size {patch_size}")
-        self.register_buffer("pos_embed", torch.zeros(1, (input_size // patch_size) ** 2, hidden_size))
-        self.register_buffer("time_embed", torch.zeros(1, num_frames, hidden_size))
-        self.blocks = nn.ModuleList([VDTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
+        self.register_buffer("pos_embed", torch.zeros(1, (config.input_size // patch_size) ** 2, hidden_size))
+        self.register_buffer("time_embed", torch.zeros(1, config.num_frames, hidden_size))
+        self.blocks = nn.ModuleList(
+            [VDTBlock(hidden_size, num_heads, mlp_ratio, config.qk_norm) for _ in range(config.depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._position_cache: dict[tuple, tuple] = {}
         self._register_load_state_dict_pre_hook(self._check_fixed_tables)
@@ -316,80 +368,14 @@ class VDT(nn.Module):
 
 
 #################################################################################
-#                              Checkpoint loading                               #
-#################################################################################
-
-
-def read_vdt_state_dict(path: str | Path, prefer: Literal["ema", "model"] = "ema") -> dict[str, Tensor]:
-    """Read a VDT state dict from ``.safetensors`` or a torch ``.pt/.pth`` file. Training checkpoints of
-    the reference (DiT's ``{"model", "ema", "opt", "args"}``) give their ``prefer`` entry (or the other
-    one when it is absent); a ``module.`` prefix (DDP) is removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VDT checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: object = load_file(str(path))
-    else:
-        # DiT-style checkpoints pickle their argparse.Namespace; allow exactly that class, nothing else.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict or a dict holding one, got {type(obj).__name__}")
-    other = "model" if prefer == "ema" else "ema"
-    for key in (prefer, other, "state_dict"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not state:
-        raise ValueError(f"{path}: no tensors found (top-level keys: {sorted(obj)[:10]})")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def load_vdt_checkpoint(model: VDT, path: str | Path, prefer: Literal["ema", "model"] = "ema") -> VDT:
-    """Load a RERV/VDT (or vdiff) checkpoint into ``model`` strictly. Raises ValueError naming every
-    missing and unexpected key and every shape mismatch. A model on the meta device gets the tensors
-    assigned (``assign=True``). Returns ``model``."""
-    state = read_vdt_state_dict(path, prefer)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-
-        def listing(items: list[str]) -> str:
-            return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-
-        problems = [f"{label} ({len(items)}): {listing(items)}" for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
-        raise ValueError(
-            f"{path}: checkpoint does not fit this VDT; "
-            + "; ".join(problems)
-            + ". Build the model with the checkpoint's config (the released Physion checkpoint: VDT_L_2(input_size=16, num_classes=1))."
-        )
-    assign = any(t.is_meta for t in expected.values())
-    model.load_state_dict(state, strict=True, assign=assign)
-    return model
-
-
-#################################################################################
 #                                 VDT Configs                                   #
 #################################################################################
 
-
-def VDT_L_2(**kwargs) -> VDT:
-    return VDT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
-
-
-def VDT_B_2(**kwargs) -> VDT:  # vdiff's size between S and L; not in the VDT paper or code
-    return VDT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def VDT_S_2(**kwargs) -> VDT:
-    return VDT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-VDT_models = {"VDT-L/2": VDT_L_2, "VDT-B/2": VDT_B_2, "VDT-S/2": VDT_S_2}
+# Named sizes as data. S/2 and L/2 are the paper's; B/2 is vdiff's size between them (not in the VDT
+# paper or code). VDT's released Physion checkpoint: VDTConfig.from_name("VDT-L/2", input_size=16,
+# num_classes=1, in_channels=4, learn_sigma=True).
+VDT_CONFIGS: dict[str, VDTConfig] = {
+    "VDT-S/2": VDTConfig(patch_size=2, hidden_size=384, depth=12, num_heads=6),
+    "VDT-B/2": VDTConfig(patch_size=2, hidden_size=768, depth=12, num_heads=12),
+    "VDT-L/2": VDTConfig(patch_size=2, hidden_size=1152, depth=28, num_heads=16),
+}
