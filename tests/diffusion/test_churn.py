@@ -84,7 +84,9 @@ def run_vdiff(name: str, noise: torch.Tensor, seed: int | None = None, **kwargs)
         return gaussian_denoiser(x, sigma.view(-1, 1, 1, 1, 1).to(x.dtype))
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    out = sampler(denoise, None, noise, {}, sigmas=torch.tensor(GRID, dtype=torch.float64), generator=generator, **kwargs)
+    out = sampler(
+        denoise, None, noise, {}, sigmas=torch.tensor(GRID, dtype=torch.float64), generator=generator, **kwargs
+    )
     return out, calls
 
 

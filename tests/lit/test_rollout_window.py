@@ -12,16 +12,11 @@ import math
 import pytest
 import torch
 
+from tests.lit.helpers import vdt_module
+
 
 def make_module():
-    """The one place that builds a VDTModule. TODO: its constructor is being reworked (a ``net:``
-    config group instead of flat arguments); once that lands, keep only the first branch."""
-    try:
-        from tests.lit.helpers import vdt_module  # the factory of the reworked constructor
-    except ImportError:
-        from tests.lit.test_vdt_module import tiny_module  # flat constructor arguments
-
-        return tiny_module()
+    """The one place that builds a VDTModule (a tiny one; the network is never called here)."""
     return vdt_module(patch_size=8, depth=2, hidden_size=32, num_heads=2)
 
 
@@ -77,7 +72,9 @@ def stubbed(monkeypatch):
     ("context_frames", "given_frames", "window", "num_frames"),
     [(3, 2, 5, 13), (2, 2, 6, 14), (4, 1, 3, 9), (3, 3, 4, 5)],
 )
-def test_each_round_conditions_on_the_last_frames_produced_so_far(stubbed, context_frames, given_frames, window, num_frames):
+def test_each_round_conditions_on_the_last_frames_produced_so_far(
+    stubbed, context_frames, given_frames, window, num_frames
+):
     module, recorder = stubbed
     batch = 2
     context = labelled(1000.0 * torch.arange(batch).view(batch, 1) - torch.arange(1, context_frames + 1).view(1, -1))
@@ -98,7 +95,11 @@ def test_each_round_conditions_on_the_last_frames_produced_so_far(stubbed, conte
             f"round {r} was given {record['given'][0].tolist()}, the last {given_frames} frames so far are "
             f"{produced[0, -given_frames:].tolist()}"
         )
-        new = 1000.0 * torch.arange(batch).view(batch, 1) + 10.0 * (r + 1) + torch.arange(given_frames, window).view(1, -1)
+        new = (
+            1000.0 * torch.arange(batch).view(batch, 1)
+            + 10.0 * (r + 1)
+            + torch.arange(given_frames, window).view(1, -1)
+        )
         produced = torch.cat([produced, new], dim=1)
     assert torch.equal(labels_of(out), produced[:, :num_frames])  # rounds appended in order, cut to length
 

@@ -15,12 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vdiff.models.vdt import CLASS_LABEL_KEY, VDT
-
-try:  # the checkpoint reader and the config object are moving (vdiff.weights, VDTConfig)
-    from vdiff.weights.vdt import load_vdt_checkpoint
-except ImportError:
-    from vdiff.models.vdt import load_vdt_checkpoint
+from vdiff.models.vdt import CLASS_LABEL_KEY, VDT, VDTConfig
+from vdiff.weights.vdt import load_vdt_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vdt_tiny_golden.safetensors"
 REFERENCE_COMMIT = "cdbad2b1613a3ccc7121bf949bd8940f67e1ab2b"
@@ -37,10 +33,6 @@ def read_fixture() -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tenso
 
 def vdiff_model(config: dict) -> VDT:
     """vdiff's VDT with the reference's sizes (``config`` holds the reference constructor's arguments)."""
-    try:
-        from vdiff.models.vdt import VDTConfig
-    except ImportError:  # flat constructor arguments
-        return VDT(**config).eval()
     return VDT(VDTConfig(**config)).eval()
 
 
