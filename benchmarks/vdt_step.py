@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vdiff.models.vdt import VDT
+from vdiff.models.vdt import VDT, VDT_CONFIGS, VDTConfig
 
 CAPTION_CHANNELS = 32  # Latte requires a caption projection; its input is a single tiny token here
 
@@ -46,16 +46,18 @@ class Workload:
 
 
 def build_ours(args: argparse.Namespace, work: Workload) -> VDT:
-    return VDT(
+    config = VDTConfig(
         input_size=work.size,
         patch_size=args.patch,
         in_channels=work.channels,
+        learn_sigma=True,
         hidden_size=args.hidden,
         depth=args.depth,
         num_heads=args.heads,
         num_frames=work.frames,
         gradient_checkpointing=args.checkpointing,
     )
+    return VDT(config)
 
 
 def build_latte(args: argparse.Namespace, work: Workload, heads: int, layers: int, head_dim: int) -> nn.Module:
@@ -231,10 +233,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    presets = {"tiny": (64, 2, 2), "small": (192, 6, 3), "VDT-S/2": (384, 12, 6), "VDT-B/2": (768, 12, 12), "VDT-L/2": (1152, 28, 16)}
+    # The named sizes are vdiff's own (VDT_CONFIGS); "tiny" and "small" are benchmark-only CPU sizes.
+    presets = {"tiny": VDTConfig(hidden_size=64, depth=2, num_heads=2), "small": VDTConfig(hidden_size=192, depth=6, num_heads=3),
+               **VDT_CONFIGS}
     name = "tiny" if args.quick else (args.model or ("small" if device.type == "cpu" else "VDT-B/2"))
-    args.hidden, args.depth, args.heads = presets[name]
-    args.patch = 2
+    preset = presets[name]
+    args.hidden, args.depth, args.heads, args.patch = preset.hidden_size, preset.depth, preset.num_heads, preset.patch_size
     cpu_defaults = (1, 4, 8) if args.quick else (2, 8, 16)
     batch, frames, size = cpu_defaults if device.type == "cpu" or args.quick else (4, 16, 32)
     work = Workload(args.batch or batch, args.frames or frames, args.channels, args.size or size)

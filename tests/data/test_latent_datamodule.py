@@ -15,13 +15,13 @@ from vdiff.data.shards import ShardWriter, dump_json
 from vdiff.data.transforms import normalize_video
 from vdiff.data.video_io import decode_all, encode_video
 from vdiff.encode import ShardEncoder, autoencoder_info, encode_shards
-from vdiff.models.autoencoder import VideoAutoencoder, tiny_vae_config
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 
 
 @pytest.fixture(scope="module")
 def tiny_ae() -> VideoAutoencoder:
     torch.manual_seed(0)
-    return VideoAutoencoder(tiny_vae_config()).eval()
+    return VideoAutoencoder(AutoencoderConfig.from_name("tiny")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,16 @@ def test_a_diffusion_module_trains_on_latent_batches_without_encoding(latent_set
     loss = module.compute_loss(batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss) and module.net.x_embedder.proj.weight.grad is not None
+
+
+def test_a_diffusion_module_validates_on_latent_batches(latent_set, tiny_ae):
+    """Latent batches carry no video: evaluation scores samples against the decoded posterior mean."""
+    from tests.lit.helpers import vdt_module
+
+    module = vdt_module(depth=1, hidden_size=32, num_heads=2, autoencoder=tiny_ae, learn_sigma=False, num_timesteps=10,
+                        val_steps=2)
+    dm = LatentDataModule(val=str(latent_set), num_frames=4, val_batch_size=2, num_workers=0)
+    batch = next(iter(dm.val_dataloader()))
+    assert "video" not in batch
+    scores = module.evaluate_protocol_batch(batch, 0)
+    assert scores["psnr"].shape == (2,) and all(torch.isfinite(v).all() for v in scores.values())

@@ -15,8 +15,9 @@ from vdiff.data.synthetic_datamodule import SyntheticDrivingDataModule
 from vdiff.diffusion.sampling import SamplerConfig
 from vdiff.lit.evaluation import EvalProtocol
 from vdiff.metrics.frames import frame_psnr, masked_frame_mean
-from vdiff.models.autoencoder import VideoAutoencoder, tiny_vae_config
-from vdiff.models.pretrained import PretrainedAutoencoder
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from vdiff.weights.autoencoder import save_autoencoder
+from vdiff.weights.pretrained import PretrainedAutoencoder
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "vdt_cityscapes.yaml"
 FRAMES = 8
@@ -99,8 +100,8 @@ def test_protocol_is_printed_with_the_results():
 
 
 def test_pretrained_autoencoder_loads_a_local_file_and_names_a_missing_one(tmp_path, monkeypatch):
-    reference = VideoAutoencoder(tiny_vae_config())
-    reference.save_pretrained(tmp_path / "vae.safetensors")
+    reference = VideoAutoencoder(AutoencoderConfig.from_name("tiny"))
+    save_autoencoder(reference, tmp_path / "vae.safetensors")
     loaded = PretrainedAutoencoder(str(tmp_path / "vae.safetensors"), layout="vdiff", scale_factor=0.5)
     assert isinstance(loaded, VideoAutoencoder)
     assert (loaded.scale_factor, loaded.latent_channels, loaded.spatial_downsample) == (0.5, 4, 2)
@@ -118,7 +119,7 @@ def test_recipe_prints_its_config(capsys):
         main(["fit", "-c", str(RECIPE), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = capsys.readouterr().out
-    for needle in ("VDT-L/2", "vdiff.models.pretrained.PretrainedAutoencoder", "weights/sd-vae-ft-mse.safetensors",
+    for needle in ("VDT-L/2", "vdiff.weights.pretrained.PretrainedAutoencoder", "weights/sd-vae-ft-mse.safetensors",
                    "samples_per_video: 5", "fvd_frames: generated", "given_frames: 2", "size: 128"):
         assert needle in config, needle
 
@@ -135,7 +136,7 @@ def tiny_recipe_args(tmp_path: Path, vae_path: Path) -> list[str]:
         "--model.init_args.evaluation.samples_per_video", "2",
         "--model.init_args.autoencoder.init_args.path", str(vae_path),
         "--model.init_args.autoencoder.init_args.layout", "vdiff",
-        "--model.init_args.autoencoder.init_args.preset", "auto",
+        "--model.init_args.autoencoder.init_args.config", "tiny",
         "--data.class_path", "vdiff.data.synthetic_datamodule.SyntheticDrivingDataModule",
         *tiny_synthetic_data(cache, frames=FRAMES),
         "--data.init_args.eval_num_frames", str(FRAMES),
@@ -150,27 +151,27 @@ def tiny_recipe_args(tmp_path: Path, vae_path: Path) -> list[str]:
 def test_recipe_trains_two_steps_then_tests_with_the_protocol(tmp_path, capsys):
     vae_path = tmp_path / "weights" / "tiny-vae.safetensors"
     vae_path.parent.mkdir()
-    VideoAutoencoder(tiny_vae_config()).save_pretrained(vae_path)
+    save_autoencoder(VideoAutoencoder(AutoencoderConfig.from_name("tiny")), vae_path)
     args = tiny_recipe_args(tmp_path, vae_path)
     main(["fit", *args])
     checkpoints = list((tmp_path / "runs").rglob("last.ckpt"))
     assert len(checkpoints) == 1
     checkpoint = torch.load(checkpoints[0], weights_only=False)
     assert checkpoint["global_step"] == 2
-    assert any(k.startswith("autoencoder.encoder.") for k in checkpoint["state_dict"])
-    # The checkpoint is self-contained: it reloads (as `vdiff sample` does) even without the weights file.
-    vae_path.rename(tmp_path / "moved.safetensors")
+    # Lean: the frozen autoencoder is recorded (file + sha256), not stored; it reloads from that file.
+    assert not any(k.startswith("autoencoder.") for k in checkpoint["state_dict"])
+    assert checkpoint["vdiff_autoencoder"]["path"] == str(vae_path.resolve())
     module = load_module(str(checkpoints[0]), use_ema=False)
     assert type(module.autoencoder) is VideoAutoencoder and module.net.in_channels == 4
-    for name, value in module.state_dict().items():
-        assert torch.equal(value, checkpoint["state_dict"][name]), name
-    (tmp_path / "moved.safetensors").rename(vae_path)
+    for name, value in checkpoint["state_dict"].items():
+        assert torch.equal(value, module.state_dict()[name]), name
     capsys.readouterr()
 
     main(["test", *args, "--ckpt_path", str(checkpoints[0])])
     out = capsys.readouterr().out
-    for needle in ("VDT test results (4 clips)", f"checkpoint: {checkpoints[0]}", "prediction 2 -> 4 frames", "frames per test clip: 6",
-                   "k=2", "ancestral, 2 steps", "best of k=2", "copy last given frame", "FVD NOT computed"):
+    for needle in ("VDTModule test results (4 clips)", f"checkpoint: {checkpoints[0]}", "prediction 2 -> 4 frames",
+                   "frames per clip: 6", "k=2", "ancestral, 2 steps", "best of k=2", "copy last given frame",
+                   "FVD not computed"):
         assert needle in out, (needle, out)
     rows = {line[:28].strip(): line[28:].split() for line in out.splitlines() if "of k=2" in line[:28]}
     mean_psnr, mean_ssim = map(float, rows["samples, mean of k=2"])

@@ -28,7 +28,8 @@ def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bo
         raise KeyError(f"{path}: no 'vdiff_module' entry; was it written by a vdiff LightningModule?")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    module = cls.load_from_checkpoint(path, map_location=map_location)
+    # weights_only=False: a module built in Python (not by the CLI) keeps config objects in its hparams.
+    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
     if use_ema:
         load_ema_weights(module, checkpoint)
     return module.eval()

@@ -43,11 +43,13 @@ def restore_autoencoder(entry: dict[str, Any], current: nn.Module) -> VideoAutoe
     config = AutoencoderConfig.from_dict(entry["config"])
     sha256 = entry.get("sha256")
     if not isinstance(current, IdentityAutoencoder):
-        if sha256 and getattr(current, "weights_sha256", None) not in (None, sha256):
+        current_sha = getattr(current, "weights_sha256", None)
+        if sha256 and current_sha != sha256:
+            have = (f"the weights file {getattr(current, 'weights_path', '?')} (sha256 {current_sha[:12]}...)"
+                    if current_sha else f"an autoencoder without a weights file ({type(current).__name__})")
             raise ValueError(
-                f"the autoencoder weights file {getattr(current, 'weights_path', '?')} (sha256 "
-                f"{current.weights_sha256[:12]}...) is not the one this checkpoint was trained with "
-                f"({entry['path']}, sha256 {sha256[:12]}...); use that file"
+                f"this module was given {have}, which is not the autoencoder this checkpoint was trained with "
+                f"({entry['path']}, sha256 {sha256[:12]}...): the checkpoint does not store its weights; use that file"
             )
         return None
     if not sha256:
@@ -55,12 +57,7 @@ def restore_autoencoder(entry: dict[str, Any], current: nn.Module) -> VideoAutoe
     from vdiff.weights.autoencoder import AutoencoderConfigError, read_autoencoder
     from vdiff.weights.safetensors_io import file_sha256
 
-    path = entry["path"]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"this checkpoint's autoencoder weights are not stored in it but read from {path}, which does not "
-            "exist; put that file back (same sha256) or pass the autoencoder explicitly"
-        )
+    path = _find_weights(entry)
     actual = file_sha256(path)
     if actual != sha256:
         raise ValueError(
@@ -75,3 +72,26 @@ def restore_autoencoder(entry: dict[str, Any], current: nn.Module) -> VideoAutoe
     autoencoder = VideoAutoencoder(config)  # the recorded architecture and scaling, the file's weights
     autoencoder.load_state_dict(weights.state_dict, strict=True)
     return autoencoder
+
+
+def _find_weights(entry: dict[str, Any]) -> str:
+    """The recorded weights file, or the file of the same name under ``$VDIFF_WEIGHTS`` (a checkpoint
+    moved to another machine); the sha256 check that follows makes sure it is the same file."""
+    from vdiff.weights.safetensors_io import WEIGHTS_ENV
+
+    path = entry["path"]
+    if os.path.isfile(path):
+        return path
+    tried = [path]
+    root = os.environ.get(WEIGHTS_ENV)
+    for name in filter(None, (entry.get("given_path"), os.path.basename(path))):
+        if root and not os.path.isabs(name):
+            candidate = os.path.join(os.path.expanduser(root), name)
+            if os.path.isfile(candidate):
+                return candidate
+            tried.append(candidate)
+    raise FileNotFoundError(
+        f"this checkpoint's autoencoder weights are not stored in it but read from {path}, which does not exist "
+        f"(tried: {', '.join(tried)}; ${WEIGHTS_ENV} {'is ' + root if root else 'is not set'}); put that file back "
+        "(same sha256) or set $VDIFF_WEIGHTS to the folder holding it"
+    )

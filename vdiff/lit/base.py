@@ -347,14 +347,16 @@ class VideoDiffusionModule(L.LightningModule):
 
         Returns ``psnr``/``ssim`` of shape ``(B, k)`` (k = len(seeds), column j from ``seeds[j]``)
         and the copy-last-given-frame baseline ``psnr_copy_last``/``ssim_copy_last`` of shape ``(B,)``.
-        The clips are encoded once; each sample draws its noise from its own generator.
+        The clips are encoded once; each sample draws its noise from its own generator. Batches of
+        latent shards (no ``video``) are scored against their decoded posterior mean.
         """
         if not seeds:
             raise ValueError("evaluate_samples: need at least one seed")
-        target = batch.get(B.VIDEO)
-        if target is None:
-            raise KeyError(f"{type(self).__name__} evaluation needs 'video' in the batch to score samples against")
         x0 = self.batch_latents(batch, sample=False)  # (B, T, c, h, w)
+        target = batch.get(B.VIDEO)
+        if target is None:  # latent shards: score against the decoded posterior mean
+            target = self.decode_latents(x0)
+            batch = {**batch, B.VIDEO: target}
         b, t, _, h, w = x0.shape
         given_mask = self.task_given_mask(self.evaluation.task, t, h, w, b)
         given = given_frames_of(given_mask)  # (B, T)

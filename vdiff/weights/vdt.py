@@ -16,15 +16,14 @@ import torch
 from torch import Tensor
 
 from vdiff.models.vdt import VDT
+from vdiff.weights.safetensors_io import resolve_weights_path
 
 
 def read_vdt_state_dict(path: str | Path, prefer: Literal["ema", "model"] = "ema") -> dict[str, Tensor]:
     """Read a VDT state dict from ``.safetensors`` or a torch ``.pt/.pth`` file. Training checkpoints of
     the reference (DiT's ``{"model", "ema", "opt", "args"}``) give their ``prefer`` entry (or the other
     one when it is absent); a ``module.`` prefix (DDP) is removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VDT checkpoint not found: {path}")
+    path = resolve_weights_path(path, what="VDT checkpoint")  # also looked up under $VDIFF_WEIGHTS
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
