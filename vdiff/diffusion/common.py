@@ -1,6 +1,6 @@
 """What every diffusion process in vdiff shares: the denoiser call and given-content handling.
 
-The denoiser contract (DESIGN.md §2). A network is called as::
+The denoiser contract (docs/architecture.md, "Contracts"). A network is called as::
 
     net(x, noise_level, cond, given_mask) -> output
 

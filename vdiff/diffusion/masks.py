@@ -1,6 +1,6 @@
 """Conditioning masks over (T, H, W): which elements of a clip are given and which are generated.
 
-Convention (DESIGN.md): a mask is a bool tensor ``(B, T, 1, H, W)``, **true = given** (clean
+Convention (docs/architecture.md): a mask is a bool tensor ``(B, T, 1, H, W)``, **true = given** (clean
 content the model conditions on), false = to generate. The VDT code uses the opposite convention
 (int, 1 = generate); convert at its border with ``~given_mask``.
 
