@@ -19,14 +19,15 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdiff.models.autoencoder import VideoAutoencoder, svd_vae_config, window_starts  # noqa: E402
+from vdiff.models.autoencoder import VideoAutoencoder, window_starts  # noqa: E402
+from vdiff.weights.autoencoder import config_from_diffusers  # noqa: E402
 from vdiff.weights.autoencoder_convert import from_diffusers  # noqa: E402
 
 PRESETS = {  # block_out_channels, layers_per_block, default size, default frames
@@ -113,8 +114,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
         block_out_channels=block_out_channels, layers_per_block=layers, latent_channels=4,
     )
-    cfg = svd_vae_config(ch=block_out_channels[0], ch_mult=tuple(c // block_out_channels[0] for c in block_out_channels),
-                         num_res_blocks=layers)
+    cfg = config_from_diffusers({"_class_name": type(theirs).__name__, **theirs.config}, source="diffusers config")
     ours = VideoAutoencoder(cfg)
     ours.load_state_dict(from_diffusers(theirs.state_dict(), cfg), strict=True)
     return ours.to(device, dtype).eval(), theirs.to(device, dtype).eval()

@@ -15,13 +15,14 @@ from vdiff.data.schema import FIRST_FRAME_EXT, LATENTS_EXT, META_EXT, Manifest, 
 from vdiff.data.shards import expand_shard_spec, iter_raw_samples
 from vdiff.data.video_io import decode_frames
 from vdiff.encode import ShardEncoder, autoencoder_info, encode_shards
-from vdiff.models.autoencoder import VideoAutoencoder, tiny_vae_config
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from vdiff.weights.autoencoder import save_autoencoder
 
 
 @pytest.fixture(scope="module")
 def tiny_ae() -> VideoAutoencoder:
     torch.manual_seed(0)
-    return VideoAutoencoder(tiny_vae_config()).eval()
+    return VideoAutoencoder(AutoencoderConfig.from_name("tiny")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +118,25 @@ def test_encode_resume_skips_finished_shards_and_refuses_other_settings(tiny_ae,
 def test_vdiff_encode_cli_prints_throughput(tiny_ae, videos, tmp_path, capsys):
     src, _ = videos
     weights = tmp_path / "tiny.safetensors"
-    tiny_ae.save_pretrained(weights)
+    save_autoencoder(tiny_ae, weights)
     code = vdiff_main(["encode", "--input", str(src), "--out", str(tmp_path / "lat"), "--weights", str(weights),
                        "--clip-frames", "12", "--batch-size", "2", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "clips/s" in printed and "frames/s" in printed and "encoded 2 shard(s)" in printed
     assert Manifest.load(tmp_path / "lat").num_samples == 6
+    # The same autoencoder as a diffusers folder (layout detected) encodes the same latents.
+    save_autoencoder(tiny_ae, tmp_path / "tiny_diffusers", layout="diffusers")
+    assert vdiff_main(["encode", "--input", str(src), "--out", str(tmp_path / "lat2"), "--weights",
+                       str(tmp_path / "tiny_diffusers"), "--clip-frames", "12", "--batch-size", "2", "--device", "cpu"]) == 0
+    from safetensors.torch import load
+
+    def latents(folder):
+        return {k: load(f[LATENTS_EXT])["mean"] for shard in expand_shard_spec(str(folder))
+                for k, f in iter_raw_samples(shard)}
+
+    first, second = latents(tmp_path / "lat"), latents(tmp_path / "lat2")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         vdiff_main(["encode", "--input", str(src), "--out", str(tmp_path / "x"), "--weights",
                     str(tmp_path / "missing.safetensors")])

@@ -11,7 +11,7 @@ a hidden partial folder and moved in when complete; ``OUT/manifest.json`` lists 
 refused (one latent set, one autoencoder). Throughput (clips/s, frames/s) is printed per shard and in total.
 
     vdiff encode --input data/train --out latents/train --ckpt runs/vae/last.ckpt --size 256
-    vdiff encode --input data/train --out latents/train --weights svd_vae.safetensors --layout diffusers --clip-frames 14
+    vdiff encode --input data/train --out latents/train --weights stable-video-diffusion-img2vid/vae --clip-frames 14
 """
 
 from __future__ import annotations
@@ -350,20 +350,19 @@ def encode_shards(
 
 
 def load_autoencoder(
-    ckpt: str | None, weights: str | None, layout: str = "vdiff", use_ema: bool = True
+    ckpt: str | None, weights: str | None, layout: str = "auto", use_ema: bool = True
 ) -> tuple[nn.Module, str]:
-    """The autoencoder from an AutoencoderModule checkpoint or a local weights file, and its path."""
+    """The autoencoder from an AutoencoderModule checkpoint or local weights (a file or a diffusers folder,
+    read by :func:`vdiff.weights.autoencoder.load_autoencoder`), and the path given."""
     if (ckpt is None) == (weights is None):
         raise ValueError("vdiff encode: give exactly one of --ckpt (AutoencoderModule checkpoint) or --weights")
     if ckpt is not None:
         from vdiff.lit.autoencoder import load_autoencoder_from_checkpoint
 
         return load_autoencoder_from_checkpoint(ckpt, use_ema=use_ema), str(ckpt)
-    from vdiff.models.autoencoder import VideoAutoencoder
-    from vdiff.weights.safetensors_io import resolve_weights_path
+    from vdiff.weights.autoencoder import load_autoencoder as load_weights
 
-    path = resolve_weights_path(weights, what="autoencoder weights")
-    return VideoAutoencoder.from_pretrained(path, layout=layout), str(weights)
+    return load_weights(weights, layout=layout).eval(), str(weights)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -372,8 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder of the latent shard set")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="an AutoencoderModule checkpoint (vdiff fit -c recipes/vae_kl.yaml)")
-    source.add_argument("--weights", help="a local autoencoder weights file (.safetensors/.pt/.ckpt)")
-    parser.add_argument("--layout", default="vdiff", choices=("vdiff", "diffusers", "sgm"), help="key layout of --weights")
+    source.add_argument("--weights", help="local autoencoder weights: a diffusers model folder (config.json + "
+                        "weights; recommended for diffusers models) or a file (.safetensors/.pt/.ckpt)")
+    parser.add_argument("--layout", default="auto", choices=("auto", "vdiff", "diffusers", "sgm"),
+                        help="key layout of --weights (default: detected)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights of --ckpt even if it holds EMA weights")
     parser.add_argument("--clip-frames", type=int, default=None,
                         help="frames per latent sample (default: each whole video is one sample)")

@@ -17,7 +17,8 @@ from vdiff.data.synthetic import render_drive
 from vdiff.lit.autoencoder import AutoencoderModule, load_autoencoder_from_checkpoint, patch_error_map
 from vdiff.lit.base import Generated
 from vdiff.metrics.frames import frame_psnr
-from vdiff.models.autoencoder import VideoAutoencoder, tiny_svd_vae_config, tiny_vae_config
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from vdiff.weights.autoencoder import load_autoencoder, save_autoencoder
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -58,7 +59,7 @@ def mode_psnr(module: AutoencoderModule, video: torch.Tensor) -> float:
 def test_training_lowers_the_reconstruction_error():
     torch.manual_seed(0)
     video = synthetic_clip(4, 32)
-    module = AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0, lr=2e-3, betas=(0.9, 0.99))
+    module = AutoencoderModule(net=AutoencoderConfig.from_name("tiny"), lpips_weight=0.0, lr=2e-3, betas=(0.9, 0.99))
     module.configure_model()
     before = mode_psnr(module, video)
     fit(module, video, batches=12)
@@ -71,7 +72,7 @@ def test_overfitting_one_clip_reaches_30_db():
     # The seed's own verification: a tiny autoencoder learns one 8-frame 32x32 synthetic clip to >= 30 dB.
     torch.manual_seed(0)
     video = synthetic_clip(8, 32)
-    module = AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0, lr=2e-3, betas=(0.9, 0.99))
+    module = AutoencoderModule(net="tiny", lpips_weight=0.0, lr=2e-3, betas=(0.9, 0.99))
     fit(module, video, batches=400)
     assert mode_psnr(module, video) >= 30.0
 
@@ -79,7 +80,7 @@ def test_overfitting_one_clip_reaches_30_db():
 def test_gan_path_steps_both_optimizers_from_disc_start():
     torch.manual_seed(0)
     video = synthetic_clip(2, 32)
-    module = AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0, disc_weight=0.5, disc_start=1,
+    module = AutoencoderModule(net="tiny", lpips_weight=0.0, disc_weight=0.5, disc_start=1,
                                disc_channels=8, disc_layers=2, lr=1e-3, grad_clip_val=1.0)
     module.configure_model()
     disc_before = [p.detach().clone() for p in module.discriminator.parameters()]
@@ -98,13 +99,13 @@ def test_gan_path_steps_both_optimizers_from_disc_start():
 
 
 def test_kl_warmup_is_linear():
-    module = AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0, kl_weight=1e-6, kl_warmup_steps=100)
+    module = AutoencoderModule(net="tiny", lpips_weight=0.0, kl_weight=1e-6, kl_warmup_steps=100)
     assert [module.kl_weight_at(s) for s in (0, 25, 100, 500)] == pytest.approx([0.0, 2.5e-7, 1e-6, 1e-6])
 
 
 def test_validation_outputs_generate_and_error_map(tmp_path):
     torch.manual_seed(0)
-    module = AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0, error_patch=8)
+    module = AutoencoderModule(net="tiny", lpips_weight=0.0, error_patch=8)
     module.configure_model()
     video = torch.rand(2, 3, 3, 32, 32) * 2 - 1
     generated = module.generate({"video": video}, generator=torch.Generator().manual_seed(0))
@@ -115,7 +116,7 @@ def test_validation_outputs_generate_and_error_map(tmp_path):
         assert scores[name].shape == (2,) and torch.isfinite(scores[name]).all()
     assert {"loss/rec", "loss/nll", "loss/kl"} <= set(scores)
     panel = module.error_panel(scores["recon"], video)
-    assert panel.shape == (3, 2 * 32, 3 * 32) and 0 <= panel.min() and panel.max() <= 1
+    assert panel.shape == (3, 2 * 32, 3 * 32) and panel.min() >= 0 and panel.max() <= 1
     # The error map is per patch: an error confined to one 8x8 patch lights exactly that patch.
     target = torch.zeros(1, 2, 3, 32, 32)
     pred = target.clone()
@@ -126,7 +127,7 @@ def test_validation_outputs_generate_and_error_map(tmp_path):
 
 def test_freeze_encoder_trains_the_decoder_only():
     torch.manual_seed(0)
-    module = AutoencoderModule(config=tiny_svd_vae_config(), freeze_encoder=True, lpips_weight=0.0, lr=1e-3)
+    module = AutoencoderModule(net="tiny-svd", freeze_encoder=True, lpips_weight=0.0, lr=1e-3)
     module.configure_model()
     encoder = {k: v.clone() for k, v in module.autoencoder.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     decoder = module.autoencoder.decoder.time_conv_out.weight.detach().clone()
@@ -161,16 +162,21 @@ def test_vae_kl_recipe_prints_config_and_trains_two_batches(tmp_path, monkeypatc
         vdiff_main(["fit", "-c", str(RECIPES / "vae_kl.yaml"), "--print_config"])
     assert done.value.code in (0, None)
     assert "vdiff.lit.autoencoder.AutoencoderModule" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # net: a preset name instead of the fields
+        vdiff_main(["fit", "-c", str(RECIPES / "vae_kl.yaml"), "--model.init_args.net", "tiny-svd", "--print_config"])
+    assert "net: tiny-svd" in capsys.readouterr().out
     vdiff_main([
         "fit", "-c", str(RECIPES / "vae_kl.yaml"), *TINY_TRAINER, *TINY_DATA, *TINY_GAN,
         "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--model.init_args.config.ch", "32", "--model.init_args.config.ch_mult", "[1, 2]",
-        "--model.init_args.config.num_res_blocks", "1",
+        "--model.init_args.net.ch", "32", "--model.init_args.net.ch_mult", "[1, 2]",
+        "--model.init_args.net.num_res_blocks", "1", "--model.init_args.net.norm_num_groups", "16",
     ])
     (run,) = (tmp_path / "runs" / "vae_kl").iterdir()
     ckpt = run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 4 and int(checkpoint["state_dict"]["batches_trained"]) == 2
+    net = checkpoint["hyper_parameters"]["net"]
+    assert isinstance(net, AutoencoderConfig) and (net.ch, net.ch_mult, net.norm_num_groups) == (32, (1, 2), 16)
     assert any(k.startswith("discriminator.") for k in checkpoint["state_dict"])
     assert list((run / "error_maps").glob("*.png")) and list((run / "samples").glob("*.mp4"))
     # The checkpoint alone rebuilds the autoencoder; `vdiff encode --ckpt` uses exactly that.
@@ -179,34 +185,42 @@ def test_vae_kl_recipe_prints_config_and_trains_two_batches(tmp_path, monkeypatc
     assert all(torch.equal(autoencoder.state_dict()[k], v) for k, v in weights.items())
 
 
-def test_svd_recipe_missing_weights_fail_before_training(tmp_path, monkeypatch):
+def test_svd_recipe_missing_weights_fail_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path / "weights"))
-    # jsonargparse re-raises the module's FileNotFoundError as a ValueError that keeps its message.
-    with pytest.raises((FileNotFoundError, ValueError),
-                       match="stable-video-diffusion-img2vid/vae/diffusion_pytorch_model.safetensors"):
-        vdiff_main(["fit", "-c", str(RECIPES / "svd_temporal_decoder.yaml"), *TINY_DATA,
-                    "--data.init_args.cache_dir", str(tmp_path / "cache")])
+    args = ["fit", "-c", str(RECIPES / "svd_temporal_decoder.yaml"), *TINY_DATA,
+            "--data.init_args.cache_dir", str(tmp_path / "cache")]
+    # The module's FileNotFoundError reaches the caller (jsonargparse may re-raise it as a ValueError that keeps
+    # its message), or `vdiff` prints it and exits with status 2.
+    try:
+        code = vdiff_main(args)
+    except (FileNotFoundError, ValueError) as error:
+        message = str(error)
+    else:
+        assert code == 2
+        message = capsys.readouterr().err
+    assert "stable-video-diffusion-img2vid/vae" in message and "VDIFF_WEIGHTS" in message
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
 def test_svd_recipe_fine_tunes_the_temporal_decoder_with_a_frozen_encoder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    weights = tmp_path / "weights" / "tiny_svd.safetensors"
-    weights.parent.mkdir()
+    # A diffusers folder (config.json + weights), as the recipe expects, under $VDIFF_WEIGHTS.
+    weights = tmp_path / "weights" / "tiny_svd"
     torch.manual_seed(0)
-    VideoAutoencoder(tiny_svd_vae_config()).save_pretrained(weights)
+    save_autoencoder(VideoAutoencoder(AutoencoderConfig.from_name("tiny-svd", num_res_blocks=2)), weights,
+                     layout="diffusers")
     monkeypatch.setenv("VDIFF_WEIGHTS", str(weights.parent))
     vdiff_main([
         "fit", "-c", str(RECIPES / "svd_temporal_decoder.yaml"), *TINY_TRAINER, *TINY_DATA, *TINY_GAN,
         "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--model.init_args.pretrained", "tiny_svd.safetensors", "--model.init_args.pretrained_layout", "vdiff",
-        "--model.init_args.lr", "1e-3",
+        "--model.init_args.pretrained", "tiny_svd", "--model.init_args.lr", "1e-3",
     ])
     (run,) = (tmp_path / "runs" / "svd_temporal_decoder").iterdir()
-    shutil.move(str(weights), tmp_path / "moved.safetensors")  # the checkpoint must not need the file
+    shutil.move(str(weights), tmp_path / "moved")  # the checkpoint must not need the weights
     trained = load_autoencoder_from_checkpoint(run / "checkpoints" / "last.ckpt", use_ema=False)
-    start = VideoAutoencoder.from_pretrained(tmp_path / "moved.safetensors")
+    start = load_autoencoder(tmp_path / "moved")
+    assert trained.config == start.config
     before, after = start.state_dict(), trained.state_dict()
     frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)

@@ -1,4 +1,6 @@
-"""KL video autoencoder: contract, chunked / tiled decoding, posterior, norms, identity, weight files."""
+"""KL video autoencoder: presets, contract, chunked / tiled decoding, posterior, norms, identity.
+
+Weight files (reading, writing, diffusers / sgm layouts) are tested in ``tests/weights/``."""
 
 from __future__ import annotations
 
@@ -6,15 +8,14 @@ import pytest
 import torch
 
 from vdiff.models.autoencoder import (
+    AUTOENCODER_CONFIGS,
     AutoencoderConfig,
     DiagonalGaussian,
     IdentityAutoencoder,
     VideoAutoencoder,
-    tiny_svd_vae_config,
-    tiny_vae_config,
     window_starts,
 )
-from vdiff.nn.norms import ChannelLayerNorm, ChannelRMSNorm, make_norm
+from vdiff.nn.norms import ChannelLayerNorm, ChannelRMSNorm, NormSpec, make_norm
 
 
 @pytest.fixture(autouse=True)
@@ -57,12 +58,68 @@ def seam_jump(video: torch.Tensor, full: torch.Tensor) -> float:
     return (extra.max() / d_full.abs().mean()).item()
 
 
+# ----------------------------------------------------------------------------- presets
+
+
+# Parameter counts measured on the meta device. sd and svd equal diffusers' AutoencoderKL (SD 2.1 /
+# sd-vae-ft-mse sizes) and AutoencoderKLTemporalDecoder (SVD sizes) built the same way (checked once by
+# hand; the diffusers parity tests in tests/weights/ check every tensor).
+PRESET_PARAMETERS = {"sd": 83_653_863, "svd": 97_742_847, "tiny": 658_375, "tiny-svd": 770_903}
+
+
+@pytest.mark.parametrize("name", sorted(AUTOENCODER_CONFIGS))
+def test_every_preset_builds_on_meta_with_its_recorded_parameter_count(name):
+    assert name in PRESET_PARAMETERS, f"record the parameter count of the new preset {name!r}"
+    with torch.device("meta"):
+        model = VideoAutoencoder(AutoencoderConfig.from_name(name))
+    assert sum(p.numel() for p in model.parameters()) == PRESET_PARAMETERS[name]
+    assert not list(model.buffers())
+    assert model.config == AUTOENCODER_CONFIGS[name] and model.config is not AUTOENCODER_CONFIGS[name]
+
+
+def test_presets_are_the_documented_architectures():
+    sd, svd = AUTOENCODER_CONFIGS["sd"], AUTOENCODER_CONFIGS["svd"]
+    assert (sd.ch, sd.ch_mult, sd.num_res_blocks, sd.z_channels, sd.norm_num_groups) == (128, (1, 2, 4, 4), 2, 4, 32)
+    assert (sd.decoder, sd.scale_factor, sd.shift_factor, sd.use_post_quant_conv) == ("2d", 0.18215, 0.0, True)
+    assert (svd.decoder, svd.use_quant_conv, svd.use_post_quant_conv) == ("temporal", True, False)
+    assert {k: v for k, v in svd.to_dict().items() if k not in ("decoder", "use_post_quant_conv")} == {
+        k: v for k, v in sd.to_dict().items() if k not in ("decoder", "use_post_quant_conv")
+    }
+    tiny_svd = AUTOENCODER_CONFIGS["tiny-svd"]
+    assert (tiny_svd.ch, tiny_svd.ch_mult, tiny_svd.num_res_blocks, tiny_svd.decoder) == (32, (1, 2), 1, "temporal")
+
+
+def test_from_name_copies_and_overrides_and_names_what_is_wrong():
+    config = AutoencoderConfig.from_name("svd", z_channels=8, ch_mult=[1, 2])
+    assert (config.z_channels, config.ch_mult, config.decoder) == (8, (1, 2), "temporal")
+    assert AUTOENCODER_CONFIGS["svd"].z_channels == 4  # the table is untouched
+    with pytest.raises(ValueError, match=r"unknown name 'sdxl'.*\['sd', 'svd', 'tiny', 'tiny-svd'\]"):
+        AutoencoderConfig.from_name("sdxl")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['channels'\]"):
+        AutoencoderConfig.from_name("tiny", channels=64)
+    with pytest.raises(ValueError, match="unknown fields"):
+        AutoencoderConfig.from_dict({"ch": 32, "channels": 3})
+
+
+def test_norm_num_groups_sets_every_group_norm_and_is_checked():
+    model = VideoAutoencoder(AutoencoderConfig.from_name("tiny-svd", norm_num_groups=16))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) > 20 and {m.num_groups for m in norms} == {16}
+    assert {m.num_groups for m in VideoAutoencoder(AutoencoderConfig.from_name("tiny")).modules()
+            if isinstance(m, torch.nn.GroupNorm)} == {32}
+    with pytest.raises(ValueError, match=r"norm_num_groups=24 does not divide the channel counts \[32, 64\]"):
+        AutoencoderConfig.from_name("tiny", norm_num_groups=24)
+    AutoencoderConfig.from_name("tiny", norm="rms", norm_num_groups=24)  # groups only matter for GroupNorm
+    assert make_norm(NormSpec("group", 8), 16).num_groups == 8
+    assert isinstance(make_norm(NormSpec("rms", 8), 12), ChannelRMSNorm)
+
+
 # ----------------------------------------------------------------------------- contract
 
 
 def test_encode_decode_contract_shapes_and_attributes():
     torch.manual_seed(0)
-    model = VideoAutoencoder(tiny_vae_config()).eval()
+    model = VideoAutoencoder(AutoencoderConfig.from_name("tiny")).eval()
     assert (model.latent_channels, model.spatial_downsample, model.temporal_downsample) == (4, 2, 1)
     assert model.scale_factor == pytest.approx(0.18215) and model.shift_factor == 0.0
     video = torch.rand(2, 3, 3, 16, 16) * 2 - 1
@@ -96,7 +153,7 @@ def test_window_starts_cover_with_requested_overlap():
 
 def test_chunked_decode_with_overlap_equals_full_decode_exactly_for_2d_decoder():
     torch.manual_seed(0)
-    model = VideoAutoencoder(tiny_vae_config()).eval()
+    model = VideoAutoencoder(AutoencoderConfig.from_name("tiny")).eval()
     z = torch.randn(2, 7, 4, 8, 8)
     with torch.no_grad():
         full = model.decode(z)
@@ -110,7 +167,7 @@ def test_temporal_decoder_chunking_tolerance_and_overlap_lowers_seams():
     Stated tolerance (tiny random model): mean abs difference over all frames below 5% of the mean output
     magnitude; overlap must lower the worst-case error and at least halve the seam jump (see seam_jump)."""
     torch.manual_seed(0)
-    model = randomize_temporal(VideoAutoencoder(tiny_svd_vae_config()).eval())
+    model = randomize_temporal(VideoAutoencoder(AutoencoderConfig.from_name("tiny-svd")).eval())
     z = smooth_latents(batch=2, frames=12)
     with torch.no_grad():
         full = model.decode(z)
@@ -130,8 +187,8 @@ def test_temporal_decoder_chunking_tolerance_and_overlap_lowers_seams():
 def test_fresh_temporal_decoder_decodes_like_the_2d_decoder():
     """initialize_weights: temporal ResBlocks and time_conv_out start as the identity."""
     torch.manual_seed(0)
-    image = VideoAutoencoder(tiny_vae_config(use_post_quant_conv=False)).eval()
-    video = VideoAutoencoder(tiny_svd_vae_config()).eval()
+    image = VideoAutoencoder(AutoencoderConfig.from_name("tiny", use_post_quant_conv=False)).eval()
+    video = VideoAutoencoder(AutoencoderConfig.from_name("tiny-svd")).eval()
     mapped = {}
     for key in video.state_dict():
         if ".temporal." in key or "mix_factor" in key or "time_conv_out" in key:
@@ -147,13 +204,13 @@ def test_fresh_temporal_decoder_decodes_like_the_2d_decoder():
 # ----------------------------------------------------------------------------- spatial tiling
 
 
-@pytest.mark.parametrize("config", [tiny_vae_config(), tiny_svd_vae_config()], ids=["2d", "temporal"])
-def test_spatial_tiling_against_full_decode(config):
+@pytest.mark.parametrize("name", ["tiny", "tiny-svd"], ids=["2d", "temporal"])
+def test_spatial_tiling_against_full_decode(name):
     """Exact when one tile covers the frame. Otherwise approximate: GroupNorm statistics and mid attention
     are per-frame global and convs near a tile border see zero padding. Stated tolerance for this tiny random
     model: mean abs error below 40% of the mean output magnitude, and overlap lowers mean and worst error."""
     torch.manual_seed(0)
-    model = randomize_temporal(VideoAutoencoder(config).eval())
+    model = randomize_temporal(VideoAutoencoder(AutoencoderConfig.from_name(name)).eval())
     z = torch.randn(2, 3, 4, 24, 24)
     with torch.no_grad():
         full = model.decode(z)
@@ -172,7 +229,7 @@ def test_spatial_tiling_local_decoder_overlap_shrinks_worst_error():
     """With per-pixel norms and no attention the decoder is local, so only tile borders err: wider overlap
     (the cross-fade keeps border pixels at low weight) lowers the worst error and overlap lowers the mean."""
     torch.manual_seed(0)
-    model = VideoAutoencoder(tiny_vae_config(norm="rms", mid_attention=False)).eval()
+    model = VideoAutoencoder(AutoencoderConfig.from_name("tiny", norm="rms", mid_attention=False)).eval()
     z = torch.randn(1, 2, 4, 32, 32)
     with torch.no_grad():
         full = model.decode(z)
@@ -229,7 +286,7 @@ def test_norm_layers_match_their_definitions():
 @pytest.mark.parametrize("norm", ["group", "layer", "rms"])
 def test_norm_options_train_step(norm):
     torch.manual_seed(0)
-    model = VideoAutoencoder(tiny_svd_vae_config(norm=norm))
+    model = VideoAutoencoder(AutoencoderConfig.from_name("tiny-svd", norm=norm))
     video = torch.rand(1, 3, 3, 16, 16) * 2 - 1
     recon, posterior = model(video, generator=torch.Generator().manual_seed(0))
     loss = (recon - video).abs().mean() + 1e-6 * posterior.kl().mean()
@@ -240,7 +297,7 @@ def test_norm_options_train_step(norm):
         assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
 
 
-# ----------------------------------------------------------------------------- identity, files
+# ----------------------------------------------------------------------------- identity
 
 
 def test_identity_autoencoder_round_trip():
@@ -251,29 +308,3 @@ def test_identity_autoencoder_round_trip():
     assert torch.equal(ae.decode(ae.unscale_latents(ae.scale_latents(posterior.mode())), chunk_size=2), video)
     assert (ae.scale_factor, ae.spatial_downsample, ae.temporal_downsample, ae.latent_channels) == (1.0, 1, 1, 3)
     assert torch.equal(posterior.kl(), torch.zeros(2))
-
-
-def test_from_pretrained_missing_file_names_path_and_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
-        VideoAutoencoder.from_pretrained("svd/vae.safetensors", layout="diffusers")
-    message = str(err.value)
-    assert "svd/vae.safetensors" in message and str(tmp_path) in message and "VDIFF_WEIGHTS" in message
-    monkeypatch.delenv("VDIFF_WEIGHTS")
-    with pytest.raises(FileNotFoundError, match="VDIFF_WEIGHTS is not set"):
-        VideoAutoencoder.from_pretrained(tmp_path / "nope.safetensors")
-
-
-def test_save_pretrained_round_trip_with_stored_config(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    model = randomize_temporal(VideoAutoencoder(tiny_svd_vae_config(shift_factor=0.5))).eval()
-    (tmp_path / "w").mkdir()
-    model.save_pretrained(tmp_path / "w" / "vae.safetensors")
-    monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path / "w"))
-    loaded = VideoAutoencoder.from_pretrained("vae.safetensors").eval()  # found through $VDIFF_WEIGHTS
-    assert loaded.config == model.config and loaded.shift_factor == 0.5
-    z = torch.randn(1, 3, 4, 8, 8)
-    with torch.no_grad():
-        assert torch.equal(loaded.decode(z), model.decode(z))
-    with pytest.raises(ValueError, match="unknown fields"):
-        AutoencoderConfig.from_dict({"ch": 32, "channels": 3})

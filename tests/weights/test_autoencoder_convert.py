@@ -1,4 +1,7 @@
-"""Autoencoder weight converters: diffusers parity, sgm key manifest, error reporting, weight files."""
+"""Autoencoder weight converters: diffusers parity both ways (outputs compared), sgm key manifest, error reporting.
+
+Folders and files (``load_autoencoder`` / ``save_autoencoder``) are in ``test_autoencoder_files.py``; outputs of
+the sgm converter against sgm's own code in ``test_sgm_golden.py``."""
 
 from __future__ import annotations
 
@@ -8,9 +11,9 @@ from importlib import resources
 import pytest
 import torch
 
-from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder, svd_vae_config, tiny_svd_vae_config
+from tests.weights.helpers import diffusers_kl, diffusers_temporal, perturb_
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from vdiff.weights.autoencoder_convert import ConversionError, from_diffusers, from_sgm, to_diffusers, to_sgm
-from vdiff.weights.safetensors_io import load_state_dict, save_state_dict
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -25,32 +28,36 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def diffusers_sd_vae(block_out_channels, layers_per_block):
-    n = len(block_out_channels)
-    return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=block_out_channels,
-        layers_per_block=layers_per_block, latent_channels=4, norm_num_groups=32,
-    ).eval()
+def diffusers_sd_vae(block_out_channels, layers_per_block, seed=0):
+    return diffusers_kl(diffusers, block_out_channels, layers_per_block, seed=seed)
 
 
-def diffusers_svd_vae(block_out_channels, layers_per_block=2):
-    model = diffusers.AutoencoderKLTemporalDecoder(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-        block_out_channels=block_out_channels, layers_per_block=layers_per_block, latent_channels=4,
-    ).eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # fresh temporal parts are near-trivial; make them matter
-        for name, p in model.named_parameters():
-            if "temporal_res_block" in name or "mix_factor" in name or "time_conv_out" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "mix_factor" in name else 0.05))
-    return model
+def diffusers_svd_vae(block_out_channels, layers_per_block=2, seed=0):
+    return diffusers_temporal(diffusers, block_out_channels, layers_per_block, seed=seed)
 
 
 def our_config(block_out_channels, layers_per_block, temporal):
     base = dict(ch=block_out_channels[0], ch_mult=tuple(c // block_out_channels[0] for c in block_out_channels),
                 num_res_blocks=layers_per_block)
-    return svd_vae_config(**base) if temporal else AutoencoderConfig(**base)
+    return AutoencoderConfig.from_name("svd", **base) if temporal else AutoencoderConfig(**base)
+
+
+def tiny_svd_vae_config(**overrides) -> AutoencoderConfig:
+    return AutoencoderConfig.from_name("tiny-svd", **overrides)
+
+
+def assert_same_outputs(ours: VideoAutoencoder, theirs, video: torch.Tensor) -> None:
+    """Posterior mean / log-variance and decoded frames of ``ours`` and a diffusers model agree within TOL."""
+    b, t = video.shape[:2]
+    temporal = isinstance(theirs, diffusers.AutoencoderKLTemporalDecoder)
+    with torch.no_grad():
+        post = ours.encode(video)
+        ref = theirs.encode(video.flatten(0, 1)).latent_dist
+        torch.testing.assert_close(post.mean.flatten(0, 1), ref.mean, atol=TOL, rtol=0)
+        torch.testing.assert_close(post.logvar.flatten(0, 1), ref.logvar, atol=TOL, rtol=0)
+        z = post.mode()
+        expected = theirs.decode(z.flatten(0, 1), **({"num_frames": t} if temporal else {})).sample
+        torch.testing.assert_close(ours.decode(z), expected.unflatten(0, (b, t)), atol=TOL, rtol=0)
 
 
 CONFIGS = [((32, 64), 1), ((32, 32, 64), 2)]
@@ -71,10 +78,14 @@ def test_parity_with_diffusers_autoencoder_kl(block_out_channels, layers_per_blo
         torch.testing.assert_close(post.logvar.flatten(0, 1), ref.logvar, atol=TOL, rtol=0)
         z = post.sample(torch.Generator().manual_seed(0))
         torch.testing.assert_close(ours.decode(z).flatten(0, 1), theirs.decode(z.flatten(0, 1)).sample, atol=TOL, rtol=0)
-    # Export back: the diffusers model loads our export strictly and is unchanged.
+    # Export back: a fresh diffusers model (other weights) loads our export strictly and then holds every
+    # tensor of the original, value for value.
     exported = to_diffusers(ours.state_dict(), cfg)
     assert set(exported) == set(theirs.state_dict())
-    theirs.load_state_dict(exported, strict=True)
+    fresh = diffusers_sd_vae(block_out_channels, layers_per_block, seed=5)
+    fresh.load_state_dict(exported, strict=True)
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
 
 
 @pytest.mark.parametrize("block_out_channels", [(32, 64), (32, 32, 64)])
@@ -99,6 +110,23 @@ def test_parity_with_diffusers_temporal_decoder(block_out_channels):
         assert (decoded[0] - decoded[1]).abs().max() > 0.01  # batch elements really differ
     exported = to_diffusers(ours.state_dict(), cfg)
     assert set(exported) == set(theirs.state_dict())
+    fresh = diffusers_svd_vae(block_out_channels, seed=5)
+    fresh.load_state_dict(exported, strict=True)
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["AutoencoderKL", "AutoencoderKLTemporalDecoder"])
+def test_export_of_our_own_model_computes_the_same_in_diffusers(temporal):
+    """Export alone, from OUR weights (not a diffusers round trip, where a name swap shared by import and
+    export would cancel out): diffusers, loading the export, encodes and decodes like ours. A q/k (or any
+    other) swap in the export changes its outputs and fails here."""
+    cfg = our_config((32, 64), 2 if temporal else 1, temporal)
+    torch.manual_seed(3)
+    ours = perturb_(VideoAutoencoder(cfg), seed=4).eval()
+    theirs = diffusers_svd_vae((32, 64), seed=9) if temporal else diffusers_sd_vae((32, 64), 1, seed=9)
+    theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg), strict=True)
+    assert_same_outputs(ours, theirs, torch.rand(1, 3, 3, 16, 16) * 2 - 1)
 
 
 def test_diffusers_temporal_decoder_with_one_layer_per_block_is_reported_by_name():
@@ -173,12 +201,25 @@ def test_from_sgm_maps_every_manifest_key_and_loads_strictly():
     assert torch.equal(converted["quant_conv.bias"], torch.zeros(8))
 
 
-def test_to_sgm_names_match_the_manifest():
+def test_to_sgm_names_match_the_manifest_and_round_trip_every_value():
     manifest = load_manifest()
     cfg = manifest_config(manifest)
-    exported = to_sgm(VideoAutoencoder(cfg).state_dict(), cfg)
-    shapes = {k: list(v.shape) for k, v in exported.items() if not k.endswith(("quant_conv.weight", "quant_conv.bias"))}
-    assert shapes == manifest["keys"]
+    source = fake_sgm_checkpoint(manifest)
+    model = VideoAutoencoder(cfg)
+    model.load_state_dict(from_sgm(source, cfg), strict=True)
+    exported = to_sgm(model.state_dict(), cfg)
+    # SVD's AutoencodingEngine has no quant_conv / post_quant_conv: the identity stand-ins are dropped again.
+    assert {k: list(v.shape) for k, v in exported.items()} == manifest["keys"]
+    for name, value in exported.items():
+        assert torch.equal(value, source[name]), name
+    # A quant_conv that is not the identity has no place in sgm's engine: refused by name.
+    with torch.no_grad():
+        model.quant_conv.weight.mul_(2)
+    with pytest.raises(ValueError, match="quant_conv is not the identity"):
+        to_sgm(model.state_dict(), cfg)
+    # sgm's modules hard-code 32 GroupNorm groups.
+    with pytest.raises(ValueError, match="32 GroupNorm groups; config.norm_num_groups=16"):
+        from_sgm(source, tiny_svd_vae_config(norm_num_groups=16))
 
 
 def test_from_sgm_reports_missing_and_mismatched_keys_by_name():
@@ -196,24 +237,3 @@ def test_from_sgm_reports_missing_and_mismatched_keys_by_name():
     # A config that does not fit (3 levels instead of 2) names the keys it expected.
     with pytest.raises(ConversionError, match=r"encoder\.down\.2\.block\.0\.conv1\.weight"):
         from_sgm(fake_sgm_checkpoint(manifest), tiny_svd_vae_config(ch_mult=(1, 2, 2)))
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def test_state_dict_files_and_from_pretrained_layouts(tmp_path):
-    torch.manual_seed(0)
-    theirs = diffusers_svd_vae((32, 64))
-    cfg = our_config((32, 64), 2, temporal=True)
-    save_state_dict(theirs.state_dict(), tmp_path / "diffusers_vae.safetensors")
-    ours = VideoAutoencoder.from_pretrained(tmp_path / "diffusers_vae.safetensors", layout="diffusers", config=cfg)
-    # sgm layout inside a Lightning-style {"state_dict": ...} torch checkpoint.
-    torch.save({"state_dict": to_sgm(ours.state_dict(), cfg), "global_step": 3}, tmp_path / "svd.ckpt")
-    assert set(load_state_dict(tmp_path / "svd.ckpt")) == set(to_sgm(ours.state_dict(), cfg))
-    again = VideoAutoencoder.from_pretrained(tmp_path / "svd.ckpt", layout="sgm", config=cfg)
-    for k, v in ours.state_dict().items():
-        assert torch.equal(v, again.state_dict()[k]), k
-    with pytest.raises(ValueError, match="unknown weights layout"):
-        VideoAutoencoder.from_pretrained(tmp_path / "svd.ckpt", layout="ldm")  # type: ignore[arg-type]
-    with pytest.raises(ConversionError, match="missing"):
-        VideoAutoencoder.from_pretrained(tmp_path / "svd.ckpt", layout="sgm")  # default = full-size SVD config

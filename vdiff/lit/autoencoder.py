@@ -48,8 +48,8 @@ from vdiff.models.discriminator import (
     hinge_d_loss,
     hinge_g_loss,
 )
-
-Layout = Literal["vdiff", "diffusers", "sgm"]
+from vdiff.weights.autoencoder import LoadLayout, SaveLayout, load_autoencoder, save_autoencoder
+from vdiff.weights.safetensors_io import resolve_weights_path
 
 
 def patch_error_map(pred: Tensor, target: Tensor, patch: int) -> Tensor:
@@ -76,11 +76,16 @@ class AutoencoderModule(L.LightningModule):
     Batches are video batches (:mod:`vdiff.data.batch`): ``video`` ``(B, T, 3, H, W)`` in [-1, 1].
 
     Args:
-        config: the architecture (:class:`AutoencoderConfig`; its defaults are the SD 2.1 VAE). None with
-            ``pretrained``: the config stored in / inferred from the weights file; None without: SD 2.1.
-        pretrained: LOCAL weights file to start from (a relative path is also looked up in ``$VDIFF_WEIGHTS``);
-            checked when the module is built, so a missing file fails before any training.
-        pretrained_layout: key layout of ``pretrained``: ``vdiff``, ``diffusers`` or ``sgm``.
+        net: the architecture: an :class:`AutoencoderConfig` (a mapping of its fields in a recipe; its defaults
+            are the SD 2.1 VAE) or a preset name of ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ``"tiny"``,
+            ``"tiny-svd"``). None with ``pretrained``: the config stored with the weights (a diffusers folder's
+            ``config.json``, a vdiff file's metadata), else a guess; None without: SD 2.1. On the command line
+            a field override (``--model.init_args.net.ch 64``) applies to the mapping form: after a preset name
+            it starts from the dataclass defaults (SD 2.1), not from the preset, so write every field you change.
+        pretrained: LOCAL weights to start from: a diffusers model folder or a weights file (a relative path is
+            also looked up in ``$VDIFF_WEIGHTS``); checked when the module is built, so a missing file fails
+            before any training. Read by :func:`vdiff.weights.autoencoder.load_autoencoder`.
+        pretrained_layout: key layout of ``pretrained``: ``auto`` (detected), ``vdiff``, ``diffusers`` or ``sgm``.
         freeze_encoder: train only the decoder (and post-quant conv); encoder and quant conv stay fixed.
         rec_loss: ``l1`` or ``l2`` pixel reconstruction loss.
         lpips_weight: LPIPS weight (SD: 1.0). Its backbone must be local (see :mod:`vdiff.metrics.lpips`)
@@ -105,9 +110,9 @@ class AutoencoderModule(L.LightningModule):
 
     def __init__(
         self,
-        config: AutoencoderConfig | None = None,
+        net: AutoencoderConfig | str | None = None,
         pretrained: str | None = None,
-        pretrained_layout: Layout = "vdiff",
+        pretrained_layout: LoadLayout = "auto",
         freeze_encoder: bool = False,
         rec_loss: Literal["l1", "l2"] = "l1",
         lpips_weight: float = 1.0,
@@ -134,10 +139,12 @@ class AutoencoderModule(L.LightningModule):
         val_seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(config, dict):  # YAML through LightningCLI's subclass mode can hand the dataclass as a dict
-            config = AutoencoderConfig.from_dict(config)
+        if isinstance(net, dict):  # YAML through LightningCLI's subclass mode can hand the dataclass as a dict
+            net = AutoencoderConfig.from_dict(net)
+        elif isinstance(net, str):
+            net = AutoencoderConfig.from_name(net)
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
-        self.config = config  # the dataclass (hparams may hold the dict LightningCLI parsed)
+        self.config: AutoencoderConfig | None = net  # the dataclass (hparams hold what the recipe gave)
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"AutoencoderModule: rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         for name, value in (("lpips_weight", lpips_weight), ("kl_weight", kl_weight), ("disc_weight", disc_weight)):
@@ -149,9 +156,7 @@ class AutoencoderModule(L.LightningModule):
         self.use_val_lpips = self.use_lpips_loss if val_lpips is None else bool(val_lpips)
         # Fail before any training when a local file is missing (both raise FileNotFoundError naming it).
         if pretrained is not None:
-            from vdiff.weights.safetensors_io import resolve_weights_path
-
-            resolve_weights_path(pretrained, what="pretrained autoencoder weights")
+            resolve_weights_path(pretrained, what="pretrained autoencoder weights", allow_dir=True)
         if self.use_lpips_loss or self.use_val_lpips:
             check_lpips_weights(lpips_net)
         self.optimizer_factory = optimizer
@@ -168,10 +173,10 @@ class AutoencoderModule(L.LightningModule):
     # ---------------------------------------------------------------- building
 
     def build_autoencoder(self) -> VideoAutoencoder:
-        """The network: from ``pretrained`` (a local file) or freshly initialised from ``config``."""
+        """The network: from ``pretrained`` (a local file or folder) or freshly initialised from ``net``."""
         hp = self.hparams
         if hp.pretrained is not None:
-            return VideoAutoencoder.from_pretrained(hp.pretrained, layout=hp.pretrained_layout, config=self.config)
+            return load_autoencoder(hp.pretrained, layout=hp.pretrained_layout, config=self.config)
         return VideoAutoencoder(self.config or AutoencoderConfig())
 
     def configure_model(self) -> None:
@@ -427,7 +432,7 @@ class AutoencoderModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class (for ``load_module``) and make the checkpoint self-contained: the resolved config
-        replaces ``config`` and ``pretrained`` is dropped (its weights are in the state dict), so loading
+        replaces ``net`` and ``pretrained`` is dropped (its weights are in the state dict), so loading
         needs no weights file; the original path stays in ``checkpoint["vdiff_pretrained"]``."""
         cls = type(self)
         checkpoint["vdiff_module"] = f"{cls.__module__}.{cls.__qualname__}"
@@ -437,12 +442,13 @@ class AutoencoderModule(L.LightningModule):
         hparams = checkpoint.get("hyper_parameters")
         if hparams is not None and self.autoencoder is not None:
             checkpoint["vdiff_pretrained"] = hparams.get("pretrained")
-            hparams["config"] = dataclasses.replace(self.autoencoder.config)
+            hparams["net"] = dataclasses.replace(self.autoencoder.config)
             hparams["pretrained"] = None
 
-    def save_autoencoder(self, path: str | os.PathLike) -> None:
-        """Write the autoencoder alone as safetensors (layout ``vdiff``, config in the metadata)."""
-        self.autoencoder.save_pretrained(path)
+    def save_autoencoder(self, path: str | os.PathLike, layout: SaveLayout = "vdiff") -> Path:
+        """Write the autoencoder alone (:func:`vdiff.weights.autoencoder.save_autoencoder`): a vdiff
+        ``.safetensors`` file (config in the metadata), a diffusers folder or an sgm file; returns the file."""
+        return save_autoencoder(self.autoencoder, path, layout=layout)
 
 
 def load_autoencoder_from_checkpoint(
@@ -455,7 +461,7 @@ def load_autoencoder_from_checkpoint(
         raise FileNotFoundError(f"no AutoencoderModule checkpoint at {path}")
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     hparams = checkpoint.get("hyper_parameters", {})
-    config = hparams.get("config")
+    config = hparams.get("net", hparams.get("config"))  # "config": checkpoints written before the rename
     if not isinstance(config, AutoencoderConfig):
         if isinstance(config, dict):
             config = AutoencoderConfig.from_dict(config)

@@ -20,6 +20,10 @@ Architecture (SD 2.1 VAE; SVD's VAE is the same encoder with ``TemporalDecoder``
               temporal ResBlock, blended alpha*temporal + (1-alpha)*spatial, alpha = sigmoid(mix_factor))
               and conv_out is followed by a (3,1,1) Conv3d over time.
 
+Named sizes are data: ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ``"tiny"``, ``"tiny-svd"``) and
+``AutoencoderConfig.from_name("svd", z_channels=8)``. Weight files (reading, writing, the diffusers and sgm
+layouts) live one layer up, in :mod:`vdiff.weights.autoencoder`; this module knows no file format.
+
 Decoding can run in overlapping frame chunks and overlapping spatial tiles; outputs are stitched with a
 linear cross-fade (``torch.lerp``), so where two windows agree the stitched value is bit-identical.
 """
@@ -27,19 +31,19 @@ linear cross-fade (``torch.lerp``), so where two windows agree the stitched valu
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vdiff.nn.norms import NORM_KINDS, NormKind, make_norm
+from vdiff.nn.norms import NORM_KINDS, NormKind, NormSpec, make_norm
 from vdiff.nn.resnet import Downsample, ResBlock, TemporalConv, Upsample
 
 DecoderKind = Literal["2d", "temporal"]
+Norm = NormKind | NormSpec  # what the blocks take: a kind, or a kind with its GroupNorm group count
 
 
 #################################################################################
@@ -49,7 +53,13 @@ DecoderKind = Literal["2d", "temporal"]
 
 @dataclass
 class AutoencoderConfig:
-    """Sizes and options of a KL video autoencoder (defaults: the SD 2.1 VAE)."""
+    """Sizes and options of a KL video autoencoder (defaults: the SD 2.1 VAE, ``AUTOENCODER_CONFIGS["sd"]``).
+
+    ``norm_num_groups`` is the group count of every GroupNorm (``norm="group"``); ``ch`` and every
+    ``ch * m`` (``m`` in ``ch_mult``) must be divisible by it. It cannot be read from a weights file
+    (GroupNorm's parameters do not depend on it), so a file made with another count needs its config: a
+    diffusers folder's ``config.json`` carries it.
+    """
 
     in_channels: int = 3
     out_channels: int = 3
@@ -60,6 +70,7 @@ class AutoencoderConfig:
     double_z: bool = True  # encoder predicts mean and log-variance; False = deterministic (mean only)
     mid_attention: bool = True
     norm: NormKind = "group"
+    norm_num_groups: int = 32
     decoder: DecoderKind = "2d"
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -77,17 +88,67 @@ class AutoencoderConfig:
             raise ValueError(f"AutoencoderConfig.decoder={self.decoder!r}; choose '2d' or 'temporal'")
         if self.num_res_blocks < 1:
             raise ValueError(f"AutoencoderConfig.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.norm_num_groups < 1:
+            raise ValueError(f"AutoencoderConfig.norm_num_groups must be >= 1, got {self.norm_num_groups}")
+        if self.norm == "group":
+            widths = sorted({self.ch, *(self.ch * m for m in self.ch_mult)})
+            bad = [w for w in widths if w % self.norm_num_groups]
+            if bad:
+                raise ValueError(
+                    f"AutoencoderConfig.norm_num_groups={self.norm_num_groups} does not divide the channel "
+                    f"counts {bad} (ch={self.ch}, ch_mult={list(self.ch_mult)})"
+                )
+
+    @property
+    def norm_spec(self) -> NormSpec:
+        """The norm kind with its group count, as the blocks take it."""
+        return NormSpec(self.norm, self.norm_num_groups)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderConfig":
+    def from_dict(cls, d: dict) -> AutoencoderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"AutoencoderConfig: unknown fields {unknown}")
         return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> AutoencoderConfig:
+        """A copy of the named size ``AUTOENCODER_CONFIGS[name]`` with ``overrides`` replacing fields.
+
+        Raises:
+            ValueError: ``name`` is not in ``AUTOENCODER_CONFIGS`` (the message lists the names), or an
+                override is not a field of :class:`AutoencoderConfig` (the message names it).
+        """
+        if name not in AUTOENCODER_CONFIGS:
+            raise ValueError(
+                f"AutoencoderConfig.from_name: unknown name {name!r}; choose one of {sorted(AUTOENCODER_CONFIGS)}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"AutoencoderConfig.from_name({name!r}): unknown field(s) {unknown}; the fields are {sorted(fields)}"
+            )
+        return dataclasses.replace(AUTOENCODER_CONFIGS[name], **overrides)
+
+
+_TINY: dict[str, Any] = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1}
+
+#: Named sizes (use ``AutoencoderConfig.from_name``, which copies; do not mutate these).
+#: ``sd``: SD 2.1's VAE (the architecture of ``stabilityai/sd-vae-ft-mse``): ch 128, mult 1,2,4,4, 2 res
+#: blocks, z 4, 8x downsampling, 32 groups, scale 0.18215, 2D decoder. ``svd``: Stable Video Diffusion's VAE,
+#: the SD encoder with SVD's temporal decoder and no post_quant_conv (diffusers' ``AutoencoderKLTemporalDecoder``).
+#: ``tiny`` / ``tiny-svd``: test sizes (ch 32, mult 1,2: 2x downsampling, 1 res block), 2D / temporal decoder.
+AUTOENCODER_CONFIGS: dict[str, AutoencoderConfig] = {
+    "sd": AutoencoderConfig(),
+    "svd": AutoencoderConfig(decoder="temporal", use_post_quant_conv=False),
+    "tiny": AutoencoderConfig(**_TINY),
+    "tiny-svd": AutoencoderConfig(**_TINY, decoder="temporal", use_post_quant_conv=False),
+}
 
 
 #################################################################################
@@ -110,7 +171,7 @@ class DiagonalGaussian:
             self.var = torch.exp(self.logvar)
 
     @classmethod
-    def from_moments(cls, moments: Tensor, dim: int = 2) -> "DiagonalGaussian":
+    def from_moments(cls, moments: Tensor, dim: int = 2) -> DiagonalGaussian:
         """Split ``moments`` (mean and log-variance concatenated along ``dim``) into a posterior."""
         mean, logvar = torch.chunk(moments, 2, dim=dim)
         return cls(mean, logvar)
@@ -138,7 +199,7 @@ class DiagonalGaussian:
 class SpatialSelfAttention(nn.Module):
     """Single-head self-attention over the H*W positions of each frame, with a residual (SD VAE mid block)."""
 
-    def __init__(self, channels: int, norm: NormKind = "group") -> None:
+    def __init__(self, channels: int, norm: Norm = "group") -> None:
         super().__init__()
         self.norm = make_norm(norm, channels, eps=1e-6)
         self.q = nn.Linear(channels, channels)
@@ -160,7 +221,7 @@ class SpatialSelfAttention(nn.Module):
 class VideoResBlock(nn.Module):
     """Spatial ResBlock per frame, then a (3,1,1) temporal ResBlock; output alpha*temporal + (1-alpha)*spatial."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm: NormKind = "group", dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm = "group", dropout: float = 0.0) -> None:
         super().__init__()
         self.spatial = ResBlock(in_channels, out_channels, norm=norm, eps=1e-6, dropout=dropout)
         # eps 1e-5 as SVD's time_stack (openaimodel GroupNorm default), not the spatial 1e-6.
@@ -184,7 +245,7 @@ class VideoResBlock(nn.Module):
 class MidBlock(nn.Module):
     """ResBlock -> single-head spatial attention -> ResBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, norm: NormKind, dropout: float, attention: bool, video: bool) -> None:
+    def __init__(self, channels: int, norm: Norm, dropout: float, attention: bool, video: bool) -> None:
         super().__init__()
         self.video = video
         block = VideoResBlock if video else ResBlock
@@ -201,7 +262,7 @@ class MidBlock(nn.Module):
 class DownLevel(nn.Module):
     """One encoder resolution: ResBlocks, then an optional stride-2 Downsample."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, norm: NormKind, dropout: float, downsample: bool):
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, norm: Norm, dropout: float, downsample: bool):
         super().__init__()
         self.blocks = nn.ModuleList(
             ResBlock(in_ch if i == 0 else out_ch, out_ch, norm=norm, dropout=dropout) for i in range(num_blocks)
@@ -218,7 +279,7 @@ class UpLevel(nn.Module):
     """One decoder resolution: (Video)ResBlocks, then an optional nearest x2 Upsample."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, num_blocks: int, norm: NormKind, dropout: float, upsample: bool, video: bool
+        self, in_ch: int, out_ch: int, num_blocks: int, norm: Norm, dropout: float, upsample: bool, video: bool
     ):
         super().__init__()
         self.video = video
@@ -248,13 +309,13 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList(
             DownLevel(
-                cfg.ch if i == 0 else chans[i - 1], chans[i], cfg.num_res_blocks, cfg.norm, cfg.dropout,
+                cfg.ch if i == 0 else chans[i - 1], chans[i], cfg.num_res_blocks, cfg.norm_spec, cfg.dropout,
                 downsample=i < len(chans) - 1,
             )
             for i in range(len(chans))
         )
-        self.mid = MidBlock(chans[-1], cfg.norm, cfg.dropout, attention=cfg.mid_attention, video=False)
-        self.norm_out = make_norm(cfg.norm, chans[-1], eps=1e-6)
+        self.mid = MidBlock(chans[-1], cfg.norm_spec, cfg.dropout, attention=cfg.mid_attention, video=False)
+        self.norm_out = make_norm(cfg.norm_spec, chans[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -275,15 +336,15 @@ class Decoder(nn.Module):
         chans = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # lowest resolution first
         video = self.temporal
         self.conv_in = nn.Conv2d(cfg.z_channels, chans[0], 3, padding=1)
-        self.mid = MidBlock(chans[0], cfg.norm, cfg.dropout, attention=cfg.mid_attention, video=video)
+        self.mid = MidBlock(chans[0], cfg.norm_spec, cfg.dropout, attention=cfg.mid_attention, video=video)
         self.up = nn.ModuleList(
             UpLevel(
-                chans[0] if i == 0 else chans[i - 1], chans[i], cfg.num_res_blocks + 1, cfg.norm, cfg.dropout,
+                chans[0] if i == 0 else chans[i - 1], chans[i], cfg.num_res_blocks + 1, cfg.norm_spec, cfg.dropout,
                 upsample=i < len(chans) - 1, video=video,
             )
             for i in range(len(chans))
         )
-        self.norm_out = make_norm(cfg.norm, chans[-1], eps=1e-6)
+        self.norm_out = make_norm(cfg.norm_spec, chans[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(chans[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -501,36 +562,6 @@ class VideoAutoencoder(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, T, c, h, w)
         return self.decode(z), posterior
 
-    # ---------------------------------------------------------------- weights
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        layout: Literal["vdiff", "diffusers", "sgm"] = "vdiff",
-        config: AutoencoderConfig | None = None,
-    ) -> "VideoAutoencoder":
-        """Load weights from a LOCAL file (.safetensors, .pt or .ckpt); nothing is downloaded.
-
-        layout: ``"vdiff"`` (our names, as written by :meth:`save_pretrained`), ``"diffusers"``
-        (``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder``) or ``"sgm"`` (the original SVD checkpoint,
-        ``first_stage_model.*``). A relative path is also looked up in ``$VDIFF_WEIGHTS``. ``config`` defaults
-        to the config stored in a vdiff file, else ``svd_vae_config()`` when the file has a temporal decoder
-        and ``sd_vae_config()`` otherwise. Missing keys or shape mismatches raise ``ConversionError``.
-        """
-        # Local import: vdiff.weights sits above vdiff.models in the layering and imports this module.
-        from vdiff.weights.autoencoder_convert import load_autoencoder_state_dict
-
-        state_dict, config = load_autoencoder_state_dict(path, layout=layout, config=config)
-        model = cls(config)
-        model.load_state_dict(state_dict, strict=True)
-        return model
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the weights as safetensors with the config in the file's metadata (layout ``"vdiff"``)."""
-        from vdiff.weights.safetensors_io import save_state_dict
-
-        save_state_dict(self.state_dict(), path, metadata={"vdiff_config": json.dumps(self.config.to_dict())})
-
 
 class IdentityAutoencoder(nn.Module):
     """Pixel space through the autoencoder interface: latents = video, scale 1, no downsampling."""
@@ -561,28 +592,3 @@ class IdentityAutoencoder(nn.Module):
         if latents.ndim != 5 or latents.shape[2] != self.latent_channels:
             raise ValueError(f"decode: expected (B, T, {self.latent_channels}, H, W), got {tuple(latents.shape)}")
         return latents
-
-
-#################################################################################
-#                                   Presets                                     #
-#################################################################################
-
-
-def sd_vae_config(**overrides) -> AutoencoderConfig:
-    """SD 2.1 VAE: ch 128, mult 1,2,4,4, 2 res blocks, z 4, 8x downsampling, scale 0.18215, 2D decoder."""
-    return AutoencoderConfig(**overrides)
-
-
-def svd_vae_config(**overrides) -> AutoencoderConfig:
-    """SVD VAE: the SD encoder with SVD's temporal decoder (no post_quant_conv, as diffusers' layout)."""
-    return AutoencoderConfig(**{"decoder": "temporal", "use_post_quant_conv": False, **overrides})
-
-
-def tiny_vae_config(**overrides) -> AutoencoderConfig:
-    """Test-sized SD-layout VAE: ch 32, mult 1,2 (2x downsampling), 1 res block, 2D decoder."""
-    return AutoencoderConfig(**{"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, **overrides})
-
-
-def tiny_svd_vae_config(**overrides) -> AutoencoderConfig:
-    """Test-sized SVD-layout VAE (temporal decoder)."""
-    return svd_vae_config(**{"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, **overrides})

@@ -7,10 +7,14 @@ Three choices, all usable on 2D ``(N, C, H, W)`` and 3D ``(N, C, T, H, W)`` maps
 ``"layer"``  LayerNorm over channels at each position (per pixel, per frame).
 ``"rms"``    per-pixel channel RMS norm (Wan's VAE): no mean subtraction, no cross-position statistics;
              removes the "blob" artifacts that GroupNorm's per-feature-map statistics invite.
+
+A :class:`NormSpec` carries a kind with its options (the GroupNorm group count) and is accepted wherever a
+kind is, so blocks that only forward ``norm`` to :func:`make_norm` (e.g. ``ResBlock``) honour it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,6 +23,14 @@ from torch import Tensor, nn
 
 NormKind = Literal["group", "layer", "rms"]
 NORM_KINDS: tuple[str, ...] = ("group", "layer", "rms")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A norm kind with its options: ``NormSpec("group", groups=16)`` is GroupNorm with 16 groups."""
+
+    kind: NormKind = "group"
+    groups: int = 32
 
 
 class ChannelLayerNorm(nn.Module):
@@ -50,8 +62,13 @@ class ChannelRMSNorm(nn.Module):
         return (x.float() * rms).to(x.dtype) * self.weight.view(shape)
 
 
-def make_norm(kind: NormKind, channels: int, eps: float = 1e-6, groups: int = 32) -> nn.Module:
-    """Build the normalisation ``kind`` for ``channels`` channel-first features."""
+def make_norm(kind: NormKind | NormSpec, channels: int, eps: float = 1e-6, groups: int = 32) -> nn.Module:
+    """Build the normalisation ``kind`` for ``channels`` channel-first features ``(N, C, ...)``.
+
+    ``groups`` is GroupNorm's group count; a :class:`NormSpec` ``kind`` brings its own (and overrides it).
+    """
+    if isinstance(kind, NormSpec):
+        kind, groups = kind.kind, kind.groups
     if kind == "group":
         if channels % groups != 0:
             raise ValueError(f"norm='group': channels={channels} is not divisible by groups={groups}")

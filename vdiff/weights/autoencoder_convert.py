@@ -18,23 +18,27 @@ sgm (Stability-AI/generative-models, the original SVD checkpoint, keys under ``f
     (attention q/k/v/proj_out are 1x1 convs), ``decoder.up.{L-1-i}`` (highest resolution first),
     ``*.time_stack.{in_layers.0,in_layers.2,out_layers.0,out_layers.3}``, ``*.mix_factor``,
     ``decoder.conv_out.time_mix_conv``. SVD's ``AutoencodingEngine`` has no ``quant_conv``; when a checkpoint
-    has none, an identity 1x1 conv stands in (exactly equivalent).
+    has none, an identity 1x1 conv stands in (exactly equivalent), and an export of a temporal decoder drops
+    them again (they must then be the identity: anything else has no place in sgm's engine). sgm's modules
+    hard-code 32 GroupNorm groups, as does diffusers' temporal decoder.
+
+File and folder reading / writing (diffusers ``config.json``, layout detection) is in
+:mod:`vdiff.weights.autoencoder`; this module maps names and checks shapes only.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder, sd_vae_config, svd_vae_config
-from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 
 Layout = Literal["vdiff", "diffusers", "sgm"]
+PEER_GROUPS = 32  # GroupNorm groups hard-coded by sgm's modules and diffusers' temporal decoder
 SGM_PREFIX = "first_stage_model."
 SGM_IGNORED_PREFIXES = ("loss.", "model_ema.")  # training-only state in sgm autoencoder checkpoints
 
@@ -48,14 +52,23 @@ class ConversionError(ValueError):
         missing: list[str],
         mismatched: list[str],
         unexpected: list[str],
+        hint: str = "",
     ) -> None:
-        self.missing, self.mismatched, self.unexpected = missing, mismatched, unexpected
-        parts = [f"{layout} weights do not fit the autoencoder config"]
+        self.layout, self.missing, self.mismatched, self.unexpected = layout, missing, mismatched, unexpected
+        self.hint = hint
+        parts = [f"{layout} weights do not fit the autoencoder config" + (f"; {hint}" if hint else "")]
         for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
             if names:
                 shown = "\n    ".join(names[:60]) + (f"\n    ... and {len(names) - 60} more" if len(names) > 60 else "")
                 parts.append(f"  {title} ({len(names)}):\n    {shown}")
         super().__init__("\n".join(parts))
+
+    def __reduce__(self):  # picklable (e.g. across DataLoader workers) despite the extra constructor arguments
+        return type(self), (self.layout, self.missing, self.mismatched, self.unexpected, self.hint)
+
+    def with_context(self, layout: str, hint: str = "") -> ConversionError:
+        """The same lists under a more specific heading (e.g. naming the file they came from)."""
+        return ConversionError(layout, self.missing, self.mismatched, self.unexpected, hint)
 
 
 # ----------------------------------------------------------------------------- name maps (ours -> theirs)
@@ -112,8 +125,16 @@ def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _check_group_norm(config: AutoencoderConfig, layout: str) -> None:
+    """Raise unless ``config``'s norms exist in ``layout`` (GroupNorm; 32 groups where the peer hard-codes it)."""
     if config.norm != "group":
         raise ValueError(f"{layout} autoencoders use GroupNorm; config.norm={config.norm!r} has no {layout} layout")
+    fixed = layout == "sgm" or config.decoder == "temporal"
+    if fixed and config.norm_num_groups != PEER_GROUPS:
+        where = "sgm's autoencoder modules" if layout == "sgm" else "diffusers' AutoencoderKLTemporalDecoder"
+        raise ValueError(
+            f"{where} hard-code {PEER_GROUPS} GroupNorm groups; config.norm_num_groups={config.norm_num_groups} "
+            f"has no {layout} layout"
+        )
 
 
 def _import(
@@ -168,6 +189,11 @@ def _export(state_dict: dict[str, Tensor], config: AutoencoderConfig, name_of: C
 # ----------------------------------------------------------------------------- public converters
 
 
+def from_vdiff(state_dict: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
+    """Check a state dict in our own names against ``config`` (names and shapes; raises ConversionError)."""
+    return _import(state_dict, config, lambda k: k, "vdiff")
+
+
 def from_diffusers(state_dict: dict[str, Tensor], config: AutoencoderConfig) -> dict[str, Tensor]:
     """diffusers ``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder`` state dict -> our state dict."""
     _check_group_norm(config, "diffusers")
@@ -214,41 +240,30 @@ def from_sgm(
     return _import(src, config, lambda k: sgm_key(k, levels), "sgm", fills)
 
 
+def _is_identity_conv(weight: Tensor, bias: Tensor) -> bool:
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return weight.shape[0] == weight.shape[1] and torch.equal(weight.flatten(1), eye) and not bias.any()
+
+
 def to_sgm(state_dict: dict[str, Tensor], config: AutoencoderConfig, prefix: str = SGM_PREFIX) -> dict[str, Tensor]:
-    """Our state dict -> sgm names under ``prefix`` (attention projections as 1x1 convs)."""
+    """Our state dict -> sgm names under ``prefix`` (attention projections as 1x1 convs).
+
+    A 2D decoder exports as sgm's legacy ``AutoencoderKL`` (with ``quant_conv`` / ``post_quant_conv``). A
+    temporal decoder exports as SVD's ``AutoencodingEngine``, which has neither: they are dropped, and must be
+    the identity (as :func:`from_sgm` fills them), else a ``ValueError`` names them.
+    """
     _check_group_norm(config, "sgm")
     levels = len(config.ch_mult)
     out = _export(state_dict, config, lambda k: sgm_key(k, levels), "sgm")
+    if config.decoder == "temporal":
+        for name in ("quant_conv", "post_quant_conv"):
+            if f"{name}.weight" not in out:
+                continue
+            weight, bias = out.pop(f"{name}.weight"), out.pop(f"{name}.bias")
+            if not _is_identity_conv(weight, bias):
+                raise ValueError(
+                    f"to_sgm: {name} is not the identity, and sgm's AutoencodingEngine (SVD's VideoDecoder) has no "
+                    f"{name}: this autoencoder has no sgm layout (export it as diffusers or vdiff instead)"
+                )
     attn = re.compile(r"\.attn_1\.(q|k|v|proj_out)\.weight$")
     return {prefix + k: (v[:, :, None, None] if attn.search(k) else v) for k, v in out.items()}
-
-
-# ----------------------------------------------------------------------------- file loading
-
-
-_TEMPORAL_MARKERS = ("time_stack", "temporal_res_block", "time_conv_out", "time_mix_conv", ".temporal.")
-
-
-def load_autoencoder_state_dict(
-    path: str | os.PathLike, layout: Layout = "vdiff", config: AutoencoderConfig | None = None
-) -> tuple[dict[str, Tensor], AutoencoderConfig]:
-    """Read a local weights file in ``layout`` and return (our state dict, the config it fits)."""
-    if layout not in ("vdiff", "diffusers", "sgm"):
-        raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
-    p = resolve_weights_path(path, what=f"autoencoder weights ({layout} layout)")
-    state_dict = load_state_dict(p)
-    if config is None:
-        stored = load_metadata(p).get("vdiff_config") if layout == "vdiff" else None
-        if stored is not None:
-            config = AutoencoderConfig.from_dict(json.loads(stored))
-        else:
-            names = state_dict if layout != "sgm" else [k for k in state_dict if k.startswith(SGM_PREFIX)] or state_dict
-            temporal = any(m in k for k in names for m in _TEMPORAL_MARKERS)
-            config = svd_vae_config() if temporal else sd_vae_config()
-    if layout == "diffusers":
-        state_dict = from_diffusers(state_dict, config)
-    elif layout == "sgm":
-        state_dict = from_sgm(state_dict, config)
-    else:
-        state_dict = _import(state_dict, config, lambda k: k, f"vdiff ({p})")
-    return state_dict, config

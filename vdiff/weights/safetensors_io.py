@@ -1,4 +1,4 @@
-"""Read and write state dicts: ``.safetensors`` (preferred), ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin``.
+"""Read and write state dicts: ``.safetensors`` (preferred), ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin``; hash files.
 
 Torch checkpoints are opened with ``weights_only=True`` (no arbitrary code runs); wrapper dicts such as
 Lightning's / sgm's ``{"state_dict": {...}}`` are unwrapped. Relative paths that do not exist are also looked
@@ -7,6 +7,7 @@ up in ``$VDIFF_WEIGHTS``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,18 +19,35 @@ from torch import Tensor
 WEIGHTS_ENV = "VDIFF_WEIGHTS"
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+HASH_CHUNK = 1 << 20  # 1 MiB
 
 
-def resolve_weights_path(path: str | os.PathLike, what: str = "weights") -> Path:
-    """Return ``path`` if it exists, else ``$VDIFF_WEIGHTS/path`` for a relative path; raise a helpful error."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (constant memory, any file size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_weights_path(path: str | os.PathLike, what: str = "weights", allow_dir: bool = False) -> Path:
+    """Return ``path`` if it exists, else ``$VDIFF_WEIGHTS/path`` for a relative path; raise a helpful error.
+
+    ``allow_dir`` also accepts a directory (e.g. a diffusers model folder); otherwise only files count.
+    """
     p = Path(path).expanduser()
-    if p.is_file():
+
+    def found(candidate: Path) -> bool:
+        return candidate.is_file() or (allow_dir and candidate.is_dir())
+
+    if found(p):
         return p
     root = os.environ.get(WEIGHTS_ENV)
     tried = [str(p)]
     if root and not p.is_absolute():
         candidate = Path(root).expanduser() / p
-        if candidate.is_file():
+        if found(candidate):
             return candidate
         tried.append(str(candidate))
     where = (

@@ -1,0 +1,418 @@
+"""Read and write KL video autoencoder weights: ONE loader for vdiff files, diffusers folders / files and sgm
+checkpoints (:func:`load_autoencoder`), and one writer (:func:`save_autoencoder`).
+
+Sources, best first:
+
+``diffusers folder`` (recommended for diffusers weights): what ``AutoencoderKL.save_pretrained`` /
+    ``AutoencoderKLTemporalDecoder.save_pretrained`` write, ``config.json`` + ``diffusion_pytorch_model.safetensors``
+    (or ``.bin``), or a pipeline folder holding them under ``vae/``. The config is read from ``config.json``
+    (:func:`config_from_diffusers`), so every architecture field - GroupNorm groups, scaling and shift factors
+    included - is exactly the model's; a config vdiff cannot represent is refused, naming the file and field.
+``vdiff file``: safetensors written by :func:`save_autoencoder`, the config in its metadata.
+``bare diffusers file`` (``diffusion_pytorch_model.safetensors`` alone): a ``config.json`` beside it (a diffusers
+    folder) is used as for a folder. Without one, the config is the ``config`` argument, or a guess (the
+    ``svd`` preset when the file has a temporal decoder, else ``sd``; a ``UserWarning`` says so). Weights fix
+    every shape, and any shape or name that does not fit is an error, but **the GroupNorm group count and the
+    scaling / shift factors are not in the weights**: a model made with, e.g., ``norm_num_groups=16`` loads
+    with 32 groups unless you pass a config that says 16, and then encodes wrongly. Load the folder instead.
+``sgm checkpoint``: the original SVD checkpoint (``svd.safetensors``, keys ``first_stage_model.*``; the other
+    model parts in it are skipped) or an sgm autoencoder checkpoint; config as for a bare file (sgm hard-codes
+    32 groups).
+
+Every conversion is strict: a key in the file that the conversion does not use, a missing key and a shape
+mismatch are all errors (:class:`~vdiff.weights.autoencoder_convert.ConversionError`) naming the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from vdiff.weights.autoencoder_convert import (
+    SGM_PREFIX,
+    ConversionError,
+    from_diffusers,
+    from_sgm,
+    from_vdiff,
+    to_diffusers,
+    to_sgm,
+)
+from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path, save_state_dict
+
+LoadLayout = Literal["auto", "vdiff", "diffusers", "sgm"]
+SaveLayout = Literal["vdiff", "diffusers", "sgm"]
+LAYOUTS = ("auto", "vdiff", "diffusers", "sgm")
+
+VDIFF_CONFIG_KEY = "vdiff_config"  # safetensors metadata key of a vdiff file
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_KL = "AutoencoderKL"
+DIFFUSERS_TEMPORAL = "AutoencoderKLTemporalDecoder"
+
+# The __init__ arguments (and defaults) of diffusers' classes: a config.json may omit any of them.
+_DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
+    DIFFUSERS_KL: {
+        "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu",
+        "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215,
+        "shift_factor": None, "latents_mean": None, "latents_std": None, "force_upcast": True,
+        "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+    },
+    DIFFUSERS_TEMPORAL: {
+        "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"], "block_out_channels": [64],
+        "layers_per_block": 1, "latent_channels": 4, "sample_size": 32, "scaling_factor": 0.18215,
+        "force_upcast": True,
+    },
+}
+# Fields that do not change what the weights compute: the default tile size and an fp16 upcast hint.
+_DIFFUSERS_IGNORED = ("sample_size", "force_upcast")
+_TEMPORAL_MARKERS = ("time_stack", "temporal_res_block", "time_conv_out", "time_mix_conv", ".temporal.")
+
+
+class AutoencoderConfigError(ValueError):
+    """A config (a diffusers ``config.json``, a stored or passed config) vdiff cannot represent or that
+    contradicts another; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------- diffusers config.json
+
+
+def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> AutoencoderConfig:
+    """A diffusers ``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder`` config (``config.json`` as a dict) ->
+    the :class:`AutoencoderConfig` that computes the same thing.
+
+    Raises:
+        AutoencoderConfigError: naming ``source`` and the field, for an unknown ``_class_name`` or field, or a
+            value vdiff cannot represent (``act_fn`` other than ``silu``, other block types, block widths that
+            are not multiples of the first, per-channel ``latents_mean`` / ``latents_std``, a temporal decoder
+            with ``layers_per_block`` other than 2, ...).
+    """
+
+    def refuse(field: str, why: str) -> AutoencoderConfigError:
+        value = config.get(field, "<missing>")
+        return AutoencoderConfigError(f"{source}: {field}={value!r} cannot be loaded by vdiff: {why}")
+
+    class_name = config.get("_class_name")
+    if class_name not in _DIFFUSERS_DEFAULTS:
+        raise refuse("_class_name", f"vdiff reads diffusers {sorted(_DIFFUSERS_DEFAULTS)} autoencoders only")
+    defaults = _DIFFUSERS_DEFAULTS[class_name]
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise AutoencoderConfigError(
+            f"{source}: unknown {class_name} field(s) {unknown}; vdiff does not know what they change, so it does "
+            f"not load the model (known fields: {sorted(defaults)})"
+        )
+    c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    temporal = class_name == DIFFUSERS_TEMPORAL
+
+    widths = [int(w) for w in c["block_out_channels"]]
+    if not widths or any(w % widths[0] for w in widths):
+        raise refuse("block_out_channels", "vdiff's widths are ch * ch_mult with integer multipliers of the first")
+    levels = len(widths)
+    if list(c["down_block_types"]) != ["DownEncoderBlock2D"] * levels:
+        raise refuse("down_block_types", f"vdiff's encoder is {levels} x DownEncoderBlock2D (one per width)")
+    if not temporal and list(c["up_block_types"]) != ["UpDecoderBlock2D"] * levels:
+        raise refuse("up_block_types", f"vdiff's decoder is {levels} x UpDecoderBlock2D (one per width)")
+    if not temporal and c["act_fn"] != "silu":
+        raise refuse("act_fn", "vdiff's autoencoder uses SiLU")
+    for field in ("latents_mean", "latents_std"):
+        if not temporal and c[field] is not None:
+            raise refuse(field, "per-channel latent statistics have no place in vdiff's scalar scale/shift contract")
+    if temporal and int(c["layers_per_block"]) != 2:
+        raise refuse(
+            "layers_per_block",
+            "diffusers' temporal decoder builds its mid block from layers_per_block resnets; vdiff's (SVD's) has 2",
+        )
+    try:
+        return AutoencoderConfig(
+            in_channels=int(c["in_channels"]),
+            out_channels=int(c["out_channels"]),
+            ch=widths[0],
+            ch_mult=tuple(w // widths[0] for w in widths),
+            num_res_blocks=int(c["layers_per_block"]),
+            z_channels=int(c["latent_channels"]),
+            double_z=True,
+            mid_attention=bool(c.get("mid_block_add_attention", True)),
+            norm="group",
+            norm_num_groups=int(c.get("norm_num_groups", 32)),
+            decoder="temporal" if temporal else "2d",
+            use_quant_conv=bool(c.get("use_quant_conv", True)),
+            use_post_quant_conv=False if temporal else bool(c["use_post_quant_conv"]),
+            scale_factor=float(c["scaling_factor"]),
+            shift_factor=float(c.get("shift_factor") or 0.0),
+        )
+    except ValueError as error:
+        raise AutoencoderConfigError(f"{source}: {error}") from None
+
+
+def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
+    """The diffusers ``config.json`` (with ``_class_name``) of the model :func:`to_diffusers` exports.
+
+    Raises:
+        AutoencoderConfigError: naming the field, for a config diffusers cannot build (another norm, a
+            deterministic encoder, or a temporal decoder that is not SVD's: post_quant_conv, shift, groups...).
+    """
+
+    def refuse(field: str, why: str) -> AutoencoderConfigError:
+        return AutoencoderConfigError(
+            f"AutoencoderConfig.{field}={getattr(config, field)!r} has no diffusers equivalent: {why}"
+        )
+
+    if config.norm != "group":
+        raise refuse("norm", "diffusers' autoencoders use GroupNorm")
+    if not config.double_z:
+        raise refuse("double_z", "diffusers' encoders always predict mean and log-variance")
+    widths = [config.ch * m for m in config.ch_mult]
+    common = {
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+        "block_out_channels": widths,
+        "layers_per_block": config.num_res_blocks,
+        "latent_channels": config.z_channels,
+        "scaling_factor": config.scale_factor,
+    }
+    if config.decoder == "2d":
+        return {
+            "_class_name": DIFFUSERS_KL,
+            **common,
+            "up_block_types": ["UpDecoderBlock2D"] * len(widths),
+            "act_fn": "silu",
+            "norm_num_groups": config.norm_num_groups,
+            "shift_factor": config.shift_factor or None,
+            "use_quant_conv": config.use_quant_conv,
+            "use_post_quant_conv": config.use_post_quant_conv,
+            "mid_block_add_attention": config.mid_attention,
+        }
+    for field, required in (("norm_num_groups", 32), ("num_res_blocks", 2), ("mid_attention", True),
+                            ("use_quant_conv", True), ("use_post_quant_conv", False), ("shift_factor", 0.0)):
+        if getattr(config, field) != required:
+            raise refuse(field, f"diffusers' AutoencoderKLTemporalDecoder fixes it to {required!r}")
+    return {"_class_name": DIFFUSERS_TEMPORAL, **common}
+
+
+def read_diffusers_config(path: str | os.PathLike) -> AutoencoderConfig:
+    """:func:`config_from_diffusers` of a ``config.json`` file (errors name the file)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise AutoencoderConfigError(f"{path}: not a readable diffusers config.json ({error})") from None
+    if not isinstance(raw, dict):
+        raise AutoencoderConfigError(f"{path}: a diffusers config.json holds a JSON object, got {type(raw).__name__}")
+    return config_from_diffusers(raw, source=str(path))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class AutoencoderWeights:
+    """What :func:`read_autoencoder` found: our state dict, the config it fits, and where both came from."""
+
+    state_dict: dict[str, Tensor]
+    config: AutoencoderConfig
+    layout: str  # "vdiff", "diffusers" or "sgm" (never "auto")
+    weights_path: Path  # absolute path of the weights file read
+    config_source: str  # where the config came from: a config.json path, "metadata", "argument" or "guess: <preset>"
+
+
+def _resolve_config(config: AutoencoderConfig | Mapping[str, Any] | str | None) -> AutoencoderConfig | None:
+    if config is None or isinstance(config, AutoencoderConfig):
+        return config
+    if isinstance(config, str):
+        return AutoencoderConfig.from_name(config)
+    if isinstance(config, Mapping):
+        return AutoencoderConfig.from_dict(dict(config))
+    raise TypeError(f"config must be an AutoencoderConfig, a preset name or a mapping, got {type(config).__name__}")
+
+
+def _check_same(given: AutoencoderConfig, found: AutoencoderConfig, source: str) -> None:
+    """Raise naming every field where the config passed in contradicts the one stored with the weights."""
+    diff = [
+        f"{f.name}: passed {getattr(given, f.name)!r}, {source} says {getattr(found, f.name)!r}"
+        for f in dataclasses.fields(AutoencoderConfig)
+        if getattr(given, f.name) != getattr(found, f.name)
+    ]
+    if diff:
+        raise AutoencoderConfigError(
+            "the config passed contradicts the one stored with the weights (pass config=None to use it):\n  "
+            + "\n  ".join(diff)
+        )
+
+
+def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
+    """(config.json, weights file) of a diffusers model folder, or of its ``vae/`` subfolder (a pipeline)."""
+    model = folder
+    if not (folder / DIFFUSERS_CONFIG).is_file() and (folder / "vae" / DIFFUSERS_CONFIG).is_file():
+        model = folder / "vae"
+    config = model / DIFFUSERS_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{folder}: not a diffusers autoencoder folder: no {DIFFUSERS_CONFIG} in it or in {folder / 'vae'}"
+        )
+    for name in DIFFUSERS_WEIGHTS:
+        if (model / name).is_file():
+            return config, model / name
+    present = sorted(p.name for p in model.iterdir())
+    raise FileNotFoundError(
+        f"{model}: no weights file {' or '.join(DIFFUSERS_WEIGHTS)} beside {DIFFUSERS_CONFIG} (found: {present}); "
+        "for a variant such as .fp16.safetensors, rename it or pass the file with its config"
+    )
+
+
+def detect_layout(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], path: Path) -> str:
+    """The key layout of a weights file: ``vdiff``, ``diffusers`` or ``sgm`` (raises when none fits)."""
+    if VDIFF_CONFIG_KEY in metadata:
+        return "vdiff"
+    keys = list(state_dict)
+    if any(k.startswith(SGM_PREFIX) for k in keys) or any(".mid.block_1." in k or ".down.0.block." in k for k in keys):
+        return "sgm"
+    if any(".mid_block." in k or ".down_blocks." in k for k in keys):
+        return "diffusers"
+    if any(".mid.block1." in k or ".down.0.blocks." in k for k in keys):
+        return "vdiff"
+    raise ValueError(
+        f"{path}: cannot tell whether it holds vdiff, diffusers or sgm autoencoder weights (no known key); "
+        f"pass layout= explicitly (first keys: {keys[:5]})"
+    )
+
+
+def read_autoencoder(
+    path: str | os.PathLike,
+    layout: LoadLayout = "auto",
+    config: AutoencoderConfig | Mapping[str, Any] | str | None = None,
+) -> AutoencoderWeights:
+    """Read autoencoder weights from a LOCAL file or diffusers folder into our names (nothing is downloaded).
+
+    Args:
+        path: a diffusers folder (``config.json`` + weights, or a pipeline folder with ``vae/``), a
+            ``.safetensors`` / ``.pt`` / ``.ckpt`` / ``.bin`` file; a relative path that does not exist is also
+            looked up in ``$VDIFF_WEIGHTS``.
+        layout: ``"auto"`` (a folder is diffusers; a file by its metadata and key names), ``"vdiff"``,
+            ``"diffusers"`` or ``"sgm"``.
+        config: the architecture (an :class:`AutoencoderConfig`, a mapping of its fields or a preset name of
+            ``AUTOENCODER_CONFIGS``). Where the weights come with a config (a folder's or a file's neighbouring
+            ``config.json``, a vdiff file's metadata) that one is used, and a ``config`` that contradicts it is
+            an error. For a bare file it is the only source of the GroupNorm group count and the scale / shift
+            factors; None then guesses the ``svd`` / ``sd`` preset and warns.
+
+    Raises:
+        FileNotFoundError: nothing at ``path`` (nor under ``$VDIFF_WEIGHTS``), or a folder without weights.
+        AutoencoderConfigError: a config vdiff cannot represent, or contradicting configs (names the field).
+        ConversionError: missing, mis-shaped or unused tensors (names the keys and the file).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weights layout {layout!r}; choose one of {LAYOUTS}")
+    given = _resolve_config(config)
+    resolved = resolve_weights_path(path, what=f"autoencoder weights ({layout} layout)", allow_dir=True).absolute()
+
+    found: AutoencoderConfig | None = None
+    source = "argument"
+    if resolved.is_dir():
+        if layout not in ("auto", "diffusers"):
+            raise ValueError(f"{resolved} is a folder, read as a diffusers model folder; layout={layout!r} is for files")
+        config_json, weights_path = _diffusers_folder(resolved)
+        found, source, layout = read_diffusers_config(config_json), str(config_json), "diffusers"
+        state_dict = load_state_dict(weights_path)
+    else:
+        weights_path = resolved
+        state_dict = load_state_dict(weights_path)
+        metadata = load_metadata(weights_path)
+        if layout == "auto":
+            layout = detect_layout(state_dict, metadata, weights_path)
+        stored = metadata.get(VDIFF_CONFIG_KEY) if layout == "vdiff" else None
+        beside = weights_path.parent / DIFFUSERS_CONFIG
+        if stored is not None:
+            found, source = AutoencoderConfig.from_dict(json.loads(stored)), f"{weights_path} metadata"
+        elif layout == "diffusers" and weights_path.name.startswith("diffusion_pytorch_model") and beside.is_file():
+            found, source = read_diffusers_config(beside), str(beside)
+
+    guessed = None
+    if found is not None:
+        if given is not None:
+            _check_same(given, found, source)
+        cfg = found
+    elif given is not None:
+        cfg = given
+    else:
+        names = state_dict if layout != "sgm" else [k for k in state_dict if k.startswith(SGM_PREFIX)] or state_dict
+        guessed = "svd" if any(m in k for k in names for m in _TEMPORAL_MARKERS) else "sd"
+        cfg, source = AutoencoderConfig.from_name(guessed), f"guess: {guessed}"
+        warnings.warn(
+            f"{weights_path}: no config given or stored with these {layout} weights; assuming the {guessed!r} preset. "
+            "The GroupNorm group count and the scale/shift factors cannot be read from weights: pass config= "
+            "(e.g. a preset name) or load the diffusers folder with its config.json.",
+            stacklevel=2,
+        )
+
+    try:
+        if layout == "diffusers":
+            ours = from_diffusers(state_dict, cfg)
+        elif layout == "sgm":
+            ours = from_sgm(state_dict, cfg)
+        else:
+            ours = from_vdiff(state_dict, cfg)
+    except ConversionError as error:
+        hint = f"config from {source}"
+        if guessed is not None:
+            hint += "; pass config= (a preset name or AutoencoderConfig) or load the diffusers folder"
+        raise error.with_context(f"{layout} file {weights_path}", hint) from None
+    return AutoencoderWeights(ours, cfg, layout, weights_path, source)
+
+
+def load_autoencoder(
+    path: str | os.PathLike,
+    layout: LoadLayout = "auto",
+    config: AutoencoderConfig | Mapping[str, Any] | str | None = None,
+) -> VideoAutoencoder:
+    """A :class:`VideoAutoencoder` with the weights of a LOCAL file or diffusers folder (see
+    :func:`read_autoencoder` for the arguments and errors), loaded strictly, in train mode as built."""
+    weights = read_autoencoder(path, layout=layout, config=config)
+    model = VideoAutoencoder(weights.config)
+    model.load_state_dict(weights.state_dict, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_autoencoder(model: VideoAutoencoder, path: str | os.PathLike, layout: SaveLayout = "vdiff") -> Path:
+    """Write ``model``'s weights; returns the path of the weights file written.
+
+    layout:
+        ``"vdiff"``: one ``.safetensors`` file at ``path``, the config in its metadata (reloads with no config).
+        ``"diffusers"``: a diffusers model FOLDER at ``path`` (``config.json`` + ``diffusion_pytorch_model.safetensors``),
+            which ``diffusers.AutoencoderKL`` / ``AutoencoderKLTemporalDecoder.from_pretrained(path)`` loads.
+        ``"sgm"``: one file (``.safetensors`` or a torch suffix) with sgm names under ``first_stage_model.``.
+    """
+    config = model.config
+    state_dict = model.state_dict()
+    path = Path(path)
+    if layout == "vdiff":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: a vdiff autoencoder file is .safetensors (its config lives in the metadata)")
+        save_state_dict(state_dict, path, metadata={VDIFF_CONFIG_KEY: json.dumps(config.to_dict())})
+        return path
+    if layout == "diffusers":
+        if path.suffix:
+            raise ValueError(f"{path}: the diffusers layout is a folder (config.json + weights); give a folder path")
+        diffusers_config = config_to_diffusers(config)
+        tensors = to_diffusers(state_dict, config)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config, indent=2) + "\n")
+        save_state_dict(tensors, path / DIFFUSERS_WEIGHTS[0])
+        return path / DIFFUSERS_WEIGHTS[0]
+    if layout == "sgm":
+        save_state_dict(to_sgm(state_dict, config), path)
+        return path
+    raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
