@@ -14,7 +14,7 @@ import torch
 
 from tests.weights.helpers import diffusers_kl, diffusers_temporal, perturb_
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
-from vdiff.weights import file_sha256
+from vdiff.weights import file_sha256, safetensors_io
 from vdiff.weights.autoencoder import (
     AutoencoderConfigError,
     config_from_diffusers,
@@ -182,15 +182,22 @@ def test_diffusers_configs_translate_both_ways():
 # ----------------------------------------------------------------------------- diffusers folders out
 
 
-@pytest.mark.parametrize("temporal", [False, True], ids=["AutoencoderKL", "AutoencoderKLTemporalDecoder"])
-def test_exported_folder_loads_in_diffusers_and_computes_the_same(diffusers, tmp_path, temporal):
+EXPORTS = {
+    "AutoencoderKL": AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, norm_num_groups=16,
+                                       scale_factor=0.5, shift_factor=0.125, use_post_quant_conv=False),
+    "AutoencoderKL-no-quant-conv-no-attention": AutoencoderConfig.from_name(
+        "tiny", use_quant_conv=False, mid_attention=False, norm_num_groups=8),
+    "AutoencoderKLTemporalDecoder": AutoencoderConfig.from_name("svd", ch=32, ch_mult=(1, 2, 2), z_channels=8,
+                                                                scale_factor=0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_exported_folder_loads_in_diffusers_and_computes_the_same(diffusers, tmp_path, name):
     """diffusers' own from_pretrained reads our export (config.json + safetensors) and encodes / decodes like
     ours: a swapped tensor (q/k, norm1/norm2, ...) or a wrong config field fails here."""
-    if temporal:
-        config = AutoencoderConfig.from_name("svd", ch=32, ch_mult=(1, 2, 2), z_channels=8, scale_factor=0.3)
-    else:
-        config = AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, norm_num_groups=16,
-                                   scale_factor=0.5, shift_factor=0.125, use_post_quant_conv=False)
+    config = EXPORTS[name]
+    temporal = config.decoder == "temporal"
     torch.manual_seed(0)
     ours = perturb_(VideoAutoencoder(config), seed=21).eval()
     written = save_autoencoder(ours, tmp_path / "export", layout="diffusers")
@@ -199,8 +206,11 @@ def test_exported_folder_loads_in_diffusers_and_computes_the_same(diffusers, tmp
     theirs = cls.from_pretrained(tmp_path / "export").eval()
     assert theirs.config.scaling_factor == config.scale_factor
     if not temporal:
-        assert (theirs.config.norm_num_groups, theirs.config.shift_factor) == (16, 0.125)
-        assert theirs.post_quant_conv is None
+        assert theirs.config.norm_num_groups == config.norm_num_groups
+        assert theirs.config.shift_factor == (config.shift_factor or None)
+        assert (theirs.quant_conv is None, theirs.post_quant_conv is None) == (
+            not config.use_quant_conv, not config.use_post_quant_conv)
+        assert theirs.config.mid_block_add_attention == config.mid_attention
     mean_err, decode_err = max_errors(ours, theirs, video(frames=4 if temporal else 3))
     assert mean_err < TOL and decode_err < TOL, (mean_err, decode_err)
     again = load_autoencoder(tmp_path / "export")
@@ -283,6 +293,49 @@ def test_diffusers_and_sgm_files_and_layout_detection(diffusers, tmp_path):
     save_state_dict({"foo.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="cannot tell whether"):
         load_autoencoder(tmp_path / "other.safetensors")
+
+
+def test_full_svd_checkpoint_reads_only_its_autoencoder(tmp_path, monkeypatch):
+    """Of a safetensors SVD checkpoint (UNet, conditioner, ... and first_stage_model.*), only the autoencoder's
+    tensors are read: a 10 GB file needs no 10 GB of memory."""
+    cfg = AutoencoderConfig.from_name("tiny-svd")
+    torch.manual_seed(0)
+    model = perturb_(VideoAutoencoder(cfg), seed=3)
+    with torch.no_grad():
+        model.quant_conv.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
+        model.quant_conv.bias.zero_()
+    tensors = {**to_sgm(model.state_dict(), cfg), "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 8, 3, 3),
+               "conditioner.embedders.3.encoder.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}
+    save_state_dict(tensors, tmp_path / "svd.safetensors")
+    read = []
+    real_safe_open = safetensors_io.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def metadata(self):
+            return self.file.metadata()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.file.get_tensor(name)
+
+    monkeypatch.setattr(safetensors_io, "safe_open", Recording)
+    monkeypatch.setattr(safetensors_io, "load_file", None)  # the whole-file reader must not be used
+    loaded = load_autoencoder(tmp_path / "svd.safetensors", config=cfg)
+    assert read and all(name.startswith("first_stage_model.") for name in read)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 # ----------------------------------------------------------------------------- PretrainedAutoencoder, hashing

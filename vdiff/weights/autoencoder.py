@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +46,13 @@ from vdiff.weights.autoencoder_convert import (
     to_diffusers,
     to_sgm,
 )
-from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path, save_state_dict
+from vdiff.weights.safetensors_io import (
+    load_keys,
+    load_metadata,
+    load_state_dict,
+    resolve_weights_path,
+    save_state_dict,
+)
 
 LoadLayout = Literal["auto", "vdiff", "diffusers", "sgm"]
 SaveLayout = Literal["vdiff", "diffusers", "sgm"]
@@ -270,11 +276,12 @@ def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
     )
 
 
-def detect_layout(state_dict: Mapping[str, Tensor], metadata: Mapping[str, str], path: Path) -> str:
-    """The key layout of a weights file: ``vdiff``, ``diffusers`` or ``sgm`` (raises when none fits)."""
+def detect_layout(keys: Iterable[str], metadata: Mapping[str, str], path: Path) -> str:
+    """The key layout of a weights file from its tensor names and metadata: ``vdiff``, ``diffusers`` or ``sgm``
+    (raises when none fits)."""
     if VDIFF_CONFIG_KEY in metadata:
         return "vdiff"
-    keys = list(state_dict)
+    keys = list(keys)
     if any(k.startswith(SGM_PREFIX) for k in keys) or any(".mid.block_1." in k or ".down.0.block." in k for k in keys):
         return "sgm"
     if any(".mid_block." in k or ".down_blocks." in k for k in keys):
@@ -326,10 +333,15 @@ def read_autoencoder(
         state_dict = load_state_dict(weights_path)
     else:
         weights_path = resolved
-        state_dict = load_state_dict(weights_path)
+        keys = load_keys(weights_path) if weights_path.suffix == ".safetensors" else None
+        state_dict = None if keys is not None else load_state_dict(weights_path)
+        keys = keys if keys is not None else list(state_dict)
         metadata = load_metadata(weights_path)
         if layout == "auto":
-            layout = detect_layout(state_dict, metadata, weights_path)
+            layout = detect_layout(keys, metadata, weights_path)
+        if state_dict is None:  # safetensors: of a full SVD checkpoint read only its first_stage_model.*
+            prefixed = layout == "sgm" and any(k.startswith(SGM_PREFIX) for k in keys)
+            state_dict = load_state_dict(weights_path, select=(lambda k: k.startswith(SGM_PREFIX)) if prefixed else None)
         stored = metadata.get(VDIFF_CONFIG_KEY) if layout == "vdiff" else None
         beside = weights_path.parent / DIFFUSERS_CONFIG
         if stored is not None:

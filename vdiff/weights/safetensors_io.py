@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,11 +74,24 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
     raise ValueError(f"{path}: no tensor state dict found (looked inside keys {WRAPPER_KEYS})")
 
 
-def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Load a flat ``{name: tensor}`` dict from a safetensors file or a torch checkpoint."""
+def load_state_dict(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    select: Callable[[str], bool] | None = None,
+) -> dict[str, Tensor]:
+    """Load a flat ``{name: tensor}`` dict from a safetensors file or a torch checkpoint.
+
+    ``select`` keeps only the names it accepts; a safetensors file then reads only those tensors (e.g. the
+    autoencoder of a 10 GB SVD checkpoint), a torch checkpoint is read whole and filtered.
+    """
     p = resolve_weights_path(path)
     if p.suffix == ".safetensors":
-        return load_file(str(p), device=str(map_location))
+        if select is None:
+            return load_file(str(p), device=str(map_location))
+        with safe_open(str(p), framework="pt", device=str(map_location)) as f:
+            return {k: f.get_tensor(k) for k in f.keys() if select(k)}  # noqa: SIM118 (safe_open is not iterable)
+    if select is not None:
+        return {k: v for k, v in load_state_dict(p, map_location).items() if select(k)}
     if p.suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(p, map_location=map_location, weights_only=True)
@@ -88,6 +102,16 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
             ) from e
         return _unwrap(obj, p)
     raise ValueError(f"{p}: unknown weights format {p.suffix!r}; use .safetensors or one of {TORCH_SUFFIXES}")
+
+
+def load_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a weights file: read from the header of a safetensors file (no tensor is loaded),
+    from the loaded state dict of a torch checkpoint."""
+    p = resolve_weights_path(path)
+    if p.suffix == ".safetensors":
+        with safe_open(str(p), framework="pt") as f:
+            return list(f.keys())
+    return list(load_state_dict(p))
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, str]:
