@@ -250,6 +250,8 @@ def test_vdiff_file_round_trip_with_stored_config_and_weights_env(tmp_path, monk
     # A passed config that contradicts the stored one names the field.
     with pytest.raises(AutoencoderConfigError, match=r"shift_factor: passed 0.0"):
         load_autoencoder("vae.safetensors", config="tiny-svd")
+    # dropout is a training setting: the one passed is used, not refused.
+    assert load_autoencoder("vae.safetensors", config=dataclasses.replace(model.config, dropout=0.1)).config.dropout == 0.1
     with pytest.raises(ValueError, match="is .safetensors"):
         save_autoencoder(model, tmp_path / "vae.pt")
 

@@ -242,12 +242,15 @@ def _resolve_config(config: AutoencoderConfig | Mapping[str, Any] | str | None) 
     raise TypeError(f"config must be an AutoencoderConfig, a preset name or a mapping, got {type(config).__name__}")
 
 
+_TRAINING_ONLY = ("dropout",)  # fields that change no weight and no eval output: the passed value wins
+
+
 def _check_same(given: AutoencoderConfig, found: AutoencoderConfig, source: str) -> None:
     """Raise naming every field where the config passed in contradicts the one stored with the weights."""
     diff = [
         f"{f.name}: passed {getattr(given, f.name)!r}, {source} says {getattr(found, f.name)!r}"
         for f in dataclasses.fields(AutoencoderConfig)
-        if getattr(given, f.name) != getattr(found, f.name)
+        if f.name not in _TRAINING_ONLY and getattr(given, f.name) != getattr(found, f.name)
     ]
     if diff:
         raise AutoencoderConfigError(
@@ -310,7 +313,7 @@ def read_autoencoder(
         config: the architecture (an :class:`AutoencoderConfig`, a mapping of its fields or a preset name of
             ``AUTOENCODER_CONFIGS``). Where the weights come with a config (a folder's or a file's neighbouring
             ``config.json``, a vdiff file's metadata) that one is used, and a ``config`` that contradicts it is
-            an error. For a bare file it is the only source of the GroupNorm group count and the scale / shift
+            an error (except in ``dropout``, a training setting, where the ``config`` passed wins). For a bare file it is the only source of the GroupNorm group count and the scale / shift
             factors; None then guesses the ``svd`` / ``sd`` preset and warns.
 
     Raises:
@@ -353,6 +356,7 @@ def read_autoencoder(
     if found is not None:
         if given is not None:
             _check_same(given, found, source)
+            found = dataclasses.replace(found, **{name: getattr(given, name) for name in _TRAINING_ONLY})
         cfg = found
     elif given is not None:
         cfg = given
