@@ -93,19 +93,18 @@ def test_lpips_with_local_backbone_is_a_differentiable_per_frame_distance(torch_
 
 def test_autoencoder_module_lpips_weight_zero_needs_no_file_and_positive_weight_does(tmp_path, monkeypatch):
     from vdiff.lit.autoencoder import AutoencoderModule
-    from vdiff.models.autoencoder import tiny_vae_config
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    module = AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0)
+    module = AutoencoderModule(net="tiny", lpips_weight=0.0)
     module.configure_model()
     assert module.lpips is None
     video = torch.rand(1, 2, 3, 16, 16) * 2 - 1
     recon, posterior = module.reconstruct(video, sample=False)
     assert set(module.reconstruction_losses(recon, video, posterior)) == {"rec", "nll", "kl"}
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
-        AutoencoderModule(config=tiny_vae_config(), lpips_weight=1.0)
+        AutoencoderModule(net="tiny", lpips_weight=1.0)
     with pytest.raises(FileNotFoundError, match="squeezenet1_1-b8a52dc0.pth"):
-        AutoencoderModule(config=tiny_vae_config(), lpips_weight=0.0, lpips_net="squeeze", val_lpips=True)
+        AutoencoderModule(net="tiny", lpips_weight=0.0, lpips_net="squeeze", val_lpips=True)
 
 
 # ---------------------------------------------------------------- GAN
