@@ -1,0 +1,725 @@
+"""Read and write UNet-SVD weights (:class:`vdiff.models.unet_svd.UNetSVD`): vdiff files, diffusers folders and
+sgm (the original Stability-AI/generative-models) checkpoints.
+
+Layouts:
+
+``diffusers``  a ``UNetSpatioTemporalConditionModel`` folder (what ``save_pretrained`` writes: ``config.json`` +
+               ``diffusion_pytorch_model.safetensors``; also the ``.fp16.safetensors`` variant, a sharded
+               ``.safetensors.index.json`` or ``.bin``), or a pipeline folder holding it under ``unet/``. The
+               config is read from ``config.json`` (:func:`config_from_diffusers`); a field or value vdiff cannot
+               represent is a :class:`UNetSVDConfigError` naming the file and the field. diffusers' ResBlock
+               GroupNorm epsilons differ from sgm's (``UNetSVDConfig.norm_eps``): such a folder loads as
+               ``norm_eps="diffusers"`` and computes what diffusers computes.
+``sgm``        one file (``svd.safetensors``, ``svd_xt.safetensors``, ...) whose UNet is under
+               ``model.diffusion_model.`` (the conditioner, first stage and anything else in it are not read).
+               sgm files carry no config: it is the ``config`` argument, else the ``svd`` preset (sgm's
+               epsilons); every tensor's name and shape is checked against it. The names are sgm's
+               ``VideoUNet``'s, recorded for the real SVD config in ``manifests/sgm_svd_unet_keys.json``.
+``vdiff``      one ``.safetensors`` file of our own names, the config in its metadata.
+
+vdiff fuses self-attention ``to_q/to_k/to_v`` into ``qkv`` and cross-attention ``to_k/to_v`` into ``kv`` (rows
+stacked in that order); everything else maps one tensor to one tensor of the same shape. Every conversion is
+strict: missing, mis-shaped and unused tensors are collected and raised at once
+(:class:`UNetSVDConversionError`), naming the keys and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
+from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path, save_state_dict
+
+LoadLayout = Literal["auto", "vdiff", "diffusers", "sgm"]
+SaveLayout = Literal["vdiff", "diffusers", "sgm"]
+LAYOUTS = ("auto", "vdiff", "diffusers", "sgm")
+
+SGM_PREFIX = "model.diffusion_model."
+VDIFF_CONFIG_KEY = "vdiff_config"
+DIFFUSERS_CLASS = "UNetSpatioTemporalConditionModel"
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_SUBFOLDER = "unet"
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
+MANIFEST = Path(__file__).resolve().parent / "manifests" / "sgm_svd_unet_keys.json"
+
+CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"
+CROSS_UP, PLAIN_UP = "CrossAttnUpBlockSpatioTemporal", "UpBlockSpatioTemporal"
+# The __init__ arguments (and defaults) of diffusers' UNetSpatioTemporalConditionModel: config.json may omit any.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": [CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, PLAIN_DOWN],
+    "up_block_types": [PLAIN_UP, CROSS_UP, CROSS_UP, CROSS_UP],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 768,
+    "layers_per_block": 2,
+    "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": [5, 10, 20, 20],
+    "num_frames": 25,
+}
+_DIFFUSERS_IGNORED = ("sample_size",)  # a default sample size; changes nothing the weights compute
+# UNetSVDConfig fields a diffusers config.json does not hold: taken from the config passed to the reader (or
+# the defaults: concat_channels = in_channels - out_channels, no checkpointing).
+_NOT_IN_DIFFUSERS = ("concat_channels", "gradient_checkpointing")
+
+
+class UNetSVDConfigError(ValueError):
+    """A config (a diffusers ``config.json``, a stored or a passed config) vdiff cannot represent, or one that
+    contradicts another; the message names the file and the field."""
+
+
+class UNetSVDConversionError(ValueError):
+    """Tensors that do not fit a UNet-SVD config: every missing, mis-shaped and unused key, and where they were."""
+
+    def __init__(
+        self, source: str, missing: list[str], mismatched: list[str], unexpected: list[str], hint: str = ""
+    ) -> None:
+        self.source, self.missing, self.mismatched, self.unexpected = source, missing, mismatched, unexpected
+        self.hint = hint
+        parts = [f"{source}: weights do not fit the UNet-SVD config" + (f" ({hint})" if hint else "")]
+        for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
+            if names:
+                shown = "\n    ".join(names[:40]) + (f"\n    ... and {len(names) - 40} more" if len(names) > 40 else "")
+                parts.append(f"  {title} ({len(names)}):\n    {shown}")
+        super().__init__("\n".join(parts))
+
+    def __reduce__(self):  # picklable despite the extra constructor arguments
+        return type(self), (self.source, self.missing, self.mismatched, self.unexpected, self.hint)
+
+
+#################################################################################
+#                        Name maps (our name -> peer names)                     #
+#################################################################################
+
+# A peer name list of length > 1 means our tensor is their tensors stacked on dim 0 (fused projections).
+_BLOCK_LEAVES: dict[str, list[str]] = {  # inside a spatial or temporal transformer block: sgm = diffusers names
+    "attn1.qkv.weight": ["attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight"],
+    "attn1.proj.weight": ["attn1.to_out.0.weight"],
+    "attn1.proj.bias": ["attn1.to_out.0.bias"],
+    "attn2.q.weight": ["attn2.to_q.weight"],
+    "attn2.kv.weight": ["attn2.to_k.weight", "attn2.to_v.weight"],
+    "attn2.proj.weight": ["attn2.to_out.0.weight"],
+    "attn2.proj.bias": ["attn2.to_out.0.bias"],
+}
+_FF = {
+    "ff.proj_in": "ff.net.0.proj",
+    "ff.proj_out": "ff.net.2",
+    "ff_in.proj_in": "ff_in.net.0.proj",
+    "ff_in.proj_out": "ff_in.net.2",
+}
+_RES_DIFFUSERS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "emb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "skip": "conv_shortcut",
+}
+_RES_SGM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "skip": "skip_connection",
+}
+_TOP_DIFFUSERS = {
+    "conv_in": "conv_in",
+    "time_embed.mlp.0": "time_embedding.linear_1",
+    "time_embed.mlp.2": "time_embedding.linear_2",
+    "added_time_embed.mlp.0": "add_embedding.linear_1",
+    "added_time_embed.mlp.2": "add_embedding.linear_2",
+    "norm_out": "conv_norm_out",
+    "conv_out": "conv_out",
+}
+_TOP_SGM = {
+    "conv_in": "input_blocks.0.0",
+    "time_embed.mlp.0": "time_embed.0",
+    "time_embed.mlp.2": "time_embed.2",
+    "added_time_embed.mlp.0": "label_emb.0.0",
+    "added_time_embed.mlp.2": "label_emb.0.2",
+    "norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_LEVEL = re.compile(r"^(down|up)\.(\d+)\.(res|attn)\.(\d+)\.(.+)$")
+_RESAMPLE = re.compile(r"^(down|up)\.(\d+)\.resample\.conv\.(weight|bias)$")
+_MID = re.compile(r"^mid\.(res\.(\d+)|attn)\.(.+)$")
+
+
+def _block_leaf(rest: str) -> list[str]:
+    """A transformer block's parameter (``norm1.weight``, ``attn1.qkv.weight``, ``ff.proj_in.bias``...)."""
+    if rest in _BLOCK_LEAVES:
+        return _BLOCK_LEAVES[rest]
+    module, _, param = rest.rpartition(".")
+    return [f"{_FF.get(module, module)}.{param}"]
+
+
+def _res_leaf(rest: str, layout: str) -> list[str]:
+    """A SpatioTemporalResBlock's parameter (``spatial.conv1.weight``, ``temporal.norm2.bias``, ``mix_factor``)."""
+    if rest == "mix_factor":
+        return ["time_mixer.mix_factor"]
+    part, module, param = rest.split(".")
+    if layout == "diffusers":
+        return [f"{part}_res_block.{_RES_DIFFUSERS[module]}.{param}"]
+    return [f"{'time_stack.' if part == 'temporal' else ''}{_RES_SGM[module]}.{param}"]
+
+
+def _attn_leaf(rest: str, layout: str) -> list[str]:
+    """A SpatioTemporalTransformer's parameter (``proj_in.weight``, ``blocks.0.attn1.qkv.weight``, ...)."""
+    if rest == "mix_factor":
+        return ["time_mixer.mix_factor"]
+    head, _, tail = rest.partition(".")
+    if head in ("blocks", "temporal_blocks"):
+        index, _, leaf = tail.partition(".")
+        temporal = "temporal_transformer_blocks" if layout == "diffusers" else "time_stack"
+        group = "transformer_blocks" if head == "blocks" else temporal
+        return [f"{group}.{index}.{name}" for name in _block_leaf(leaf)]
+    if head == "frame_embed":
+        index, _, param = tail.partition(".")
+        layer = {"0": "linear_1", "2": "linear_2"}[index] if layout == "diffusers" else index
+        return [f"time_pos_embed.{layer}.{param}"]
+    return [rest]  # norm, proj_in, proj_out
+
+
+def peer_names(key: str, config: UNetSVDConfig, layout: Literal["diffusers", "sgm"]) -> list[str]:
+    """The ``layout`` name(s) of our parameter ``key`` (several: stacked on dim 0 into ours)."""
+    n, levels = config.num_res_blocks, len(config.channel_mult)
+    if m := _LEVEL.match(key):
+        side, index, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        leaf = _res_leaf(rest, layout) if kind == "res" else _attn_leaf(rest, layout)
+        if layout == "diffusers":
+            prefix = f"{side}_blocks.{index}.{'resnets' if kind == 'res' else 'attentions'}.{j}"
+        else:
+            block = 1 + index * (n + 1) + j if side == "down" else index * (n + 1) + j
+            prefix = f"{'input_blocks' if side == 'down' else 'output_blocks'}.{block}.{0 if kind == 'res' else 1}"
+        return [f"{prefix}.{name}" for name in leaf]
+    if m := _RESAMPLE.match(key):
+        side, index, param = m.group(1), int(m.group(2)), m.group(3)
+        if layout == "diffusers":
+            return [f"{side}_blocks.{index}.{'downsamplers' if side == 'down' else 'upsamplers'}.0.conv.{param}"]
+        if side == "down":
+            return [f"input_blocks.{1 + index * (n + 1) + n}.0.op.{param}"]
+        level = levels - 1 - index
+        return [f"output_blocks.{index * (n + 1) + n}.{2 if level in config.attention_levels else 1}.conv.{param}"]
+    if m := _MID.match(key):
+        which, rest = m.group(1), m.group(3)
+        if which == "attn":
+            prefix = "mid_block.attentions.0" if layout == "diffusers" else "middle_block.1"
+            return [f"{prefix}.{name}" for name in _attn_leaf(rest, layout)]
+        j = int(m.group(2))
+        prefix = f"mid_block.resnets.{j}" if layout == "diffusers" else f"middle_block.{2 * j}"
+        return [f"{prefix}.{name}" for name in _res_leaf(rest, layout)]
+    module, _, param = key.rpartition(".")
+    table = _TOP_DIFFUSERS if layout == "diffusers" else _TOP_SGM
+    if module not in table:
+        raise KeyError(f"no {layout} name for UNet-SVD parameter {key!r}")
+    return [f"{table[module]}.{param}"]
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes_cached(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    config = UNetSVDConfig.from_dict(json.loads(config_json))
+    with torch.device("meta"):
+        model = UNetSVD(config)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def expected_shapes(config: UNetSVDConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for ``config`` (from a model built on the meta device: no memory)."""
+    key = json.dumps(config.replace(gradient_checkpointing=False).to_dict(), sort_keys=True)
+    return dict(_expected_shapes_cached(key))
+
+
+#################################################################################
+#                                 Converters                                    #
+#################################################################################
+
+
+def _import(
+    state_dict: Mapping[str, Tensor], config: UNetSVDConfig, name_of: Callable[[str], list[str]], source: str
+) -> dict[str, Tensor]:
+    ours: dict[str, Tensor] = {}
+    missing: list[str] = []
+    mismatched: list[str] = []
+    used: set[str] = set()
+    for key, shape in expected_shapes(config).items():
+        names = name_of(key)
+        used.update(name for name in names if name in state_dict)  # expected, even when a fused partner is missing
+        absent = [name for name in names if name not in state_dict]
+        if absent:
+            missing.extend(absent)
+            continue
+        parts = [state_dict[name] for name in names]
+        part_shape = (shape[0] // len(names), *shape[1:])
+        bad = [
+            f"{name}: {tuple(p.shape)}, expected {part_shape}"
+            for name, p in zip(names, parts)
+            if tuple(p.shape) != part_shape
+        ]
+        if bad:
+            mismatched.extend(bad)
+            continue
+        ours[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    unexpected = sorted(set(state_dict) - used)
+    if missing or mismatched or unexpected:
+        raise UNetSVDConversionError(source, missing, mismatched, unexpected)
+    return ours
+
+
+def _check_ours(state_dict: Mapping[str, Tensor], config: UNetSVDConfig, source: str) -> None:
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: {tuple(state_dict[k].shape)}, expected {expected[k]}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
+    ]
+    if missing or mismatched or unexpected:
+        raise UNetSVDConversionError(source, missing, mismatched, unexpected)
+
+
+def _export(
+    state_dict: Mapping[str, Tensor], config: UNetSVDConfig, name_of: Callable[[str], list[str]]
+) -> dict[str, Tensor]:
+    _check_ours(state_dict, config, "vdiff state dict")
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        names = name_of(key)
+        value = value.detach()
+        if len(names) == 1:
+            out[names[0]] = value
+        else:  # clones: safetensors refuses tensors that share memory
+            out.update({name: part.clone() for name, part in zip(names, value.chunk(len(names), dim=0))})
+    return out
+
+
+def _check_norm_eps(config: UNetSVDConfig, layout: Literal["diffusers", "sgm"]) -> None:
+    if config.norm_eps != layout:
+        raise UNetSVDConfigError(
+            f"UNetSVDConfig.norm_eps={config.norm_eps!r} has no {layout} equivalent: {layout}'s UNet hard-codes its "
+            "own ResBlock GroupNorm epsilons (sgm 1e-5 everywhere; diffusers 1e-6 in cross-attention down blocks and "
+            f"up blocks), so the exported model would compute something else. To convert on purpose, load the "
+            f"weights into UNetSVD(config.replace(norm_eps={layout!r})) and export that."
+        )
+
+
+def from_vdiff(
+    state_dict: Mapping[str, Tensor], config: UNetSVDConfig, source: str = "vdiff state dict"
+) -> dict[str, Tensor]:
+    """Check a state dict in our own names against ``config`` (names and shapes)."""
+    _check_ours(state_dict, config, source)
+    return dict(state_dict)
+
+
+def from_diffusers(
+    state_dict: Mapping[str, Tensor], config: UNetSVDConfig, source: str = "diffusers state dict"
+) -> dict[str, Tensor]:
+    """diffusers ``UNetSpatioTemporalConditionModel`` state dict -> ours."""
+    return _import(state_dict, config, lambda k: peer_names(k, config, "diffusers"), source)
+
+
+def to_diffusers(state_dict: Mapping[str, Tensor], config: UNetSVDConfig) -> dict[str, Tensor]:
+    """Our state dict -> diffusers names (raises :class:`UNetSVDConfigError` unless ``config.norm_eps`` is
+    ``"diffusers"``: diffusers' UNet would compute something else)."""
+    _check_norm_eps(config, "diffusers")
+    return _export(state_dict, config, lambda k: peer_names(k, config, "diffusers"))
+
+
+def from_sgm(
+    state_dict: Mapping[str, Tensor], config: UNetSVDConfig, prefix: str = SGM_PREFIX, source: str = "sgm state dict"
+) -> dict[str, Tensor]:
+    """sgm ``VideoUNet`` tensors under ``prefix`` -> ours; tensors outside ``prefix`` are not looked at."""
+    inner = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not inner:
+        raise UNetSVDConversionError(source, [f"{prefix}* (no tensor has this prefix)"], [], [])
+    try:
+        return _import(inner, config, lambda k: peer_names(k, config, "sgm"), source)
+    except UNetSVDConversionError as error:  # name the keys as they are in the file
+        missing, mismatched = [prefix + k for k in error.missing], [prefix + k for k in error.mismatched]
+        raise UNetSVDConversionError(source, missing, mismatched, [prefix + k for k in error.unexpected]) from None
+
+
+def to_sgm(state_dict: Mapping[str, Tensor], config: UNetSVDConfig, prefix: str = SGM_PREFIX) -> dict[str, Tensor]:
+    """Our state dict -> sgm ``VideoUNet`` names under ``prefix`` (raises :class:`UNetSVDConfigError` unless
+    ``config.norm_eps`` is ``"sgm"``: sgm's UNet would compute something else)."""
+    _check_norm_eps(config, "sgm")
+    return {prefix + k: v for k, v in _export(state_dict, config, lambda k: peer_names(k, config, "sgm")).items()}
+
+
+def sgm_manifest() -> dict[str, Any]:
+    """The recorded sgm key manifest of the real SVD UNet: ``{"keys": {name: shape}, "commit": ..., ...}``."""
+    return json.loads(MANIFEST.read_text())
+
+
+#################################################################################
+#                           diffusers config.json                               #
+#################################################################################
+
+
+def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> UNetSVDConfig:
+    """A diffusers ``UNetSpatioTemporalConditionModel`` config (``config.json`` as a dict) -> the
+    :class:`UNetSVDConfig` that computes the same (``norm_eps="diffusers"``, ``concat_channels = in_channels -
+    out_channels``).
+
+    Raises:
+        UNetSVDConfigError: naming ``source`` and the field, for another ``_class_name``, an unknown field, or a
+            value vdiff cannot represent (block types that do not pair up, per-level depths or widths that
+            differ, head widths that differ between levels, ...).
+    """
+
+    def refuse(field: str, why: str) -> UNetSVDConfigError:
+        return UNetSVDConfigError(
+            f"{source}: {field}={config.get(field, '<missing>')!r} cannot be loaded by vdiff: {why}"
+        )
+
+    if config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
+        raise refuse("_class_name", f"vdiff reads diffusers {DIFFUSERS_CLASS} UNets only")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
+    if unknown:
+        raise UNetSVDConfigError(
+            f"{source}: unknown {DIFFUSERS_CLASS} field(s) {unknown}; vdiff does not know what they change, so it "
+            f"does not load the model (known fields: {sorted(_DIFFUSERS_DEFAULTS)})"
+        )
+    c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+
+    widths = [int(w) for w in c["block_out_channels"]]
+    levels = len(widths)
+    if not widths or any(w % widths[0] for w in widths):
+        raise refuse("block_out_channels", "vdiff's level widths are model_channels times integer multipliers")
+
+    def per_level(field: str) -> int:
+        value = c[field]
+        values = [value] * levels if isinstance(value, int) else list(value)
+        if len(values) != levels or any(not isinstance(v, int) for v in values) or len(set(values)) != 1:
+            raise refuse(field, f"vdiff needs one integer for all {levels} levels")
+        return values[0]
+
+    down = list(c["down_block_types"])
+    if len(down) != levels or any(t not in (CROSS_DOWN, PLAIN_DOWN) for t in down):
+        raise refuse("down_block_types", f"{levels} of {CROSS_DOWN} / {PLAIN_DOWN} expected")
+    attention_levels = tuple(i for i, t in enumerate(down) if t == CROSS_DOWN)
+    up_expected = [CROSS_UP if level in attention_levels else PLAIN_UP for level in reversed(range(levels))]
+    if list(c["up_block_types"]) != up_expected:
+        raise refuse("up_block_types", f"the up blocks must mirror the down blocks: {up_expected}")
+    heads = c["num_attention_heads"]
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    if len(heads) != levels:
+        raise refuse("num_attention_heads", f"one head count per level ({levels}) expected")
+    used = sorted({*attention_levels, levels - 1})  # the mid block uses the last level's heads
+    head_dims = {widths[i] / heads[i] for i in used}
+    if len(head_dims) != 1 or not float(next(iter(head_dims))).is_integer():
+        raise refuse("num_attention_heads", f"vdiff needs one integer head width at levels {used} (widths {widths})")
+    added_dim, projection = int(c["addition_time_embed_dim"]), int(c["projection_class_embeddings_input_dim"])
+    if added_dim < 1 or projection % added_dim:
+        raise refuse(
+            "projection_class_embeddings_input_dim", f"must be a multiple of addition_time_embed_dim={added_dim}"
+        )
+    in_channels, out_channels = int(c["in_channels"]), int(c["out_channels"])
+    if in_channels < out_channels:
+        raise refuse("in_channels", f"vdiff reads in_channels - out_channels={out_channels} as the concat channels")
+    try:
+        result = UNetSVDConfig(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            concat_channels=in_channels - out_channels,
+            model_channels=widths[0],
+            channel_mult=tuple(w // widths[0] for w in widths),
+            num_res_blocks=per_level("layers_per_block"),
+            attention_levels=attention_levels,
+            head_dim=int(next(iter(head_dims))),
+            transformer_depth=per_level("transformer_layers_per_block"),
+            context_dim=per_level("cross_attention_dim"),
+            num_added_time_ids=projection // added_dim,
+            added_time_embed_dim=added_dim,
+            num_frames=int(c["num_frames"]),
+            norm_eps="diffusers",
+        )
+        result.check()
+    except ValueError as error:
+        raise UNetSVDConfigError(f"{source}: {error}") from None
+    return result
+
+
+def config_to_diffusers(config: UNetSVDConfig) -> dict[str, Any]:
+    """The diffusers ``config.json`` (with ``_class_name``) of the model :func:`to_diffusers` exports.
+
+    Raises:
+        UNetSVDConfigError: for ``norm_eps="sgm"`` (diffusers' UNet hard-codes other GroupNorm epsilons: the
+            exported model would compute something else).
+    """
+    _check_norm_eps(config, "diffusers")
+    widths, levels = config.widths, len(config.channel_mult)
+    return {
+        "_class_name": DIFFUSERS_CLASS,
+        "sample_size": None,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": [CROSS_DOWN if i in config.attention_levels else PLAIN_DOWN for i in range(levels)],
+        "up_block_types": [CROSS_UP if i in config.attention_levels else PLAIN_UP for i in reversed(range(levels))],
+        "block_out_channels": list(widths),
+        "addition_time_embed_dim": config.added_time_embed_dim,
+        "projection_class_embeddings_input_dim": config.num_added_time_ids * config.added_time_embed_dim,
+        "layers_per_block": config.num_res_blocks,
+        "cross_attention_dim": config.context_dim,
+        "transformer_layers_per_block": config.transformer_depth,
+        # levels without attention (other than the last, whose heads the mid block uses) ignore their count
+        "num_attention_heads": [max(1, w // config.head_dim) for w in widths],
+        "num_frames": config.num_frames,
+    }
+
+
+def read_diffusers_config(path: str | os.PathLike) -> UNetSVDConfig:
+    """:func:`config_from_diffusers` of a ``config.json`` file (errors name the file)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UNetSVDConfigError(f"{path}: not a readable diffusers config.json ({error})") from None
+    if not isinstance(raw, dict):
+        raise UNetSVDConfigError(f"{path}: a diffusers config.json holds a JSON object, got {type(raw).__name__}")
+    return config_from_diffusers(raw, source=str(path))
+
+
+#################################################################################
+#                                 Files                                         #
+#################################################################################
+
+
+@dataclass
+class UNetSVDWeights:
+    """What :func:`read_unet_svd` found: our state dict, the config it fits, and where both came from."""
+
+    state_dict: dict[str, Tensor]
+    config: UNetSVDConfig
+    layout: str  # "vdiff", "diffusers" or "sgm" (never "auto")
+    weights_path: Path  # the weights file read (the index file of a sharded diffusers checkpoint)
+    config_source: str  # a config.json path, "<file> metadata", "argument" or "preset: svd"
+
+
+def _read_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """Tensors of a safetensors file (only those ``keep`` accepts are read), a sharded safetensors index, or a
+    torch checkpoint."""
+    if path.name.endswith(".safetensors.index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        out: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            out.update(_read_tensors(path.parent / shard, keep))
+        return out
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118
+    tensors = load_state_dict(path)
+    return {k: v for k, v in tensors.items() if keep is None or keep(k)}
+
+
+def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
+    """(config.json, weights file) of a diffusers UNet folder, or of its ``unet/`` subfolder (a pipeline)."""
+    model = folder
+    if not (folder / DIFFUSERS_CONFIG).is_file() and (folder / DIFFUSERS_SUBFOLDER / DIFFUSERS_CONFIG).is_file():
+        model = folder / DIFFUSERS_SUBFOLDER
+    if not (model / DIFFUSERS_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{folder}: not a diffusers UNet folder: no {DIFFUSERS_CONFIG} in it or in {folder / DIFFUSERS_SUBFOLDER}"
+        )
+    for name in DIFFUSERS_WEIGHTS:
+        if (model / name).is_file():
+            return model / DIFFUSERS_CONFIG, model / name
+    present = sorted(p.name for p in model.iterdir())
+    raise FileNotFoundError(
+        f"{model}: no weights file beside {DIFFUSERS_CONFIG}; looked for {list(DIFFUSERS_WEIGHTS)}, found {present}"
+    )
+
+
+def _keys(path: Path) -> list[str]:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    return list(load_state_dict(path))
+
+
+def detect_layout(keys: list[str], metadata: Mapping[str, str], path: Path) -> str:
+    """The layout of a weights FILE: ``vdiff``, ``diffusers`` or ``sgm`` (raises when none fits)."""
+    if VDIFF_CONFIG_KEY in metadata:
+        return "vdiff"
+    if any(k.startswith(SGM_PREFIX) for k in keys):
+        return "sgm"
+    if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
+        return "diffusers"
+    if any(k.startswith(("down.0.res.", "mid.res.")) for k in keys):
+        return "vdiff"
+    raise ValueError(
+        f"{path}: cannot tell whether it holds vdiff, diffusers or sgm UNet-SVD weights (no known key); pass layout= "
+        f"(first keys: {keys[:5]})"
+    )
+
+
+def _check_same(given: UNetSVDConfig, found: UNetSVDConfig, source: str, ignore: tuple[str, ...]) -> None:
+    diff = [
+        f"{f.name}: passed {getattr(given, f.name)!r}, {source} says {getattr(found, f.name)!r}"
+        for f in dataclasses.fields(UNetSVDConfig)
+        if f.name not in ignore and getattr(given, f.name) != getattr(found, f.name)
+    ]
+    if diff:
+        raise UNetSVDConfigError(
+            "the config passed contradicts the one stored with the weights (pass config=None to use it):\n  "
+            + "\n  ".join(diff)
+        )
+
+
+def _resolve_config(config: UNetSVDConfig | Mapping[str, Any] | str | None) -> UNetSVDConfig | None:
+    if config is None or isinstance(config, UNetSVDConfig):
+        return config
+    if isinstance(config, str):
+        return UNetSVDConfig.from_name(config)
+    if isinstance(config, Mapping):
+        return UNetSVDConfig.from_dict(dict(config))
+    raise TypeError(f"config must be a UNetSVDConfig, a preset name or a mapping, got {type(config).__name__}")
+
+
+def read_unet_svd(
+    path: str | os.PathLike,
+    layout: LoadLayout = "auto",
+    config: UNetSVDConfig | Mapping[str, Any] | str | None = None,
+) -> UNetSVDWeights:
+    """Read UNet-SVD weights from a LOCAL file or diffusers folder into our names (nothing is downloaded).
+
+    Args:
+        path: a diffusers UNet or pipeline folder, or a weights file (``.safetensors``, ``.pt``, ``.ckpt``, ``.bin``);
+            a relative path that does not exist is also looked up under ``$VDIFF_WEIGHTS``.
+        layout: ``auto`` (a folder is diffusers; a file's layout is found from its metadata and keys), or one of
+            ``vdiff``, ``diffusers`` (a bare ``diffusion_pytorch_model.*`` file; its ``config.json`` beside it
+            is used) and ``sgm``.
+        config: for files without a config (sgm; a bare diffusers file): the architecture (a preset name, a
+            :class:`UNetSVDConfig` or its dict); sgm defaults to the ``svd`` preset. With a stored config it may
+            only agree with it, except in the fields the file does not hold (for diffusers: ``concat_channels``,
+            ``gradient_checkpointing``), which it sets.
+
+    Raises:
+        FileNotFoundError: no such file or folder (naming where it looked).
+        UNetSVDConfigError: a config vdiff cannot represent, or a passed config contradicting the stored one.
+        UNetSVDConversionError: missing, mis-shaped or unused tensors (naming the keys and the file).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown weights layout {layout!r}; choose one of {LAYOUTS}")
+    given = _resolve_config(config)
+    resolved = resolve_weights_path(path, what=f"UNet-SVD weights ({layout} layout)", allow_dir=True).absolute()
+
+    found: UNetSVDConfig | None = None
+    source = "argument"
+    metadata: dict[str, str] = {}
+    if resolved.is_dir():
+        if layout not in ("auto", "diffusers"):
+            raise ValueError(
+                f"{resolved} is a folder, read as a diffusers model folder; layout={layout!r} is for files"
+            )
+        config_json, weights_path = _diffusers_folder(resolved)
+        found, source, layout = read_diffusers_config(config_json), str(config_json), "diffusers"
+    else:
+        weights_path = resolved
+        if weights_path.suffix == ".safetensors":
+            metadata = load_metadata(weights_path)
+        if layout == "auto":
+            layout = detect_layout(_keys(weights_path), metadata, weights_path)
+        beside = weights_path.parent / DIFFUSERS_CONFIG
+        if layout == "vdiff" and VDIFF_CONFIG_KEY in metadata:
+            found, source = UNetSVDConfig.from_dict(json.loads(metadata[VDIFF_CONFIG_KEY])), f"{weights_path} metadata"
+        elif layout == "diffusers" and weights_path.name.startswith("diffusion_pytorch_model") and beside.is_file():
+            found, source = read_diffusers_config(beside), str(beside)
+
+    if found is not None:
+        if given is not None:
+            kept = _NOT_IN_DIFFUSERS if layout == "diffusers" else ("gradient_checkpointing",)
+            _check_same(given, found, source, ignore=kept)
+            found = found.replace(**{name: getattr(given, name) for name in kept})
+        cfg = found
+    elif given is not None:
+        cfg = given
+    elif layout == "sgm":
+        cfg, source = UNetSVDConfig.from_name("svd"), "preset: svd (sgm files carry no config)"
+    else:
+        raise UNetSVDConfigError(
+            f"{weights_path}: no config stored with these {layout} weights and none passed; the head count and "
+            "GroupNorm epsilons cannot be read from weights: pass config= (e.g. 'svd'), or load the diffusers folder"
+        )
+
+    where = f"{layout} file {weights_path}"
+    if layout == "sgm":
+        ours = from_sgm(_read_tensors(weights_path, lambda k: k.startswith(SGM_PREFIX)), cfg, source=where)
+    elif layout == "diffusers":
+        ours = from_diffusers(_read_tensors(weights_path), cfg, source=where)
+    else:
+        ours = from_vdiff(_read_tensors(weights_path), cfg, source=where)
+    return UNetSVDWeights(ours, cfg, layout, weights_path, source)
+
+
+def load_unet_svd(
+    path: str | os.PathLike,
+    layout: LoadLayout = "auto",
+    config: UNetSVDConfig | Mapping[str, Any] | str | None = None,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> UNetSVD:
+    """A :class:`UNetSVD` with the weights of a LOCAL file or diffusers folder (see :func:`read_unet_svd` for the
+    arguments and errors). Built on the meta device and filled with the tensors (no second copy of 1.5B
+    parameters), cast to ``dtype`` (None: as stored) on ``device``; in train mode, as built."""
+    weights = read_unet_svd(path, layout=layout, config=config)
+    with torch.device("meta"):
+        model = UNetSVD(weights.config)
+    state = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype is not None else v.dtype)
+        for k, v in weights.state_dict.items()
+    }
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def save_unet_svd(model: UNetSVD, path: str | os.PathLike, layout: SaveLayout = "vdiff") -> Path:
+    """Write ``model``'s weights; returns the path of the weights file written.
+
+    layout:
+        ``"vdiff"``: one ``.safetensors`` file at ``path``, the config in its metadata.
+        ``"diffusers"``: a FOLDER at ``path`` (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
+            ``diffusers.UNetSpatioTemporalConditionModel.from_pretrained(path)`` loads (needs ``norm_eps="diffusers"``).
+        ``"sgm"``: one file with sgm names under ``model.diffusion_model.`` (the UNet part of an SVD checkpoint).
+    """
+    config, state_dict, path = model.config, model.state_dict(), Path(path)
+    if layout == "vdiff":
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: a vdiff UNet-SVD file is .safetensors (its config lives in the metadata)")
+        save_state_dict(state_dict, path, metadata={VDIFF_CONFIG_KEY: json.dumps(config.to_dict())})
+        return path
+    if layout == "diffusers":
+        if path.suffix:
+            raise ValueError(f"{path}: the diffusers layout is a folder (config.json + weights); give a folder path")
+        diffusers_config = config_to_diffusers(config)
+        tensors = to_diffusers(state_dict, config)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config, indent=2) + "\n")
+        save_state_dict(tensors, path / DIFFUSERS_WEIGHTS[0])
+        return path / DIFFUSERS_WEIGHTS[0]
+    if layout == "sgm":
+        save_state_dict(to_sgm(state_dict, config), path)
+        return path
+    raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
