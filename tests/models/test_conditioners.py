@@ -19,7 +19,7 @@ from vdiff.models.conditioners import (
     CLIP_MEAN,
     CLIP_STD,
     CONCAT,
-    CROSSATTN,
+    CONTEXT,
     DEFAULT_MOTION_BUCKETS,
     FLOW_FPS,
     FLOW_SIZE,
@@ -365,8 +365,8 @@ def test_svd_conditioner_outputs():
     with torch.no_grad():
         cond = conditioner(frame, ae, 14, fps_id=fps_id, motion_bucket_id=motion, cond_aug=cond_aug, noise=noise)
         clean = conditioner.image_embedder(frame)
-    assert set(cond) == {CROSSATTN, CONCAT, ADDED_TIME_IDS}
-    torch.testing.assert_close(cond[CROSSATTN], clean, rtol=0, atol=0)  # CLIP sees the clean frame
+    assert set(cond) == {CONTEXT, CONCAT, ADDED_TIME_IDS}
+    torch.testing.assert_close(cond[CONTEXT], clean, rtol=0, atol=0)  # CLIP sees the clean frame
     assert cond[CONCAT].shape == (2, 14, 4, 8, 10)
     torch.testing.assert_close(
         cond[CONCAT][:, 0], ae.latent((frame + cond_aug.view(2, 1, 1, 1) * noise).unsqueeze(1))[:, 0]
@@ -375,10 +375,35 @@ def test_svd_conditioner_outputs():
     # a precomputed (B, D) embedding (latent shards' image_embed) replaces the embedder
     embed = torch.randn(2, 24)
     cond2 = SVDConditioner(None)(frame, ae, 3, image_embed=embed, noise=noise)
-    torch.testing.assert_close(cond2[CROSSATTN], embed.unsqueeze(1))
+    torch.testing.assert_close(cond2[CONTEXT], embed.unsqueeze(1))
     assert cond2[ADDED_TIME_IDS][:, 0].tolist() == [SVD_FPS_ID] * 2
     with pytest.raises(ValueError, match="no image embedder"):
         SVDConditioner(None)(frame, ae, 3)
+
+
+def test_conditions_drive_the_svd_unet_with_and_without_guidance():
+    """The cond keys and shapes are what vdiff.models.unet_svd reads; the CFG branch is unconditional(cond)."""
+    from vdiff.diffusion.guidance import LinearCFG, guided_call
+    from vdiff.models import unet_svd
+
+    assert (CONTEXT, CONCAT, ADDED_TIME_IDS) == (unet_svd.CONTEXT_KEY, unet_svd.CONCAT_KEY, unet_svd.ADDED_TIME_IDS_KEY)
+    torch.manual_seed(0)
+    unet = unet_svd.UNetSVD(unet_svd.UNetSVDConfig.from_name("tiny")).eval()
+    conditioner = SVDConditioner(CLIPImageEmbedderConfig.from_name("tiny", embed_dim=unet.config.context_dim)).eval()
+    frame = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        cond = conditioner(frame, StubAutoencoder(), 4, fps_id=fps_id_from_fps(10.0), motion_bucket_id=64)
+        x = torch.randn(2, 4, 4, 16, 16)
+        noise_level = torch.tensor([0.1, -0.5])
+        out = unet(x, noise_level, cond, None)
+        guided = guided_call(unet, x, noise_level, cond, unconditional(cond), None, LinearCFG(1.0, 2.5))
+        uncond_out = unet(x, noise_level, {**cond, **unconditional(cond)}, None)
+    assert out.shape == guided.shape == (2, 4, 4, 16, 16)
+    # LinearCFG: scale 1 at frame 0 (the conditional output), 2.5 at the last frame
+    torch.testing.assert_close(guided[:, 0], out[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        guided[:, -1], uncond_out[:, -1] + 2.5 * (out[:, -1] - uncond_out[:, -1]), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_cfg_dropout_zeroes_exactly_the_dropped_samples():
@@ -387,25 +412,25 @@ def test_cfg_dropout_zeroes_exactly_the_dropped_samples():
     g = torch.Generator().manual_seed(0)
     batch = 64
     cond = {
-        CROSSATTN: torch.randn(batch, 1, 24, generator=g),
+        CONTEXT: torch.randn(batch, 1, 24, generator=g),
         CONCAT: torch.randn(batch, 6, 4, 3, 5, generator=g),
         ADDED_TIME_IDS: torch.rand(batch, 3, generator=g) + 1.0,
     }
     dropped, keep = drop_conditions(
         cond, cfg_drop_probs(image=0.5, concat=0.25), torch.Generator().manual_seed(1), return_keep=True
     )
-    for key in (CROSSATTN, CONCAT):
+    for key in (CONTEXT, CONCAT):
         k = keep[key]
         assert 0 < int(k.sum()) < batch
         assert torch.equal(dropped[key][k], cond[key][k])
         assert bool(torch.all(dropped[key][~k] == 0))
         assert bool(torch.all(cond[key][~k].flatten(1).abs().sum(1) > 0))  # they were not zero before
-    assert not torch.equal(keep[CROSSATTN], keep[CONCAT])  # independent draws
+    assert not torch.equal(keep[CONTEXT], keep[CONCAT])  # independent draws
     assert torch.equal(dropped[ADDED_TIME_IDS], cond[ADDED_TIME_IDS]) and bool(keep[ADDED_TIME_IDS].all())
     joint, keep2 = drop_conditions(
-        cond, cfg_drop_probs(0.5, 0.5), torch.Generator().manual_seed(1), groups=[(CROSSATTN, CONCAT)], return_keep=True
+        cond, cfg_drop_probs(0.5, 0.5), torch.Generator().manual_seed(1), groups=[(CONTEXT, CONCAT)], return_keep=True
     )
-    assert torch.equal(keep2[CROSSATTN], keep2[CONCAT])
+    assert torch.equal(keep2[CONTEXT], keep2[CONCAT])
     uncond = unconditional(cond)
-    assert set(uncond) == {CROSSATTN, CONCAT}
+    assert set(uncond) == {CONTEXT, CONCAT}
     assert all(bool(torch.all(v == 0)) and v.shape == cond[k].shape for k, v in uncond.items())

@@ -8,7 +8,7 @@ frames) Stable Video Diffusion gives its UNet three conditions (sgm ``configs/in
 =====================  ===================  ===============================================================
 cond key               shape                what
 =====================  ===================  ===============================================================
-``crossattn``          ``(B, 1, 1024)``     CLIP image embedding of the CLEAN frame (:class:`CLIPImageEmbedder`:
+``context``            ``(B, 1, 1024)``     CLIP image embedding of the CLEAN frame (:class:`CLIPImageEmbedder`:
                                             OpenCLIP ViT-H/14 image tower + projection to 1024, one token)
 ``concat``             ``(B, T, 4, h, w)``  autoencoder posterior MODE of the NOISY frame
                                             ``frame + cond_aug * N(0, 1)``, NOT multiplied by the latent scale
@@ -51,7 +51,7 @@ SVD's unconditional branch is a zero CLIP embedding and a zero concat latent; th
 (:func:`unconditional` gives the zeros; a key it leaves out is shared by both halves in
 ``vdiff.diffusion.guidance.guided_call``). Training drops each condition per sample with its own probability,
 to zeros: that is exactly ``vdiff.diffusion.guidance.drop_conditions(cond, cfg_drop_probs(image=p, concat=q))``
-(per-key Bernoulli per sample, zeros where dropped; ``groups=[(CROSSATTN, CONCAT)]`` drops both together). It is
+(per-key Bernoulli per sample, zeros where dropped; ``groups=[(CONTEXT, CONCAT)]`` drops both together). It is
 not re-implemented here and not called from here: ``vdiff.models`` sits below ``vdiff.diffusion`` in the layer
 order (docs/architecture.md), so the LightningModule that owns the training step calls it.
 
@@ -76,8 +76,8 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-# cond keys (the UNet reads these)
-CROSSATTN = "crossattn"  # (B, 1, D) CLIP image embedding tokens
+# cond keys: the names vdiff.models.unet_svd reads (CONTEXT_KEY, CONCAT_KEY, ADDED_TIME_IDS_KEY; a test checks)
+CONTEXT = "context"  # (B, 1, D) CLIP image embedding tokens (cross-attention context)
 CONCAT = "concat"  # (B, T, c, h, w) unscaled conditioning-frame latent, repeated over T
 ADDED_TIME_IDS = "added_time_ids"  # (B, 3) raw fps_id, motion_bucket_id, cond_aug
 
@@ -602,13 +602,13 @@ def concat_condition(
 def cfg_drop_probs(image: float, concat: float) -> dict[str, float]:
     """Per-condition CFG dropout probabilities for ``vdiff.diffusion.guidance.drop_conditions`` (the
     micro-conditioning is never dropped)."""
-    return {CROSSATTN: float(image), CONCAT: float(concat)}
+    return {CONTEXT: float(image), CONCAT: float(concat)}
 
 
 def unconditional(cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """SVD's unconditional branch for CFG: zeros of ``crossattn`` and ``concat`` (those present); other keys
+    """SVD's unconditional branch for CFG: zeros of ``context`` and ``concat`` (those present); other keys
     (``added_time_ids``) are left out, so ``guided_call`` shares them between both halves."""
-    return {key: torch.zeros_like(value) for key, value in cond.items() if key in (CROSSATTN, CONCAT)}
+    return {key: torch.zeros_like(value) for key, value in cond.items() if key in (CONTEXT, CONCAT)}
 
 
 class SVDConditioner(nn.Module):
@@ -636,7 +636,7 @@ class SVDConditioner(nn.Module):
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """frame ``(B, 3, H, W)`` in [-1, 1] -> ``{crossattn (B, 1, D), concat (B, T, c, h, w), added_time_ids (B, 3)}``.
+        """frame ``(B, 3, H, W)`` in [-1, 1] -> ``{context (B, 1, D), concat (B, T, c, h, w), added_time_ids (B, 3)}``.
 
         fps_id, motion_bucket_id, cond_aug: scalars or ``(B,)`` (see :func:`fps_id_from_fps`, :class:`MotionBuckets`).
         image_embed: a precomputed ``(B, D)`` or ``(B, 1, D)`` embedding of the clean ``frame`` (the latent shards'
@@ -655,7 +655,7 @@ class SVDConditioner(nn.Module):
                 )
         sigma = _per_clip(cond_aug, batch, "SVDConditioner(cond_aug)", frame.device)
         return {
-            CROSSATTN: tokens,
+            CONTEXT: tokens,
             CONCAT: concat_condition(autoencoder, frame, sigma, num_frames, noise=noise, generator=generator),
             ADDED_TIME_IDS: added_time_ids(fps_id, motion_bucket_id, sigma, batch=batch).to(frame.device),
         }
@@ -667,7 +667,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CONCAT",
-    "CROSSATTN",
+    "CONTEXT",
     "DEFAULT_MOTION_BUCKETS",
     "CLIPImageEmbedder",
     "CLIPImageEmbedderConfig",
