@@ -1,4 +1,7 @@
-"""EMA (update rule, swapping, checkpoint round trip) and SampleVideos' frame markers."""
+"""EMA (update rule, swapping, checkpoint round trip) driven hook by hook, and SampleVideos' frame markers.
+
+Trainer-driven EMA tests (Lightning parity, accumulation, resume, placement, sharding) are in tests/callbacks/.
+"""
 
 from __future__ import annotations
 
@@ -20,21 +23,30 @@ class Tiny(torch.nn.Module):
         return [(f"layer.{n}", p) for n, p in self.layer.named_parameters()]
 
 
+def step(ema: EMA, trainer, module, batch_idx: int, optimizer_step: bool = True) -> None:
+    """One training batch as Lightning calls the hooks, the "optimizer" adding 1 to the weight;
+    ``optimizer_step`` False = an accumulation batch."""
+    ema.on_train_batch_start(trainer, module, None, batch_idx)
+    if optimizer_step:
+        ema.on_before_optimizer_step(trainer, module, None)
+        with torch.no_grad():
+            module.layer.weight.add_(1.0)
+        trainer.global_step += 1
+    ema.on_train_batch_end(trainer, module, None, None, batch_idx)
+
+
 def test_ema_follows_the_update_rule_swaps_and_round_trips():
     module, ema = Tiny(), EMA(decay=0.9, warmup=False)
-    trainer = SimpleNamespace(global_step=0, sanity_checking=False)
+    trainer = SimpleNamespace(global_step=0, sanity_checking=False, is_global_zero=True)
     ema.on_fit_start(trainer, module)
     start = module.layer.weight.detach().clone()
     expected = start.clone()
-    for step in range(1, 4):
-        with torch.no_grad():
-            module.layer.weight.add_(1.0)
-        trainer.global_step = step
-        ema.on_train_batch_end(trainer, module, None, None, step)
+    for batch_idx in range(3):
+        step(ema, trainer, module, batch_idx)
         expected = 0.9 * expected + 0.1 * module.layer.weight.detach()
     assert torch.allclose(ema.shadow["layer.weight"], expected, atol=1e-6)
     assert set(ema.shadow) == {"layer.weight", "layer.bias"}  # the frozen layer is not tracked
-    ema.on_train_batch_end(trainer, module, None, None, 4)  # same optimizer step (accumulation): no update
+    step(ema, trainer, module, 3, optimizer_step=False)  # no optimizer step in this batch (accumulation): no update
     assert ema.num_updates == 3 and torch.allclose(ema.shadow["layer.weight"], expected, atol=1e-6)
 
     trained = module.layer.weight.detach().clone()
@@ -56,16 +68,16 @@ def test_ema_follows_the_update_rule_swaps_and_round_trips():
     resumed.load_state_dict(ema.state_dict())
     resumed.on_load_checkpoint(trainer, Tiny(), checkpoint)
     resumed.on_fit_start(trainer, Tiny())
+    resumed.on_train_batch_start(trainer, Tiny(), None, 0)
     assert resumed.num_updates == 3 and torch.allclose(resumed.shadow["layer.weight"], expected, atol=1e-6)
 
 
 def test_ema_warmup_decay_grows_towards_the_target():
     ema = EMA(decay=0.999, warmup=True)
-    values = []
-    for n in (0, 10, 1000, 100000):
-        ema.num_updates = n
-        values.append(ema.current_decay())
+    values = [ema.current_decay(n) for n in (0, 10, 1000, 100000)]
     assert values[0] == 0.1 and values == sorted(values) and values[-1] == 0.999
+    # An update covering k steps uses the product of their per-step decays.
+    assert ema.update_decay(3) == ema.current_decay(0) * ema.current_decay(1) * ema.current_decay(2)
 
 
 def test_mark_frames_paints_given_green_and_generated_red():
