@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from vdiff.data import batch as B
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.edm import EDMDiffusion
+from vdiff.diffusion.guidance import Guidance
 from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig, check_sampler, default_sampler, sample
 from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, format_report
@@ -120,6 +121,7 @@ class VideoDiffusionModule(L.LightningModule):
         self.lr_decay = lr_decay
         self.optimizer_factory = optimizer
         self.net: nn.Module | None = None
+        self.guidance: Guidance | None = None  # classifier-free guidance schedule at sampling (families set it)
         self.test_results: dict[str, float] = {}
         self._test_totals = ScoreTotals()
 
@@ -145,9 +147,15 @@ class VideoDiffusionModule(L.LightningModule):
             if callable(hook):
                 hook(trainer, self)
 
-    def conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Conditioning tensors for the network (none by default); override to add some."""
+    def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Conditioning tensors for the network when sampling (none by default); override to add some.
+        ``generator`` seeds any noise the conditions need (e.g. SVD's noise-augmented frame)."""
         return {}
+
+    def training_conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Conditioning tensors for a training step: :meth:`conditioning` by default; families add
+        condition dropout (for classifier-free guidance) or random augmentation here."""
+        return self.conditioning(batch)
 
     # ---------------------------------------------------------------- autoencoder
 
@@ -199,7 +207,9 @@ class VideoDiffusionModule(L.LightningModule):
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """The diffusion loss of a batch: the process's :data:`~vdiff.diffusion.common.LOSS_KEYS`."""
         x0 = self.batch_latents(batch)  # (B, T, c, h, w)
-        return self.diffusion.training_losses(self.net, x0, self.conditioning(batch), self.training_given_mask(x0))
+        return self.diffusion.training_losses(
+            self.net, x0, self.training_conditioning(batch), self.training_given_mask(x0)
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.compute_loss(batch)
@@ -232,10 +242,17 @@ class VideoDiffusionModule(L.LightningModule):
     ) -> Tensor:
         """Sample scaled latents ``(B, T, c, h, w)`` where ``given_mask`` is false; given is pasted in."""
         noise = torch.randn(given.shape, generator=generator, device=given.device, dtype=given.dtype)
+        cond = cond or {}
+        uncond = self.unconditional(cond) if self.guidance is not None else None
         return sample(
-            self.diffusion, self.net, noise, cond or {}, sampler or self.sampler,
+            self.diffusion, self.net, noise, cond, sampler or self.sampler, uncond=uncond, guidance=self.guidance,
             given=given, given_mask=given_mask, generator=generator, progress=progress,
         )  # fmt: skip
+
+    def unconditional(self, cond: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The unconditional branch of classifier-free guidance for ``cond`` (keys left out are shared by
+        both branches); None = no guidance. Families with conditions override it."""
+        return None
 
     def sampler_with(self, sampler: str | None = None, steps: int | None = None, eta: float | None = None) -> SamplerConfig:
         """This module's sampler with the given settings replaced (None keeps a setting)."""
@@ -271,7 +288,7 @@ class VideoDiffusionModule(L.LightningModule):
     ) -> Generated:
         """One sample of the clips whose clean latents are ``x0 (B, T, c, h, w)``, decoded to video."""
         b, t = x0.shape[:2]
-        latents = self.sample_latents(x0, given_mask, self.conditioning(batch), sampler, generator, progress)
+        latents = self.sample_latents(x0, given_mask, self.conditioning(batch, generator), sampler, generator, progress)
         video = self.decode_latents(latents)
         target = batch.get(B.VIDEO)
         if target is not None:

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from vdiff.models.conditioners import CLIPImageEmbedder, CLIPImageEmbedderConfig
-from vdiff.weights.safetensors_io import load_state_dict, resolve_weights_path
+from vdiff.weights.safetensors_io import file_sha256, load_state_dict, resolve_weights_path
 
 ClipLayout = Literal["auto", "transformers", "open_clip"]
 CLIP_LAYOUTS = ("auto", "transformers", "open_clip")
@@ -586,3 +586,29 @@ def load_clip_image_embedder(
     if left:
         raise RuntimeError(f"{weights.weights_path}: tensors left unloaded: {left}")
     return model
+
+
+class PretrainedCLIPImageEmbedder(CLIPImageEmbedder):
+    """A :class:`CLIPImageEmbedder` whose weights come from a LOCAL file or folder, read when it is constructed,
+    so a recipe can name it by ``class_path`` and a missing file fails before training.
+
+    Args: as :func:`read_clip_image_embedder` (``path``, ``layout``, ``config``).
+
+    Attributes:
+        weights_path: absolute path of the weights file read.
+        layout: the layout read (``"transformers"`` or ``"open_clip"``).
+        weights_sha256: hex SHA-256 of that file (checkpoints record it instead of storing the weights).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        layout: ClipLayout = "auto",
+        config: CLIPImageEmbedderConfig | str | None = None,
+    ) -> None:
+        weights = read_clip_image_embedder(path, layout=layout, config=config)
+        super().__init__(weights.config)
+        self.load_state_dict(weights.state_dict, strict=True)
+        self.weights_path: str = str(weights.weights_path)
+        self.layout: str = weights.layout
+        self.weights_sha256: str = file_sha256(weights.weights_path)

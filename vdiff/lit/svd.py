@@ -1,0 +1,381 @@
+"""SVDModule: Stable Video Diffusion's image-to-video UNet trained and fine-tuned end to end.
+
+Stability never released SVD's training code; this module trains SVD and SVD-XT from their real
+weights (or a tiny UNet from scratch) with the shared :class:`~vdiff.lit.base.VideoDiffusionModule`:
+
+* EDM as SVD uses it: V-scaling preconditioning with EDM's ``c_noise``, one sigma per clip drawn
+  log-normally (``P_mean``/``P_std`` from the recipe), V loss weighting, optional offset noise;
+* image-to-video conditioning from a chosen frame (:class:`SVDConditioning`): the CLIP image
+  embedding of the clean frame (cross-attention ``context``), the autoencoder's posterior mode of
+  the noise-augmented frame (``concat``, unscaled, as SVD) and the micro-conditioning
+  ``(fps_id, motion_bucket_id, cond_aug)``, with ``fps_id`` from the clip's fps and
+  ``motion_bucket_id`` from its motion score through a fitted :class:`MotionBuckets` map;
+* per-condition dropout in training and SVD's per-frame linear classifier-free guidance at sampling
+  (the unconditional branch zeroes the image embedding and the concat latent);
+* optimizer parameter groups from the recipe: ``train: temporal`` trains the temporal layers only,
+  ``spatial_lr_scale`` scales the spatial layers' learning rate (SVD fine-tunes: 0.1); frozen parts
+  (autoencoder, image encoder, spatial layers when frozen) never reach the optimizer;
+* validation with Euler EDM (SVD: 25 steps, sigma_max 700, SVD's initial-noise scale) scored by the
+  shared evaluation protocol (PSNR/SSIM on generated frames beside copy-last-frame).
+
+Batches from video shards encode through the autoencoder; batches from latent shards
+(``vdiff encode``) bring the latents, the clean first frame and optionally its CLIP embedding
+(``image_embed``), so CLIP does not run in the training loop and the autoencoder encodes only the
+one noise-augmented conditioning frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from vdiff.data import batch as B
+from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
+from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG, drop_conditions
+from vdiff.diffusion.masks import task_mask
+from vdiff.diffusion.sampling import SamplerConfig
+from vdiff.lit.base import VideoDiffusionModule
+from vdiff.lit.evaluation import EvalProtocol
+from vdiff.models.conditioners import (
+    DEFAULT_MOTION_BUCKETS,
+    SVD_COND_AUG,
+    SVD_MOTION_BUCKET_ID,
+    CLIPImageEmbedder,
+    CLIPImageEmbedderConfig,
+    MotionBuckets,
+    SVDConditioner,
+    cfg_drop_probs,
+    fps_id_from_fps,
+    unconditional,
+)
+from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
+
+IMAGE_ENCODER_KEY = "vdiff_image_encoder"  # checkpoint entry: the frozen CLIP's config (and file, when file-backed)
+IMAGE_ENCODER_PREFIX = "image_encoder."
+MOTION_SCORE = "motion_score"  # optional batch key: (B,) curation motion score (NaN where unknown)
+
+
+@dataclass
+class SVDConditioning:
+    """How SVD's conditions are made from a clip.
+
+    frame: index of the conditioning frame in the clip (SVD: 0, the first frame).
+    cond_aug: std of the noise added to the conditioning frame before encoding (SVD samples with 0.02);
+        used at sampling, and in training unless ``cond_aug_lognormal`` is set.
+    cond_aug_lognormal: ``(mean, std)`` of ``ln cond_aug`` drawn per clip in training (None = the fixed
+        ``cond_aug``). SVD's training distribution was not published; ``(-3.0, 0.5)`` is a common choice.
+    fps_id: the fps id given to the network; None = from each clip's fps (``fps - 1``, as SVD).
+    motion_bucket_id: the motion bucket; None = from each clip's motion score through ``motion_buckets``
+        (clips without a score get SVD's default, 127).
+    motion_buckets: a JSON file of a fitted :class:`~vdiff.models.conditioners.MotionBuckets` map (None = the
+        documented default map).
+    drop_image, drop_concat: training dropout probabilities of the image embedding and the concat latent
+        (classifier-free guidance learns from the dropped samples).
+    drop_together: drop both with one draw per clip (else independently).
+    """
+
+    frame: int = 0
+    cond_aug: float = SVD_COND_AUG
+    cond_aug_lognormal: tuple[float, float] | None = None
+    fps_id: float | None = None
+    motion_bucket_id: float | None = None
+    motion_buckets: str | None = None
+    drop_image: float = 0.1
+    drop_concat: float = 0.1
+    drop_together: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("drop_image", "drop_concat"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"SVDConditioning: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.drop_together and self.drop_image != self.drop_concat:
+            raise ValueError("SVDConditioning: drop_together needs drop_image == drop_concat")
+        if self.cond_aug < 0:
+            raise ValueError(f"SVDConditioning: cond_aug must be >= 0, got {self.cond_aug}")
+
+
+class SVDModule(VideoDiffusionModule):
+    """Trains and samples SVD's UNet (image-to-video, or any mask task such as interpolation).
+
+    Args:
+        net: a size of :data:`vdiff.models.unet_svd.UNET_SVD_CONFIGS` (``svd``, ``svd-xt``, ``tiny``) or a
+            :class:`UNetSVDConfig` mapping. Its ``in_channels`` must be the latent channels plus
+            ``concat_channels`` and ``out_channels`` the latent channels.
+        image_encoder: the frozen CLIP image embedder (e.g. ``vdiff.weights.clip.PretrainedCLIPImageEmbedder``
+            from a local file); None when every batch brings ``image_embed``.
+        conditioning: how the conditions are made (:class:`SVDConditioning`).
+        guidance: CFG at sampling; None = SVD's ``LinearCFG(1.0, 2.5)``; ``VanillaCFG(1.0)`` disables it.
+        train: ``all`` parameters of the UNet, or ``temporal`` layers only (the spatial ones frozen).
+        spatial_lr_scale: learning-rate factor of the spatial layers (SVD/Vista fine-tunes: 0.1).
+        paste_cond_frame: paste the conditioning frame's latent during sampling (the sampler keeps it
+            fixed). SVD generates it too (False); set True where training kept it clean (a mask task).
+        mask_task: a mask mode given clean in training and at sampling beside the image conditioning
+            (e.g. ``interpolation`` for SVD's frame interpolation); None = image-to-video only.
+        mask_params: parameters of ``mask_task`` (e.g. ``{"step": 4}``).
+        diffusion: None = SVD's EDM (V-scaling, log-normal sigma 0.7 / 1.6, V weighting).
+        sampler: None = Euler, 25 steps, sigma_max 700, SVD's initial-noise scale.
+        evaluation: None = prediction from 1 given frame (the conditioning frame).
+        autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay: see the base module.
+    """
+
+    def __init__(
+        self,
+        net: UNetSVDConfig | str = "svd",
+        image_encoder: nn.Module | None = None,
+        conditioning: SVDConditioning | None = None,
+        guidance: LinearCFG | VanillaCFG | TriangleCFG | None = None,
+        train: Literal["all", "temporal"] = "all",
+        spatial_lr_scale: float = 1.0,
+        paste_cond_frame: bool = False,
+        mask_task: str | None = None,
+        mask_params: dict[str, Any] | None = None,
+        diffusion: EDMDiffusion | None = None,
+        sampler: SamplerConfig | None = None,
+        evaluation: EvalProtocol | None = None,
+        autoencoder: nn.Module | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_decay: Literal["constant", "cosine"] = "constant",
+    ) -> None:
+        if evaluation is None:
+            evaluation = EvalProtocol(task="prediction", given_frames=1)
+        super().__init__(autoencoder, diffusion, sampler, evaluation, lr, weight_decay, betas, warmup_steps, optimizer,
+                         lr_decay)
+        self.save_hyperparameters(ignore=["autoencoder", "image_encoder", "optimizer"])
+        if train not in ("all", "temporal"):
+            raise ValueError(f"SVDModule: train must be 'all' or 'temporal', got {train!r}")
+        if not spatial_lr_scale >= 0:
+            raise ValueError(f"SVDModule: spatial_lr_scale must be >= 0, got {spatial_lr_scale}")
+        self.net_config = UNetSVDConfig.from_name(net) if isinstance(net, str) else net
+        self.cond_config = conditioning or SVDConditioning()
+        self.guidance = guidance if guidance is not None else LinearCFG(1.0, 2.5)
+        self.train_part = train
+        self.spatial_lr_scale = float(spatial_lr_scale)
+        self.paste_cond_frame = paste_cond_frame
+        self.mask_task = mask_task
+        self.mask_params = dict(mask_params or {})
+        if mask_task is not None:
+            task_mask(mask_task, 4, 1, 1, **self.mask_params)  # validates the name and parameters now
+        self.motion_buckets = (
+            MotionBuckets.load(self.cond_config.motion_buckets) if self.cond_config.motion_buckets else DEFAULT_MOTION_BUCKETS
+        )
+        self.conditioner = SVDConditioner(image_encoder)
+        if image_encoder is not None:
+            image_encoder.eval().requires_grad_(False)
+            embed_dim = getattr(getattr(image_encoder, "config", None), "embed_dim", None)
+            if embed_dim is not None and embed_dim != self.net_config.context_dim:
+                raise ValueError(
+                    f"SVDModule: the image encoder gives {embed_dim}-d embeddings but net.context_dim is "
+                    f"{self.net_config.context_dim}"
+                )
+        self.check_channels()
+
+    # ---------------------------------------------------------------- defaults and network
+
+    def default_diffusion(self) -> EDMDiffusion:
+        return EDMDiffusion(VScalingPrecond(), LogNormalSigma(0.7, 1.6), loss_weighting="v")
+
+    @staticmethod
+    def svd_sampler(steps: int = 25) -> SamplerConfig:
+        """SVD's sampler: Euler EDM, sigma 0.002..700, rho 7, initial noise scaled by sqrt(1 + sigma_max^2)."""
+        return SamplerConfig(name="euler", steps=steps, sigma_min=0.002, sigma_max=700.0, rho=7.0, init_noise_scale="svd")
+
+    def check_channels(self) -> None:
+        """The UNet's channels must fit the autoencoder: in = latent + concat, out = latent."""
+        c = self.latent_channels
+        cfg = self.net_config
+        if cfg.concat_channels != c or cfg.in_channels != 2 * c or cfg.out_channels != c:
+            raise ValueError(
+                f"SVDModule: the autoencoder gives {c} latent channels, so the UNet needs in_channels={2 * c}, "
+                f"concat_channels={c}, out_channels={c}; net has in_channels={cfg.in_channels}, "
+                f"concat_channels={cfg.concat_channels}, out_channels={cfg.out_channels}"
+            )
+
+    def build_network(self) -> nn.Module:
+        net = UNetSVD(self.net_config)
+        if self.train_part == "temporal":
+            for name, param in net.named_parameters():
+                param.requires_grad_(net.is_temporal_parameter(name))
+        return net
+
+    @property
+    def image_encoder(self) -> nn.Module | None:
+        return self.conditioner.image_embedder
+
+    # ---------------------------------------------------------------- conditioning
+
+    def _frame(self, batch: dict[str, Any]) -> Tensor:
+        """The clean conditioning frame ``(B, 3, H, W)`` in [-1, 1]."""
+        index = self.cond_config.frame
+        if B.VIDEO in batch:
+            return batch[B.VIDEO][:, index]
+        if B.FIRST_FRAME in batch and index == 0:
+            return batch[B.FIRST_FRAME]
+        raise KeyError(
+            f"SVDModule: the batch has no 'video' and conditioning.frame={index}; latent shards store only the "
+            "first frame ('first_frame'), so use conditioning.frame: 0 with them"
+        )
+
+    def _micro(self, batch: dict[str, Any], batch_size: int) -> tuple[Tensor, Tensor]:
+        """fps_id and motion_bucket_id ``(B,)`` of a batch."""
+        cfg = self.cond_config
+        if cfg.fps_id is not None:
+            fps_id = torch.full((batch_size,), float(cfg.fps_id))
+        elif B.FPS in batch:
+            fps_id = fps_id_from_fps(batch[B.FPS].float().cpu())
+        else:
+            raise KeyError("SVDModule: the batch has no 'fps' and conditioning.fps_id is not set")
+        if cfg.motion_bucket_id is not None:
+            bucket = torch.full((batch_size,), float(cfg.motion_bucket_id))
+        else:
+            scores = batch.get(MOTION_SCORE)
+            bucket = torch.full((batch_size,), float(SVD_MOTION_BUCKET_ID))
+            if scores is not None:
+                scores = scores.float().cpu()
+                known = torch.isfinite(scores)
+                if known.any():
+                    bucket[known] = self.motion_buckets(scores[known]).float()
+        return fps_id.to(self.device), bucket.to(self.device)
+
+    def _conditions(self, batch: dict[str, Any], cond_aug: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        frame = self._frame(batch)
+        num_frames = int((batch[B.VIDEO] if B.VIDEO in batch else batch[B.LATENTS]).shape[1])
+        fps_id, bucket = self._micro(batch, frame.shape[0])
+        with torch.no_grad():
+            return self.conditioner(
+                frame, self.autoencoder, num_frames, fps_id=fps_id, motion_bucket_id=bucket, cond_aug=cond_aug,
+                image_embed=batch.get(B.IMAGE_EMBED), generator=generator,
+            )  # fmt: skip
+
+    def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Sampling conditions: the fixed ``cond_aug``, no dropout."""
+        batch_size = self._frame(batch).shape[0]
+        cond_aug = torch.full((batch_size,), float(self.cond_config.cond_aug), device=self.device)
+        return self._conditions(batch, cond_aug, generator)
+
+    def training_conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Training conditions: ``cond_aug`` drawn per clip when configured, then per-condition dropout."""
+        cfg = self.cond_config
+        batch_size = self._frame(batch).shape[0]
+        if cfg.cond_aug_lognormal is not None:
+            mean, std = cfg.cond_aug_lognormal
+            cond_aug = torch.exp(mean + std * torch.randn(batch_size, device=self.device))
+        else:
+            cond_aug = torch.full((batch_size,), float(cfg.cond_aug), device=self.device)
+        cond = self._conditions(batch, cond_aug, None)
+        probs = cfg_drop_probs(cfg.drop_image, cfg.drop_concat)
+        groups = [tuple(probs)] if cfg.drop_together else ()
+        return drop_conditions(cond, probs, groups=groups)
+
+    def unconditional(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        """SVD's unconditional branch: zero image embedding and concat latent; micro-conditioning shared."""
+        return unconditional(cond)
+
+    # ---------------------------------------------------------------- masks
+
+    def training_given_mask(self, latents: Tensor) -> Tensor | None:
+        """The ``mask_task`` mask (true = given, clean, left out of the loss), or None for image-to-video."""
+        if self.mask_task is None:
+            return None
+        b, t, _, h, w = latents.shape
+        return task_mask(self.mask_task, t, h, w, batch=b, device=latents.device, **self.mask_params)
+
+    @torch.no_grad()
+    def sample_latents(self, given, given_mask, cond=None, sampler=None, generator=None, progress=False) -> Tensor:
+        """As the base, but the conditioning frame is generated too unless ``paste_cond_frame`` (SVD)."""
+        if not self.paste_cond_frame and given_mask is not None:
+            frame = torch.zeros(given_mask.shape[1], dtype=torch.bool, device=given_mask.device)
+            frame[self.cond_config.frame] = True
+            given_mask = given_mask & ~frame.view(1, -1, 1, 1, 1)
+            if self.mask_task is not None:
+                b, t, _, h, w = given.shape
+                given_mask = given_mask | task_mask(self.mask_task, t, h, w, batch=b, device=given.device,
+                                                    **self.mask_params)
+            if not bool(given_mask.any()):
+                given_mask = None
+        if given_mask is None:
+            return self._sample_free(given, cond, sampler, generator, progress)
+        return super().sample_latents(given, given_mask, cond, sampler, generator, progress)
+
+    def _sample_free(self, like: Tensor, cond, sampler, generator, progress) -> Tensor:
+        from vdiff.diffusion.sampling import sample
+
+        noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        cond = cond or {}
+        return sample(self.diffusion, self.net, noise, cond, sampler or self.sampler, uncond=self.unconditional(cond),
+                      guidance=self.guidance, generator=generator, progress=progress)
+
+    # ---------------------------------------------------------------- optimisation and EMA
+
+    def ema_named_parameters(self):
+        for name, param in super().ema_named_parameters():
+            if not name.startswith("conditioner."):
+                yield name, param
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Weight-decay groups split into spatial (lr x ``spatial_lr_scale``) and temporal UNet layers;
+        only trainable UNet parameters (the autoencoder and image encoder are frozen)."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.net.named_parameters():
+            if not param.requires_grad:
+                continue
+            spatial = not self.net.is_temporal_parameter(name)
+            decay = param.ndim >= 2 and "embed" not in name
+            groups.setdefault((spatial, decay), []).append(param)
+        out = []
+        for (spatial, decay), params in sorted(groups.items()):
+            scale = self.spatial_lr_scale if spatial else 1.0
+            if spatial and scale == 0.0:
+                continue
+            out.append({"params": params, "weight_decay": self.weight_decay if decay else 0.0, "lr": self.lr * scale,
+                        "name": f"{'spatial' if spatial else 'temporal'}{'' if decay else '_no_decay'}"})
+        return out
+
+    # ---------------------------------------------------------------- checkpoints (frozen image encoder)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        encoder = self.image_encoder
+        if encoder is None:
+            return
+        entry: dict[str, Any] = {"config": encoder.config.to_dict()}
+        if getattr(encoder, "weights_sha256", None):
+            entry.update(path=encoder.weights_path, layout=encoder.layout, sha256=encoder.weights_sha256)
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("conditioner." + IMAGE_ENCODER_PREFIX)]:
+                del state[key]
+        checkpoint[IMAGE_ENCODER_KEY] = entry
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        entry = checkpoint.get(IMAGE_ENCODER_KEY)
+        if entry is None:
+            return
+        current = self.image_encoder
+        sha256 = entry.get("sha256")
+        if current is None:
+            if sha256:
+                from vdiff.weights.clip import PretrainedCLIPImageEmbedder
+
+                current = PretrainedCLIPImageEmbedder(entry["path"], layout=entry["layout"],
+                                                      config=CLIPImageEmbedderConfig.from_dict(entry["config"]))
+                if current.weights_sha256 != sha256:
+                    raise ValueError(f"{entry['path']}: the image-encoder weights file changed since the checkpoint "
+                                     "was written (sha256 differs)")
+            else:
+                current = CLIPImageEmbedder(CLIPImageEmbedderConfig.from_dict(entry["config"]))
+            self.conditioner.image_embedder = current.to(self.device).eval().requires_grad_(False)
+        elif sha256 and getattr(current, "weights_sha256", None) != sha256:
+            raise ValueError("SVDModule: the image encoder given is not the file this checkpoint was trained with "
+                             f"({entry['path']})")
+        if sha256:
+            state = checkpoint["state_dict"]
+            for key, value in current.state_dict().items():
+                state.setdefault("conditioner." + IMAGE_ENCODER_PREFIX + key, value)
