@@ -16,11 +16,16 @@ import lightning as L
 import torch
 
 from vdiff.callbacks.ema import load_ema_weights
+from vdiff.callbacks.lora import LORA_KEY, adapters_reapplied
 from vdiff.lit.evaluation import ScoreTotals
 
 
 def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bool = True) -> L.LightningModule:
-    """Load any vdiff LightningModule from a checkpoint written by ``vdiff fit``."""
+    """Load any vdiff LightningModule from a checkpoint written by ``vdiff fit``.
+
+    Adapters a :class:`~vdiff.callbacks.LoRA` callback injected (recorded in ``checkpoint["vdiff_lora"]``)
+    are injected again before the state dict is loaded; the EMA weights (``ema_state_dict``) replace
+    the trained ones when ``use_ema`` and the checkpoint has them."""
     # mmap: only the entries read here are loaded; load_from_checkpoint reads the weights once.
     checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     class_path = checkpoint.get("vdiff_module")
@@ -29,7 +34,8 @@ def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bo
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     # weights_only=False: a module built in Python (not by the CLI) keeps config objects in its hparams.
-    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    with adapters_reapplied(cls, checkpoint.get(LORA_KEY)):
+        module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
     if use_ema:
         load_ema_weights(module, checkpoint)
     return module.eval()
@@ -72,8 +78,14 @@ class EvaluateCheckpoint(L.Callback):
             raise RuntimeError("EvaluateCheckpoint: the validation loader gave no clips")
         if trainer.is_global_zero:
             weights = "EMA weights" if self.use_ema and _has_ema(path) else "trained weights"
-            print(module.report(self.results, checkpoint=path, title="Checkpoint evaluation on held-out clips",
-                                notes=f"weights: {weights}"))
+            print(
+                module.report(
+                    self.results,
+                    checkpoint=path,
+                    title="Checkpoint evaluation on held-out clips",
+                    notes=f"weights: {weights}",
+                )
+            )
         gain = self.results["psnr"] - self.results["psnr_copy_last"]
         if self.min_gain_db is not None and gain < self.min_gain_db:
             raise RuntimeError(f"checkpoint beats copy-last-frame by {gain:.2f} dB, less than {self.min_gain_db} dB")
