@@ -8,6 +8,13 @@
     Data tools (argparse). Each tool module exposes ``add_arguments(parser)`` and ``run(args)``.
 ``vdiff sample ...`` / ``vdiff encode ...``
     Sampling from a checkpoint and pre-encoding video shards to latent shards.
+
+Errors. A mistake in a recipe or on the command line (an unknown key, a bad value, a missing
+weights file, ``--ckpt_path last`` with nothing to resume) is printed as one message naming it,
+plus a pointer to ``vdiff COMMAND --help``, and ``vdiff`` exits with status 2. Errors while
+training are real failures and keep their traceback. ``VDIFF_DEBUG=1`` (or ``--debug`` anywhere
+on a ``fit|validate|test|predict`` command line, or before any command) shows the full traceback
+of recipe errors too.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ Data tools (`vdiff data TOOL --help`):
 
 Other commands:
 {_tool_help(TOP_TOOLS, "vdiff ")}
+
+A recipe or command-line mistake prints one message (exit status 2); set VDIFF_DEBUG=1 or add
+--debug to see the full traceback. `vdiff fit -c RECIPE --ckpt_path last` resumes a run.
 """
 
 
@@ -89,10 +99,44 @@ class VdiffCLI:
         build_lightning_cli(None if argv is None else list(argv))
 
 
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``VDIFF_DEBUG`` set (not 0/empty), or ``--debug`` in ``argv`` (removed from it)."""
+    debug = os.environ.get("VDIFF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    if "--debug" in argv:
+        debug = True
+        argv = [a for a in argv if a != "--debug"]
+    return debug, argv
+
+
+def _run_lightning(command: str, argv: list[str], from_command_line: bool, debug: bool) -> int:
+    """Run a LightningCLI command. From the shell a :class:`~vdiff.lit.cli.RecipeError` is printed as
+    one message (exit status 2); called with ``argv`` (tests, notebooks) it propagates."""
+    if not from_command_line:
+        VdiffCLI.run(argv)
+        return 0
+    from vdiff.lit.cli import RecipeError
+
+    # LightningCLI reads sys.argv itself when run from the shell (it warns when given both).
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        VdiffCLI.run(None)
+    except RecipeError as err:
+        if debug:
+            raise
+        prog = f"vdiff {command}" if command in LIGHTNING_COMMANDS else "vdiff"
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"See `{prog} --help` for the options; VDIFF_DEBUG=1 shows the full traceback.", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vdiff never downloads at run time
+    debug = False
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return 0
@@ -105,9 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
         print(f"vdiff: unknown command {command!r}\n\n{OVERVIEW}", file=sys.stderr)
         return 2
-    # LightningCLI reads sys.argv itself when run from the shell (it warns when given both).
-    VdiffCLI.run(None if from_command_line else argv)
-    return 0
+    env_debug, argv = _debug_requested(argv)
+    return _run_lightning(command, argv, from_command_line, debug or env_debug)
 
 
 if __name__ == "__main__":

@@ -726,10 +726,16 @@ class VideoDataModule(LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
 
     def _batches_consumed(self, loader: VideoLoader) -> int | None:
-        """Batches the training loop has taken this epoch (prefetched batches excluded)."""
-        if self.trainer is None or not self.trainer.training:
+        """Batches the training loop has taken this epoch (prefetched batches excluded), while fitting.
+
+        Lightning's count, not the loader's: batches a fetcher or a DataLoader iterator has taken
+        ahead of the loop are not consumed. It holds during the validation runs inside ``fit`` too
+        (checkpoints written at the end of validation).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
             return None
-        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """What turns a list of stream items into a batch (a top-level function or partial: cheap to

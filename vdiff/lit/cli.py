@@ -4,24 +4,274 @@ Recipes name a LightningModule and a LightningDataModule by ``class_path`` (subc
 researcher's own subclass trains through the same command. Modules build their own optimizers
 from ``OptimizerCallable`` arguments (parameter groups and frozen weights matter), so the CLI's
 automatic ``optimizer:`` block is off.
+
+Crash-safe training, installed by default (see :mod:`vdiff.lit.checkpointing`):
+
+* the ``checkpoint:`` group is an :class:`~vdiff.lit.checkpointing.AtomicModelCheckpoint` that always
+  keeps ``last.ckpt``, and every checkpoint is written atomically
+  (:class:`~vdiff.lit.checkpointing.AtomicCheckpointIO`, unless the recipe names its own CheckpointIO);
+* an :class:`~vdiff.lit.checkpointing.RNGState` callback saves and restores the global random states;
+* ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run - the highest ``version_N`` under
+  the logger's ``save_dir/name`` that holds one - *into that same version folder*, and fails before
+  any training when there is none. ``--ckpt_path FILE`` also continues in the checkpoint's version
+  folder when the file lies in the logger's tree. One line on stderr says what is resumed and where
+  the run writes.
+
+Errors in a recipe or on the command line (unknown keys, bad values, missing weight files, nothing to
+resume) raise :class:`RecipeError` (a ``ValueError``) with one readable message: jsonargparse's nested
+union explanations shrink to the failing key and class (:func:`argument_error_message`), and errors
+raised while building the recipe's objects show their innermost cause (:func:`user_error`); anything
+that looks like a bug keeps its exception and traceback. ``vdiff`` prints the message (see
+:mod:`vdiff.cli`).
 """
 
 from __future__ import annotations
 
+import linecache
+import os
+import re
+import sys
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from vdiff.lit.checkpointing import (
+    AtomicCheckpointIO,
+    AtomicModelCheckpoint,
+    ResumeError,
+    RNGState,
+    checkpoint_position,
+    resume_plan,
+)
+
+# Exceptions whose message is the whole story when a recipe is being built (not bugs).
+MESSAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError, ImportError, OSError)
+
+
+class RecipeError(ValueError):
+    """A mistake in the recipe or on the command line, found while parsing it or building its objects
+    (an unknown key, a bad value, a missing weights file, nothing to resume): ``str()`` is the one
+    message a user needs; ``__cause__`` holds the original exception and its traceback."""
+
+
+def _raised_by_raise_statement(err: BaseException) -> bool:
+    """Whether ``err`` comes from an explicit ``raise`` (a checked error), not from a failing call or
+    attribute access inside code (a bug)."""
+    tb = err.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+    return line.startswith("raise")
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The exception a user should read in ``err``'s chain of causes, or None when it looks like a bug.
+
+    jsonargparse wraps errors raised while instantiating classes in several ``ValueError``s
+    ("Does not validate against any of the Union subtypes"); the innermost cause is the real one.
+    It is shown as a message when it is an OSError (a missing file...), a ``ResumeError``, a
+    Lightning ``MisconfigurationException``, or a ValueError / TypeError / LookupError / ImportError
+    raised by an explicit ``raise`` (a checked argument, e.g. ``ConversionError``).
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    root = err
+    seen = {id(root)}
+    while True:
+        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        root = nxt
+    if isinstance(root, (OSError, ResumeError, MisconfigurationException)):
+        return root
+    if isinstance(root, MESSAGE_ERRORS) and _raised_by_raise_statement(root):
+        return root
+    return None
+
+
+_PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$')
+_CLASS_PATH = re.compile(r"^- Problem with given class_path '(?P<cls>[^']+)':\s*(?P<rest>.*)$")
+_NOISE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes: .*|Given value type: .*|Given value: .*)$"
+)
+_NONE_ALTERNATIVE = re.compile(r"^- Expected a <class 'NoneType'>")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _leaves(lines: list[str], context: tuple[str, ...]) -> list[str]:
+    """Leaf messages of a jsonargparse error block, each prefixed with the keys/classes leading to it."""
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        text = line.strip()
+        # the lines of this entry's nested block: the following, more indented lines
+        j = i + 1
+        while j < len(lines) and (not lines[j].strip() or _indent(lines[j]) > _indent(line)):
+            j += 1
+        block = lines[i + 1 : j]
+        i = j
+        if text == "Errors:":  # the alternatives of a union
+            out.extend(_leaves(block, context))
+            continue
+        if not text or _NOISE.match(text) or _NONE_ALTERNATIVE.match(text):
+            continue  # union noise, and the "or None" alternative of every Optional argument
+        match = _PARSER_KEY.match(text) or _CLASS_PATH.match(text)
+        if match:
+            name = match.groupdict().get("key") or match.group("cls")
+            rest = match.group("rest").strip()
+            if rest:
+                out.append(": ".join((*context, name, rest)))
+            out.extend(_leaves(block, (*context, name)))
+            continue
+        text = text[2:] if text.startswith("- ") else text
+        out.append(": ".join((*context, text)) if context else text)
+        out.extend(_leaves(block, context))
+    return out
+
+
+def argument_error_message(message: str) -> str:
+    """jsonargparse's nested error text -> the message(s) that matter, one per line.
+
+    ``Parser key "model": ... Problem with given class_path 'X': Option 'lrr' is not accepted ...``
+    becomes ``model: X: Option 'lrr' is not accepted``.
+    """
+    leaves = list(dict.fromkeys(_leaves(message.splitlines(), ())))
+    return "\n".join(leaves) if leaves else message.strip()
 
 
 class VdiffLightningCLI(LightningCLI):
-    """LightningCLI with vdiff's defaults: any module / data module by class path, checkpoints kept."""
+    """LightningCLI with vdiff's defaults: any module / data module by class path, checkpoints kept
+    and written atomically, exact resumes, and errors raised instead of printed with the usage."""
+
+    def init_parser(self, **kwargs: Any):
+        # Raise parse errors (vdiff.cli prints them as one message) instead of printing the usage.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise RecipeError(argument_error_message(str(err))) from err
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a checkpoint's hyperparameters into the config: same error handling.
+        from jsonargparse import ArgumentError
+
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            raise RecipeError(argument_error_message(str(err))) from err
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `last.ckpt` is always written so that `--ckpt_path last` resumes a crashed run.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = user_error(err)
+            if cause is None:
+                raise
+            raise RecipeError(str(cause) or type(cause).__name__) from err
+
+    # ------------------------------------------------------------------ trainer
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks")
+        callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if not any(isinstance(c, RNGState) for c in callbacks):
+            callbacks.append(RNGState())
+        kwargs.setdefault("callbacks", callbacks)
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs.setdefault("plugins", plugins)
+        if self.subcommand is not None:
+            self._resolve_ckpt_path(config, kwargs)
+        return super().instantiate_trainer(**kwargs)
+
+    def _resolve_ckpt_path(self, trainer_config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """Turn ``--ckpt_path last`` into a file (or fail) and, for ``fit``, point the logger at the
+        checkpoint's version folder, before the trainer is built."""
+        sub = self.config_init[self.subcommand]
+        ckpt_path = sub.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+            return
+        logger = kwargs.get("logger", trainer_config.get("logger"))
+        default_root_dir = trainer_config.get("default_root_dir") or os.getcwd()
+        if logger is None or logger is True:
+            logger = _default_logger(default_root_dir)
+            kwargs["logger"] = logger
+        loggers = [] if logger is False else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        first = loggers[0] if loggers else None
+        if first is not None and not (hasattr(first, "root_dir") and hasattr(first, "_version")):
+            if ckpt_path == "last":  # a logger whose folders we do not know: Lightning's own lookup
+                return
+            first = None
+        checkpoint = self._get(self.config_init, "checkpoint", default=None)
+        dirpath = getattr(checkpoint, "dirpath", None)
+        plan = resume_plan(
+            str(ckpt_path),
+            logger_root=None if first is None else str(first.root_dir),
+            logger_version=None if first is None else first._version,
+            checkpoint_dirpath=None if dirpath is None else str(dirpath),
+            default_root_dir=default_root_dir,
+        )
+        sub["ckpt_path"] = plan.ckpt_path
+        if self.subcommand != "fit":
+            return
+        if plan.version is not None:
+            for each in loggers:  # every logger writing under the same root continues that version
+                if (
+                    isinstance(each, Logger)
+                    and hasattr(each, "_version")
+                    and hasattr(each, "root_dir")
+                    and os.path.realpath(each.root_dir) == os.path.realpath(first.root_dir)
+                ):
+                    each._version = plan.version
+        writes = plan.log_dir or (first.log_dir if first is not None else None)
+        if dirpath:
+            writes = f"{writes} (checkpoints: {dirpath})" if writes else str(dirpath)
+        position = checkpoint_position(plan.ckpt_path)
+        _rank_zero_print(
+            f"vdiff fit: resuming from {plan.ckpt_path}{f' ({position})' if position else ''}; "
+            f"writing to {writes or default_root_dir}"
+        )
+
+
+def _default_logger(default_root_dir: str) -> Logger:
+    """The logger Lightning builds for ``logger: true`` (built here so that its version can be set)."""
+    from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
+    from lightning.fabric.plugins.environments.slurm import SLURMEnvironment
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if _TENSORBOARD_AVAILABLE or _TENSORBOARDX_AVAILABLE:
+        return TensorBoardLogger(save_dir=default_root_dir, version=SLURMEnvironment.job_id())
+    return CSVLogger(save_dir=default_root_dir)
+
+
+def _rank_zero_print(message: str) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def build_lightning_cli(args: list[str] | None, run: bool = True) -> VdiffLightningCLI:
@@ -36,3 +286,6 @@ def build_lightning_cli(args: list[str] | None, run: bool = True) -> VdiffLightn
         args=args,
         run=run,
     )
+
+
+__all__ = ["RecipeError", "ResumeError", "VdiffLightningCLI", "build_lightning_cli", "user_error"]
