@@ -7,9 +7,11 @@ Distance. For Gaussians N(mu1, S1) and N(mu2, S2):
 :func:`frechet_distance` computes ``tr((S1 S2)^1/2)`` through symmetric eigendecompositions only, in
 float64: ``S1 = V diag(l) V^T`` (``eigh``), ``S1^1/2 = V diag(sqrt l) V^T``, ``M = S1^1/2 S2 S1^1/2``
 (symmetric positive semi-definite, with the same eigenvalues as ``S1 S2``), and the trace is the sum of
-the square roots of M's eigenvalues. Eigenvalues below the round-off floor (``D * eps * max``, negative
-ones included) count as 0 in both steps, as ``pinv`` does with small singular values: a square root
-would turn an unresolvable 1e-15 into 3e-8 per direction. It needs no complex arithmetic and none of
+the square roots of M's eigenvalues. M is formed in S1's numerical range only (``B^T S2 B`` with
+``B = V_r diag(sqrt l_r)``, r x r, the same nonzero eigenvalues), which makes the small-N case (rank
+r <= N - 1 of 2048 Inception features) cheap. Eigenvalues below the round-off floor (``D * eps * max``,
+negative ones included) count as 0 in both steps, as ``pinv`` does with small singular values: a square
+root would turn an unresolvable 1e-15 into 3e-8 per direction. It needs no complex arithmetic and none of
 scipy ``sqrtm``'s iterations, and handles the singular covariances of small sample sets (N below the
 feature dimension).
 
@@ -65,8 +67,9 @@ def trace_sqrt_product(sigma1: Tensor | np.ndarray, sigma2: Tensor | np.ndarray)
     s1, s2 = _as_float64(sigma1), _as_float64(sigma2)
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     evals, evecs = torch.linalg.eigh(s1)
-    root = (evecs * _clean(evals).sqrt()) @ evecs.T  # S1^1/2
-    m = root @ s2 @ root  # symmetric PSD, same eigenvalues as S1 S2
+    keep = evals > _noise_floor(evals)  # S1's numerical range: r directions (r <= N - 1 for N samples)
+    b = evecs[:, keep] * evals[keep].sqrt()  # (D, r): S1^1/2 = b V_r^T, so M = V_r (b^T S2 b) V_r^T
+    m = b.T @ s2 @ b  # (r, r), symmetric PSD, the nonzero eigenvalues of S1 S2
     m = (m + m.T) / 2
     return float(_clean(torch.linalg.eigvalsh(m)).sqrt().sum())
 
