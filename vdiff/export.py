@@ -1,0 +1,112 @@
+"""``vdiff export``: the network of a training checkpoint as a weights file.
+
+    vdiff export [--ema] [--merge-lora] [--layout vdiff|diffusers|sgm] CKPT OUT
+
+* Diffusion modules (anything :func:`~vdiff.callbacks.checkpoint_eval.load_module` loads, e.g.
+  ``VDTModule``): OUT is a ``.safetensors`` file of the network (``module.net``) under vdiff's names,
+  which load strictly into the network class (for VDT: :func:`vdiff.weights.vdt.load_vdt_checkpoint`);
+  the network's config is in the metadata (``vdiff_config``, JSON) beside ``vdiff_module`` and
+  ``vdiff_weights`` (``ema`` or ``trained``). VDT has no diffusers layout.
+* ``AutoencoderModule`` checkpoints: the autoencoder in the vdiff layout (a ``.safetensors`` file, config
+  in its metadata), the diffusers layout (a folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``)
+  or sgm's (:func:`vdiff.weights.autoencoder.save_autoencoder`).
+* ``--ema``: the EMA weights (``checkpoint["ema_state_dict"]``; an error when the checkpoint has none)
+  instead of the trained ones. Parameters the EMA did not track (a frozen base under LoRA) keep the
+  checkpoint's values.
+* LoRA checkpoints (``checkpoint["vdiff_lora"]``): with ``--merge-lora`` the adapters are merged into
+  the base weights and OUT is a plain network; without it OUT holds the base network (the adapters
+  unloaded, not merged) and the adapters go beside it in peft's format,
+  ``<OUT stem>_lora/<adapter>/adapter_model.safetensors`` + ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+LAYOUTS = ("vdiff", "diffusers", "sgm")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("ckpt", help="checkpoint written by `vdiff fit` (e.g. runs/x/version_0/checkpoints/last.ckpt)")
+    parser.add_argument("out", help="output .safetensors file (a folder for --layout diffusers)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights (the checkpoint must have them)")
+    parser.add_argument("--merge-lora", action="store_true", help="merge LoRA adapters into the base weights")
+    parser.add_argument("--layout", choices=LAYOUTS, default="vdiff",
+                        help="weights layout: vdiff names (default); diffusers or sgm for autoencoders")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    written = export(args.ckpt, args.out, ema=args.ema, merge_lora=args.merge_lora, layout=args.layout)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def export(
+    ckpt: str | Path, out: str | Path, ema: bool = False, merge_lora: bool = False, layout: str = "vdiff"
+) -> list[Path]:
+    """Write the checkpoint's network to ``out`` (see the module docstring); returns the paths written."""
+    from vdiff.callbacks.ema import EMA_KEY
+    from vdiff.callbacks.lora import LORA_KEY
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"vdiff export: no checkpoint file at {ckpt}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"vdiff export: unknown layout {layout!r}; choose from {LAYOUTS}")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # entries only
+    class_path = checkpoint.get("vdiff_module")
+    if class_path is None:
+        raise KeyError(f"{ckpt}: no 'vdiff_module' entry; was it written by a vdiff LightningModule?")
+    if ema and not checkpoint.get(EMA_KEY):
+        raise ValueError(
+            f"{ckpt}: --ema but the checkpoint has no EMA weights ('{EMA_KEY}'); train with the EMA callback"
+        )
+    lora = checkpoint.get(LORA_KEY)
+    if merge_lora and not lora:
+        raise ValueError(f"{ckpt}: --merge-lora but the checkpoint has no LoRA adapters ('{LORA_KEY}')")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    del checkpoint
+
+    from vdiff.lit.autoencoder import AutoencoderModule
+
+    if issubclass(cls, AutoencoderModule):
+        if lora:
+            raise ValueError(f"{ckpt}: LoRA adapters on an autoencoder are not supported by vdiff export")
+        from vdiff.lit.autoencoder import load_autoencoder_from_checkpoint
+        from vdiff.weights.autoencoder import save_autoencoder
+
+        return [save_autoencoder(load_autoencoder_from_checkpoint(ckpt, use_ema=ema), out, layout=layout)]
+
+    if layout != "vdiff":
+        raise ValueError(f"vdiff export: {class_name}'s network has no {layout} layout; use --layout vdiff")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"vdiff export: {out} should end in .safetensors")
+    from vdiff.callbacks.checkpoint_eval import load_module
+    from vdiff.callbacks.lora import adapter_names, save_adapter, unload_adapters
+    from vdiff.weights.safetensors_io import save_state_dict
+
+    module = load_module(str(ckpt), map_location="cpu", use_ema=ema)
+    net = module.net
+    written: list[Path] = []
+    if lora and not merge_lora:
+        folder = out.with_name(f"{out.stem}_lora")
+        for name in adapter_names(net):
+            written.append(save_adapter(net, name, folder / name))
+    if lora:
+        unload_adapters(net, merge=merge_lora)
+    metadata = {"vdiff_module": class_path, "vdiff_weights": "ema" if ema else "trained"}
+    if lora:
+        metadata["vdiff_lora"] = "merged" if merge_lora else "separate"
+    config = module.network_config() if hasattr(module, "network_config") else None
+    if dataclasses.is_dataclass(config):
+        metadata["vdiff_config"] = json.dumps(dataclasses.asdict(config))
+    save_state_dict(net.state_dict(), out, metadata=metadata)
+    return [out, *written]
