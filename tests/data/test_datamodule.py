@@ -13,7 +13,8 @@ from lightning.pytorch import LightningModule, Trainer
 from tests.data.conftest import FPS, coordinate_frames, driving_actions, write_videos
 from vdiff.data import batch as B
 from vdiff.data import sampling
-from vdiff.data.datamodule import DataSource, VideoDataModule, eval_clip_starts
+from vdiff.data.datamodule import DataSource, VideoDataModule
+from vdiff.data.eval_stream import eval_clip_starts
 from vdiff.data.schema import ACTION_KEYS, ACTION_SHAPES
 from vdiff.data.shards import iter_raw_samples
 from vdiff.data.video_io import decode_all, encode_video

@@ -25,6 +25,11 @@ Bad input (undecodable or too short videos, missing or malformed json, odd frame
 shards, shards with fewer samples than their manifest lists) is skipped and counted in
 :attr:`VideoDataModule.skips` (see :mod:`vdiff.data.skips`); training never stops for it.
 
+The parts live in modules of their own: :mod:`vdiff.data.sources` (``DataSource``),
+:mod:`vdiff.data.clips` (one raw sample -> one clip, ``Skip``), :mod:`vdiff.data.stream_base`,
+:mod:`vdiff.data.train_stream` and :mod:`vdiff.data.eval_stream` (the datasets) and
+:mod:`vdiff.data.loader` (``VideoLoader``); this module assembles them into the LightningDataModule.
+
 Why not webdataset's pipeline stages: ``ResampledShards``/``shuffle`` seed from worker info and
 their own state, which cannot be replayed from (seed, epoch, rank, worker, index), and
 ``split_by_node``/``split_by_worker`` hang a reader that gets no shard. Shards are still webdataset
@@ -34,497 +39,32 @@ tars, read by :func:`vdiff.data.shards.iter_raw_samples`.
 from __future__ import annotations
 
 import functools
-import itertools
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from vdiff.data import batch as B
 from vdiff.data import sampling
-from vdiff.data.sampling import ReaderSlot
-from vdiff.data.schema import META_EXT, VIDEO_EXT, SampleType, SchemaError, VideoMeta
-from vdiff.data.shards import count_samples, expand_shard_spec, iter_raw_samples, manifest_sample_counts
+from vdiff.data.clips import BAD_JSON, MISSING_JSON, MISSING_VIDEO, TOO_SMALL, ClipSpec
+from vdiff.data.eval_stream import EvalClipStream
+from vdiff.data.loader import VideoLoader
+from vdiff.data.shards import count_samples, expand_shard_spec, manifest_sample_counts
 from vdiff.data.skips import SkipCounter
-from vdiff.data.transforms import (
-    CropPlan,
-    clip_actions,
-    collate_clips,
-    cover_size,
-    crop_frames,
-    flip_actions,
-    move_goal,
-    normalize_video,
-    plan_crop,
-)
-from vdiff.data.video_io import (
-    DECODE_ERROR_REASONS,
-    TOO_SHORT,
-    VideoDecodeError,
-    clip_frame_indices,
-    decode_frames,
-    max_clip_start,
-)
+from vdiff.data.sources import DataSource, as_sources
+from vdiff.data.stream_base import BAD_SHARD, STAGES, TRUNCATED_SHARD
+from vdiff.data.train_stream import TrainClipStream
+from vdiff.data.transforms import collate_clips, normalize_video
+from vdiff.data.video_io import DECODE_ERROR_REASONS
 
-# Why a sample was skipped: the decoder's reasons plus the pipeline's own.
-MISSING_VIDEO = "missing_video"  # the sample has no <key>.mp4
-MISSING_JSON = "missing_json"  # the sample has no <key>.json
-BAD_JSON = "bad_json"  # json unparsable or not following the schema (SchemaError)
-TOO_SMALL = "too_small"  # frames smaller than the crop and resize=False
-BAD_SHARD = "bad_shard"  # a tar that cannot be read (or is truncated) from some point on
-TRUNCATED_SHARD = "truncated_shard"  # per read, each sample a manifest lists but a cleanly ending tar lacks
+# Why a sample was skipped, the columns of VideoDataModule.skips: the decoder's reasons plus the pipeline's own.
 SKIP_REASONS: tuple[str, ...] = (
     *DECODE_ERROR_REASONS, MISSING_VIDEO, MISSING_JSON, BAD_JSON, TOO_SMALL, BAD_SHARD, TRUNCATED_SHARD
 )
-
-STAGES: tuple[str, ...] = ("train", "val", "test", "predict")
-MAX_CONSECUTIVE_SKIPS = 1000  # a training source this bad is a configuration error, not bad luck
-
-
-@dataclass
-class DataSource:
-    """A set of shards and its share of the training mix.
-
-    ``path``: a folder of shards (with or without ``manifest.json``), a manifest, a brace pattern
-    (``data/shard-{000000..000099}.tar``), a glob or a single tar. ``weight``: relative probability
-    that a training sample comes from this source (ignored in evaluation, which reads every
-    sample). ``name``: the ``source`` reported in batches; None reports each sample's json ``source``.
-    """
-
-    path: str
-    weight: float = 1.0
-    name: str | None = None
-
-
-SourceSpec = str | list[DataSource] | None
-
-
-class Skip(Exception):
-    """Raised by a stream's raw sample -> clip step (:meth:`TrainClipStream.train_clip`,
-    :meth:`EvalClipStream.eval_clips`): the sample is dropped and counted under ``reason``."""
-
-    def __init__(self, reason: str, message: str, count: int = 1):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.count = count
-
-
-def _as_sources(spec: Any, field: str) -> list[DataSource]:
-    if spec is None:
-        return []
-    if isinstance(spec, (str, DataSource, dict)):
-        spec = [spec]
-    sources = []
-    for item in spec:
-        if isinstance(item, str):
-            item = DataSource(path=item)
-        elif isinstance(item, dict):
-            item = DataSource(**item)
-        elif not isinstance(item, DataSource):
-            raise TypeError(f"{field}: expected a shard path or DataSource, got {type(item).__name__}")
-        sources.append(item)
-    if not sources:
-        raise ValueError(f"{field}: empty list of sources")
-    return sources
-
-
-# ----------------------------------------------------------------------------------------------
-# Turning one raw sample into a clip
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClipSpec:
-    """What clip to cut: frames, sampling (stride or target fps), output size and crop."""
-
-    num_frames: int
-    frame_stride: int | None
-    target_fps: float | None
-    out_hw: tuple[int, int]
-    resize: bool
-    decode_threads: int
-
-
-def parse_meta(
-    key: str, files: dict[str, bytes], where: str, sample_type: SampleType = SampleType.VIDEO, hint: str = ""
-) -> VideoMeta:
-    """The json of raw sample ``key`` (read from ``where``), which must be a ``sample_type`` sample.
-
-    Raises :class:`Skip` (``missing_json``, or ``bad_json`` with ``hint`` appended when the type is wrong).
-    """
-    if META_EXT not in files:
-        raise Skip(MISSING_JSON, f"{where}: sample {key!r} has no .{META_EXT} (files: {sorted(files)})")
-    try:
-        meta = VideoMeta.from_json(files[META_EXT])
-    except SchemaError as err:
-        raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
-    if meta.sample_type != sample_type.value:
-        raise Skip(BAD_JSON, f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a {sample_type.value} "
-                             f"sample{hint}")
-    return meta
-
-
-def _parse_video_meta(key: str, files: dict[str, bytes], where: str) -> VideoMeta:
-    if VIDEO_EXT not in files:
-        raise Skip(MISSING_VIDEO, f"{where}: sample {key!r} has no .{VIDEO_EXT} (files: {sorted(files)})")
-    return parse_meta(key, files, where)
-
-
-def _clip_starts(meta: VideoMeta, spec: ClipSpec, key: str, where: str) -> int:
-    last = max_clip_start(meta.num_frames, meta.fps, spec.num_frames, spec.frame_stride, spec.target_fps)
-    if last < 0:
-        raise Skip(
-            TOO_SHORT,
-            f"{where}: sample {key!r} has {meta.num_frames} frames at {meta.fps} fps, too few for a clip of "
-            f"{spec.num_frames} frames (stride {spec.frame_stride}, target fps {spec.target_fps})",
-        )
-    return last
-
-
-def _decode_clip(
-    key: str,
-    files: dict[str, bytes],
-    meta: VideoMeta,
-    start: int,
-    spec: ClipSpec,
-    crop: str,
-    generator: np.random.Generator | None,
-    flip: bool,
-    source: str | None,
-    where: str,
-) -> dict[str, Any]:
-    """Decode one clip of a sample and build its item (see :func:`collate_clips`)."""
-    indices = clip_frame_indices(meta.num_frames, meta.fps, spec.num_frames, start, spec.frame_stride, spec.target_fps)
-    try:
-        actions = clip_actions(meta.actions, indices)
-    except SchemaError as err:
-        raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
-    decode_hw = cover_size((meta.height, meta.width), spec.out_hw) if spec.resize else None
-    try:
-        frames = decode_frames(files[VIDEO_EXT], indices, size=decode_hw, thread_count=spec.decode_threads)
-    except VideoDecodeError as err:
-        raise Skip(err.reason, f"{where}: sample {key!r}: {err}") from None
-    frame_hw = frames.shape[1:3]
-    if frame_hw[0] < spec.out_hw[0] or frame_hw[1] < spec.out_hw[1]:
-        raise Skip(TOO_SMALL, f"{where}: sample {key!r} has {frame_hw[0]}x{frame_hw[1]} frames, smaller than "
-                    f"the crop {spec.out_hw[0]}x{spec.out_hw[1]} (set resize=True to scale it up)")
-    plan: CropPlan = plan_crop(frame_hw, spec.out_hw, crop, generator, flip)
-    actions["goal"], actions[B.valid_key("goal")] = move_goal(actions["goal"], actions[B.valid_key("goal")], plan)
-    if flip:
-        flip_actions(actions)
-    fps = spec.target_fps if spec.target_fps is not None else meta.fps / (spec.frame_stride or 1)
-    return {
-        "video": crop_frames(frames, plan),
-        "flip": flip,
-        "fps": float(fps),
-        "frame_indices": np.asarray(indices, dtype=np.int64),
-        "key": key,
-        "source": source if source is not None else meta.source,
-        "actions": actions,
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------
-
-
-class _StreamBase(IterableDataset):
-    """Shared parts of the train and eval streams: skip counting in this stage's counter rows, and
-    reading shards (``expected_samples``: samples per shard path from the manifests, see
-    :func:`vdiff.data.shards.manifest_sample_counts`)."""
-
-    def __init__(
-        self, counter: SkipCounter, stage: str, workers_per_stage: int, expected_samples: Mapping[str, int] | None
-    ):
-        self.counter = counter
-        self.expected_samples = dict(expected_samples or {})
-        self.stage_row = STAGES.index(stage) * (workers_per_stage + 1)
-        self.count_skips = True
-        self._row = self.stage_row
-
-    def _bind_worker(self) -> tuple[int, int]:
-        worker, num_workers = sampling.current_worker()
-        self._row = self.stage_row + (0 if get_worker_info() is None else worker + 1)
-        return worker, num_workers
-
-    def _skip(self, skip: Skip) -> None:
-        if self.count_skips:
-            self.counter.add(self._row, skip.reason, skip.message, skip.count)
-
-    def _raw_samples(self, shard: str, first_count: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Samples of one shard; counted (if ``first_count``) when it falls short: a damaged tar ends early
-        (``bad_shard``, once), and a tar that ends cleanly with fewer samples than its manifest lists (cut at
-        a file boundary, which tarfile reads as the end) counts each missing sample as ``truncated_shard``."""
-        read = 0
-        try:
-            for sample in iter_raw_samples(shard):
-                read += 1
-                yield sample
-        except ValueError as err:
-            if first_count:
-                self._skip(Skip(BAD_SHARD, str(err)))
-            return
-        expected = self.expected_samples.get(shard)
-        if first_count and expected is not None and read < expected:
-            message = f"shard {shard} ended after {read} samples, its manifest lists {expected} (truncated tar?)"
-            self._skip(Skip(TRUNCATED_SHARD, message, count=expected - read))
-
-
-class TrainClipStream(_StreamBase):
-    """Endless, resampled, shuffled, mixed training clips; one rank's epoch is ``num_batches`` batches.
-
-    Iterating yields, in each worker, exactly that worker's share of ``num_batches * batch_size``
-    samples (see :func:`vdiff.data.sampling.split_batches`) for epoch ``epoch``, after silently
-    replaying the first ``start_batch`` batches of the epoch (resume).
-
-    Subclasses for other sample kinds override :meth:`train_clip` (one raw sample -> one clip) only.
-    """
-
-    def __init__(
-        self,
-        sources: Sequence[tuple[list[str], str | None]],
-        weights: Sequence[float],
-        spec: ClipSpec,
-        crop: str,
-        flip: bool,
-        shuffle_buffer: int,
-        batch_size: int,
-        num_batches: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        counter: SkipCounter,
-        workers_per_stage: int,
-        expected_samples: Mapping[str, int] | None = None,
-    ):
-        super().__init__(counter, "train", workers_per_stage, expected_samples)
-        self.sources = [(list(shards), name) for shards, name in sources]
-        self.probabilities = sampling.normalized_weights(weights)
-        self.spec = spec
-        self.crop = crop
-        self.flip = flip
-        self.shuffle_buffer = shuffle_buffer
-        self.batch_size = batch_size
-        self.num_batches = num_batches
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_batch = 0
-
-    def __len__(self) -> int:
-        return self.num_batches * self.batch_size
-
-    def _source_stream(self, s: int, slot: ReaderSlot) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        """Source ``s``'s samples for this reader: shards drawn with replacement, then shuffled."""
-        shards, _ = self.sources[s]
-        seed, epoch = self.seed, self.epoch
-
-        def draw(j: int) -> np.random.Generator:
-            return sampling.rng(seed, epoch, slot.rank, slot.worker, sampling.SHARD_ORDER, s, j)
-
-        def samples() -> Iterator[tuple[str, str, dict[str, bytes]]]:
-            fruitless = 0  # consecutive shard draws that gave no sample
-            for shard in sampling.resampled(shards, draw):
-                got = False
-                for key, files in self._raw_samples(shard):
-                    got = True
-                    yield shard, key, files
-                fruitless = 0 if got else fruitless + 1
-                if fruitless >= 4 * len(shards) + 16:
-                    raise RuntimeError(
-                        f"training source {shards[0]}{' ...' if len(shards) > 1 else ''}: {fruitless} shard reads "
-                        "in a row gave no sample (empty or unreadable shards)"
-                    )
-
-        shuffler = sampling.rng(seed, epoch, slot.rank, slot.worker, sampling.SHUFFLE, s)
-        return sampling.shuffled(samples(), self.shuffle_buffer, shuffler)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = self._bind_worker()
-        # A DataLoader asks worker 0 first, but after a resume the next batch (``start_batch``) belongs
-        # to worker ``start_batch % num_workers`` of the original run: rotate the workers' identities.
-        worker = (worker + self.start_batch) % num_workers
-        slot = ReaderSlot(self.rank, self.world_size, worker, num_workers)
-        done, todo = sampling.split_batches(self.num_batches, worker, num_workers, self.start_batch)
-        replay, total = done * self.batch_size, (done + todo) * self.batch_size
-        streams = [self._source_stream(s, slot) for s in range(len(self.sources))]
-        for index in range(total):
-            self.count_skips = index >= replay
-            item = self._next_clip(index, streams, slot)
-            if index >= replay:
-                yield item
-        self.count_skips = True
-
-    def _next_clip(self, index: int, streams: list[Iterator], slot: ReaderSlot) -> dict[str, Any]:
-        """Output sample ``index`` of this reader: source by weight, then the next good sample of it."""
-        choice = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index)
-        s = sampling.choose_source(self.probabilities, choice)
-        shards, name = self.sources[s]
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
-            shard, key, files = next(streams[s])
-            # Clip start, crop and flip depend on the output index only, not on how many bad
-            # samples came before: a fresh generator per attempt.
-            generator = sampling.rng(self.seed, self.epoch, slot.rank, slot.worker, sampling.SAMPLE, index, 1)
-            try:
-                return self.train_clip(shard, key, files, name, generator, index, slot)
-            except Skip as skip:
-                self._skip(skip)
-        raise RuntimeError(
-            f"training source with shards {shards[:3]}{'...' if len(shards) > 3 else ''}: "
-            f"{MAX_CONSECUTIVE_SKIPS} consecutive samples were bad; see the skip counts and warnings"
-        )
-
-    def train_clip(
-        self,
-        shard: str,
-        key: str,
-        files: dict[str, bytes],
-        name: str | None,
-        generator: np.random.Generator,
-        index: int,
-        slot: ReaderSlot,
-    ) -> dict[str, Any]:
-        """One raw sample (``key``, ``{ext: bytes}`` read from ``shard``, source ``name``) -> the item of
-        output sample ``index`` of reader ``slot``; raises :class:`Skip` for a bad sample. Draw every
-        random choice from ``generator`` (or from :func:`vdiff.data.sampling.rng` with ``index`` and
-        ``slot``): the output must be a function of ``(seed, epoch, slot, index)`` for resumes."""
-        meta = _parse_video_meta(key, files, shard)
-        last = _clip_starts(meta, self.spec, key, shard)
-        start = int(generator.integers(last + 1))
-        flip = bool(generator.random() < 0.5) if self.flip else False
-        return _decode_clip(key, files, meta, start, self.spec, self.crop, generator, flip, name, shard)
-
-
-def eval_clip_starts(last_start: int, clips_per_video: int) -> list[int]:
-    """Starts of the evaluation clips of a video whose last possible clip start is ``last_start``:
-    ``clips_per_video`` evenly spaced starts from 0 to ``last_start`` (duplicates dropped)."""
-    if clips_per_video == 1 or last_start == 0:
-        return [0]
-    return sorted({int(round(j * last_start / (clips_per_video - 1))) for j in range(clips_per_video)})
-
-
-class EvalClipStream(_StreamBase):
-    """Every sample of a shard set exactly once over all readers, with deterministic clips.
-
-    ``shards`` are ``(path, source name)`` pairs in a fixed order. With ``clips_per_video`` > 1 each
-    video gives several clips, keyed ``<key>/clip<j>``. Center crop, no flip.
-
-    Subclasses for other sample kinds override :meth:`eval_clips` (one raw sample -> its clips) only.
-    """
-
-    def __init__(
-        self,
-        shards: Sequence[tuple[str, str | None]],
-        spec: ClipSpec,
-        clips_per_video: int,
-        rank: int,
-        world_size: int,
-        counter: SkipCounter,
-        stage: str,
-        workers_per_stage: int,
-        expected_samples: Mapping[str, int] | None = None,
-    ):
-        super().__init__(counter, stage, workers_per_stage, expected_samples)
-        self.shards = list(shards)
-        self.spec = spec
-        self.clips_per_video = clips_per_video
-        self.rank = rank
-        self.world_size = world_size
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker, num_workers = self._bind_worker()
-        slot = ReaderSlot(self.rank, self.world_size, worker, num_workers)
-        paths = [path for path, _ in self.shards]
-        names = dict(self.shards)
-        mine, every, offset = sampling.assign_eval_shards(paths, slot)
-        counter = itertools.count()
-        for shard in mine:
-            # In the fallback every reader scans every shard: only reader 0 counts a damaged tar.
-            for key, files in self._raw_samples(shard, first_count=every == 1 or slot.index == 0):
-                if next(counter) % every != offset:
-                    continue
-                try:
-                    clips = self.eval_clips(shard, key, files, names[shard])
-                except Skip as skip:  # one bad clip drops the whole sample, counted once
-                    self._skip(skip)
-                    continue
-                yield from clips
-
-    def clip_key(self, key: str, j: int) -> str:
-        """Key of clip ``j`` of sample ``key``: ``<key>/clip<j>`` with several clips per video, else ``key``."""
-        return f"{key}/clip{j}" if self.clips_per_video > 1 else key
-
-    def eval_clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> list[dict[str, Any]]:
-        """One raw sample (``key``, ``{ext: bytes}`` read from ``shard``, source ``name``) -> its evaluation
-        clips (starts from :func:`eval_clip_starts`, keys from :meth:`clip_key`), deterministic; raises
-        :class:`Skip` for a bad sample."""
-        meta = _parse_video_meta(key, files, shard)
-        starts = eval_clip_starts(_clip_starts(meta, self.spec, key, shard), self.clips_per_video)
-        clips = [_decode_clip(key, files, meta, start, self.spec, "center", None, False, name, shard) for start in starts]
-        for j, clip in enumerate(clips):
-            clip["key"] = self.clip_key(key, j)
-        return clips
-
-
-# ----------------------------------------------------------------------------------------------
-# The loader
-# ----------------------------------------------------------------------------------------------
-
-
-class VideoLoader(DataLoader):
-    """A DataLoader over a clip stream that sets the stream's epoch before its workers start, and
-    (for training) is *stateful*: ``state_dict()`` records the epoch and the batches consumed, and
-    after ``load_state_dict()`` the next iteration resumes at that batch. Lightning saves and
-    restores this state in its checkpoints."""
-
-    def __init__(
-        self,
-        dataset: IterableDataset,
-        epoch_fn: Callable[[], int],
-        consumed_fn: Callable[["VideoLoader"], int] | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(dataset, **kwargs)
-        self._epoch_fn = epoch_fn
-        self._consumed_fn = consumed_fn
-        self._resume: dict[str, int] | None = None
-        self.epoch = 0
-        self.start_batch = 0
-        self.batches_yielded = 0
-
-    def __iter__(self):
-        epoch, start = self._epoch_fn(), 0
-        if self._resume is not None:
-            if self._resume["epoch"] == epoch:  # a resume point of an earlier epoch is spent
-                start = self._resume["batches"]
-            self._resume = None
-        self.epoch, self.start_batch, self.batches_yielded = epoch, start, 0
-        if isinstance(self.dataset, TrainClipStream):
-            self.dataset.epoch, self.dataset.start_batch = epoch, start
-        for batch in super().__iter__():
-            self.batches_yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        consumed = self._consumed_fn(self) if self._consumed_fn is not None else None
-        if consumed is None:
-            consumed = self.start_batch + self.batches_yielded
-        return {"epoch": int(self.epoch), "batches": int(consumed)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
-
-
-# ----------------------------------------------------------------------------------------------
-# The data module
-# ----------------------------------------------------------------------------------------------
 
 
 class VideoDataModule(LightningDataModule):
@@ -610,10 +150,10 @@ class VideoDataModule(LightningDataModule):
     ):
         super().__init__()
         self.sources = {
-            "train": _as_sources(train, "train"),
-            "val": _as_sources(val, "val"),
-            "test": _as_sources(test, "test"),
-            "predict": _as_sources(predict, "predict"),
+            "train": as_sources(train, "train"),
+            "val": as_sources(val, "val"),
+            "test": as_sources(test, "test"),
+            "predict": as_sources(predict, "predict"),
         }
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -670,7 +210,7 @@ class VideoDataModule(LightningDataModule):
         self.float_on_device = float_on_device
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.worker_start_method = worker_start_method
-        # Rows: per stage, the main process and each worker (see _StreamBase).
+        # Rows: per stage, the main process and each worker (see ClipStreamBase).
         self.skips = SkipCounter(self.skip_reasons, num_slots=len(STAGES) * (num_workers + 1))
         self._epoch = 0
         self._shards: dict[str, list[tuple[str, str | None]]] = {}

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,22 +39,23 @@ from safetensors.torch import load as load_safetensors
 
 from vdiff.data import batch as B
 from vdiff.data import sampling
-from vdiff.data.datamodule import (
-    BAD_JSON,
-    SKIP_REASONS,
+from vdiff.data.clips import (
     ClipSpec,
-    DataSource,
-    EvalClipStream,
     Skip,
-    TrainClipStream,
-    VideoDataModule,
-    eval_clip_starts,
+    clip_actions_of,
+    clip_fps,
+    clip_indices,
+    clip_item,
+    last_clip_start,
     parse_meta,
 )
+from vdiff.data.datamodule import SKIP_REASONS, VideoDataModule
+from vdiff.data.eval_stream import EvalClipStream
 from vdiff.data.sampling import ReaderSlot
-from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, SampleType, SchemaError, VideoMeta
-from vdiff.data.transforms import clip_actions, normalize_video
-from vdiff.data.video_io import TOO_SHORT, clip_frame_indices, max_clip_start
+from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, SampleType, VideoMeta
+from vdiff.data.sources import DataSource
+from vdiff.data.train_stream import TrainClipStream
+from vdiff.data.transforms import normalize_video
 
 MISSING_LATENTS = "missing_latents"  # the sample has no <key>.latents.safetensors or no first frame
 BAD_LATENTS = "bad_latents"  # unreadable safetensors / PNG, or shapes that disagree
@@ -96,11 +98,7 @@ def _latent_timing(meta: VideoMeta, tensors: dict[str, torch.Tensor]) -> tuple[i
 
 def _last_start(key: str, meta: VideoMeta, tensors: dict[str, torch.Tensor], spec: ClipSpec, where: str) -> int:
     frames, fps, _ = _latent_timing(meta, tensors)
-    last = max_clip_start(frames, fps, spec.num_frames, spec.frame_stride, spec.target_fps)
-    if last < 0:
-        raise Skip(TOO_SHORT, f"{where}: sample {key!r} has {frames} latent frames at {fps:g} fps, too few for a "
-                               f"clip of {spec.num_frames} (stride {spec.frame_stride}, target fps {spec.target_fps})")
-    return last
+    return last_clip_start(key, frames, fps, spec, where, unit="latent frames")
 
 
 def _latent_clip(
@@ -115,15 +113,12 @@ def _latent_clip(
 ) -> dict[str, Any]:
     """One clip's item: latents (a posterior sample), the stored posterior, first frame, actions..."""
     frames, fps, down = _latent_timing(meta, tensors)
-    indices = clip_frame_indices(frames, fps, spec.num_frames, start, spec.frame_stride, spec.target_fps)
+    indices = clip_indices(frames, fps, spec, start)
     video_indices = [i * down for i in indices]  # actions are per video frame
     if video_indices[-1] >= meta.num_frames:
         raise Skip(BAD_LATENTS, f"{where}: sample {key!r}: {frames} latent frames x {down} exceed the json's "
                                  f"num_frames {meta.num_frames}")
-    try:
-        actions = clip_actions(meta.actions, video_indices)
-    except SchemaError as err:
-        raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
+    actions = clip_actions_of(meta, video_indices, key, where)
     index = torch.as_tensor(indices)
     mean = tensors["mean"][index].float()  # (T, c, h, w)
     std = tensors["std"][index].float()
@@ -133,11 +128,7 @@ def _latent_clip(
         "latents_mean": mean,
         "latents_std": std,
         "first_frame": tensors["first_frame"],
-        "fps": float(spec.target_fps if spec.target_fps is not None else fps / (spec.frame_stride or 1)),
-        "frame_indices": np.asarray(indices, dtype=np.int64),
-        "key": key,
-        "source": source if source is not None else meta.source,
-        "actions": actions,
+        **clip_item(key, meta, indices, actions, clip_fps(spec, fps), source),
     }
     if "embed" in tensors:
         item["image_embed"] = tensors["embed"].float()
@@ -209,14 +200,14 @@ class LatentEvalStream(EvalClipStream):
 
     def eval_clips(self, shard: str, key: str, files: dict[str, bytes], name: str | None) -> list[dict[str, Any]]:
         meta, tensors = _parse_latent(key, files, shard)
-        starts = eval_clip_starts(_last_start(key, meta, tensors, self.spec, shard), self.clips_per_video)
-        clips = []
-        for j, start in enumerate(starts):
-            clip_key = self.clip_key(key, j)
-            clip = _latent_clip(key, meta, tensors, start, self.spec, eval_noise(self.seed, clip_key), name, shard)
-            clip["key"] = clip_key
-            clips.append(clip)
-        return clips
+        last = _last_start(key, meta, tensors, self.spec, shard)
+        return self.clips_at_starts(
+            key,
+            last,
+            lambda start, clip_key: _latent_clip(
+                key, meta, tensors, start, self.spec, eval_noise(self.seed, clip_key), name, shard
+            ),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
