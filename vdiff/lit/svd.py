@@ -55,7 +55,7 @@ from vdiff.models.conditioners import (
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 
 IMAGE_ENCODER_KEY = "vdiff_image_encoder"  # checkpoint entry: the frozen CLIP's config (and file, when file-backed)
-IMAGE_ENCODER_PREFIX = "image_encoder."
+IMAGE_ENCODER_PREFIX = "conditioner.image_embedder."
 MOTION_SCORE = "motion_score"  # optional batch key: (B,) curation motion score (NaN where unknown)
 
 
@@ -349,7 +349,7 @@ class SVDModule(VideoDiffusionModule):
         if getattr(encoder, "weights_sha256", None):
             entry.update(path=encoder.weights_path, layout=encoder.layout, sha256=encoder.weights_sha256)
             state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("conditioner." + IMAGE_ENCODER_PREFIX)]:
+            for key in [k for k in state if k.startswith(IMAGE_ENCODER_PREFIX)]:
                 del state[key]
         checkpoint[IMAGE_ENCODER_KEY] = entry
 
@@ -378,4 +378,4 @@ class SVDModule(VideoDiffusionModule):
         if sha256:
             state = checkpoint["state_dict"]
             for key, value in current.state_dict().items():
-                state.setdefault("conditioner." + IMAGE_ENCODER_PREFIX + key, value)
+                state.setdefault(IMAGE_ENCODER_PREFIX + key, value)
