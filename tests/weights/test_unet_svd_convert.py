@@ -25,6 +25,7 @@ from vdiff.weights.unet_svd import (
     read_unet_svd,
     save_unet_svd,
     sgm_manifest,
+    to_diffusers,
     to_sgm,
 )
 
@@ -139,6 +140,22 @@ def test_export_to_diffusers_gives_back_the_same_values_and_outputs(name, tmp_pa
     x, t, cond = make_inputs(ours.config, batch, frames, size, tokens, seed=5)
     with torch.no_grad():
         assert max_diff(diffusers_forward(again, x, t, cond), ours(x, t, cond)) <= TOL
+
+
+@pytest.mark.parametrize("save", [dict(max_shard_size="200KB"), dict(variant="fp16")], ids=["sharded", "fp16-variant"])
+def test_sharded_and_fp16_variant_folders_load(tmp_path, save):
+    theirs = diffusers_unet("two-levels")
+    theirs.save_pretrained(tmp_path / "unet", **save)
+    weights = read_unet_svd(tmp_path / "unet")
+    assert weights.weights_path.name.startswith("diffusion_pytorch_model")
+    if "max_shard_size" in save:
+        assert (
+            weights.weights_path.name.endswith(".index.json")
+            and len(list((tmp_path / "unet").glob("*.safetensors"))) > 1
+        )
+    ours = load_unet_svd(tmp_path / "unet")
+    for key, value in to_diffusers(ours.state_dict(), ours.config).items():
+        assert torch.equal(value, theirs.state_dict()[key]), key
 
 
 # ----------------------------------------------------------------------------- sgm and vdiff files
