@@ -100,6 +100,13 @@ def test_mistyped_key_on_the_command_line_prints_one_line_and_the_help_hint(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_abbreviated_option_is_an_error_not_another_option(tmp_path):
+    """argparse would silently read `--trainer.max_step` as `--trainer.max_steps`."""
+    result = _vdiff(["fit", "-c", str(QUICKSTART), "--trainer.max_step", "1", "--print_config"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "vdiff fit: error: unrecognized arguments: --trainer.max_step 1\n" + HINT + "\n"
+
+
 def test_missing_vae_weights_print_the_message_once_without_a_traceback(tmp_path):
     result = _vdiff(["fit", "-c", str(REPO / "recipes" / "vdt_cityscapes.yaml")], tmp_path)
     assert result.returncode == 2

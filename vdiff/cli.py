@@ -37,6 +37,8 @@ DATA_TOOLS: dict[str, tuple[str, str]] = {
 TOP_TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("vdiff.sample", "sample videos from a checkpoint: a task, input video or shards -> mp4s + PNG grid"),
     "encode": ("vdiff.encode", "video shards -> latent shards through an autoencoder"),
+    "export": ("vdiff.export", "a checkpoint's network (EMA weights, LoRA merged or not) -> safetensors"),
+    "evaluate": ("vdiff.evaluate", "video-quality metrics (PSNR/SSIM/LPIPS/FVD/FID) between two folders or shard sets"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

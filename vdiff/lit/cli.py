@@ -282,7 +282,9 @@ def build_lightning_cli(args: list[str] | None, run: bool = True) -> VdiffLightn
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "vdiff", "description": "vdiff: train and evaluate video diffusion models from recipes."},
+        # allow_abbrev=False: a mistyped option (`--trainer.max_step`) is an error, not silently another option.
+        parser_kwargs={"prog": "vdiff", "description": "vdiff: train and evaluate video diffusion models from recipes.",
+                       "allow_abbrev": False},
         args=args,
         run=run,
     )
