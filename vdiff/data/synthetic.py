@@ -30,7 +30,7 @@ the car does over the next 2 s (stop if it covers less than 2 m, left/right if i
 more than 0.1 rad, else straight). The picture is rendered from the same poses, so the frames show
 exactly what the actions say.
 
-Sign conventions (DESIGN.md: + = left) and why the picture turns the right way
+Sign conventions (docs/architecture.md, actions: + = left) and why the picture turns the right way
 -----------------------------------------------------------------------------
 The ego frame has x forward, y left, z up; positive yaw rate and positive steering turn the car to
 the left (counter-clockwise seen from above). The camera projects an ego-frame point (x, y, z) to

@@ -1,6 +1,6 @@
 """KL video autoencoder: the SD-layout image VAE with a frame-wise or SVD's temporal decoder.
 
-The autoencoder contract (DESIGN.md §3)::
+The autoencoder contract (docs/architecture.md, "Contracts")::
 
     posterior = ae.encode(video)        # video (B, T, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, T, c, h, w)
     video = ae.decode(latents)          # latents (B, T, c, h, w), UNSCALED -> (B, T, 3, H, W)

@@ -7,7 +7,7 @@
 * :mod:`~vdiff.data.convert.cityscapes` - ``vdiff data cityscapes``: 30-frame 17 Hz snippets, ego speed
   and yaw rate.
 * :mod:`~vdiff.data.convert.nuscenes` - ``vdiff data nuscenes``: CAM_FRONT at 10 Hz with every action of
-  DESIGN.md §4 (:mod:`~vdiff.data.convert.ego` holds the ego-motion math).
+  docs/architecture.md, "Actions" (:mod:`~vdiff.data.convert.ego` holds the ego-motion math).
 
 :class:`DatasetReport` is what the image-sequence converters return.
 """

@@ -1,4 +1,4 @@
-"""Ego-motion math shared by the driving converters: from a pose track to the actions of DESIGN.md §4.
+"""Ego-motion math shared by the driving converters: from a pose track to the actions of docs/architecture.md ("Actions").
 
 Conventions (those of the action schema): SI units; the world frame is right-handed with z up, so a
 positive yaw rate turns the vehicle left (counter-clockwise seen from above); the ego frame has x

@@ -13,7 +13,7 @@ the frame nearest to ``k / 10`` s after the first. One sample per scene (about 2
 ``clip_frames``. Output: ``DIR/<split>/`` shards per official split
 (:mod:`~vdiff.data.convert.nuscenes_splits`); ``source = "nuscenes"``, ``fps = 10``.
 
-Actions per frame (DESIGN.md §4; math in :mod:`~vdiff.data.convert.ego`), all from the ego poses of
+Actions per frame (docs/architecture.md, "Actions"; math in :mod:`~vdiff.data.convert.ego`), all from the ego poses of
 the camera frames (``ego_pose`` at each image's timestamp) except steering:
 
 * ``speed`` m/s (forward component), ``yaw_rate`` rad/s (+ = left);

@@ -5,7 +5,7 @@ each to discard at the start and at the end (intros, outros, overlays). This too
 into clips at 10 Hz (the rate of the nuScenes shards, so both mix in one data module) through the
 same pipeline as ``vdiff data shards`` (scene cuts, optional motion filter, resumable, parallel).
 The videos carry no ego signals, so no action key is written: every action is invalid for every
-frame (DESIGN.md §4), and the model treats these clips as unconditional. Samples have
+frame (docs/architecture.md, "Actions"), and the model treats these clips as unconditional. Samples have
 ``source = "opendv-youtube"``.
 
 Trim metadata (``--trim``), any of:
