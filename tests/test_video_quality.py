@@ -172,3 +172,25 @@ def test_select_frames_keeps_generated_frames_in_order():
         select_frames(
             video, torch.tensor([[True, False, False, False, False], [True, True, False, False, False]]), "generated"
         )
+
+
+def test_data_id_follows_the_validation_shards(tmp_path):
+    """Without an explicit id, the cache key's data part is the val shards (paths, sizes, times) and clip spec."""
+    import os
+
+    from tests.test_evaluate import clips, write_shards
+    from vdiff.data.datamodule import DataSource
+
+    folder = write_shards(tmp_path / "val", clips(0.0, 0))
+    datamodule = SimpleNamespace(sources={"val": [DataSource(str(folder))]}, eval_spec=None, val_clips_per_video=1)
+    trainer = SimpleNamespace(datamodule=datamodule, limit_val_batches=1.0, world_size=1)
+    module = SimpleNamespace(evaluation=EvalProtocol())
+    callback = VideoQuality(lpips=None)
+    first = callback.data_id(trainer, module)
+    assert str(folder / "shard-000000.tar") in first and callback.data_id(trainer, module) == first
+    shard = folder / "shard-000001.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1_000_000))  # a rewritten shard
+    assert callback.data_id(trainer, module) != first
+    trainer.limit_val_batches = 0.5  # fewer clips scored: other statistics
+    assert callback.data_id(trainer, module) != first
+    assert callback.data_id(SimpleNamespace(datamodule=None, limit_val_batches=1.0, world_size=1), module) is None

@@ -287,6 +287,8 @@ class VideoQuality(L.Callback):
 
     def _plan_real_stats(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data_id = self.data_id(trainer, pl_module) if self.cache is not None else None
+        if trainer.world_size > 1:  # rank 0 decides, so every rank takes part in the same broadcasts
+            data_id = trainer.strategy.broadcast(data_id, src=0)
         for name, metric in self.metrics.items():
             if name in self._real_memory:
                 metric.real_stats, self._need_real[name] = self._real_memory[name], False
