@@ -125,8 +125,8 @@ def match_latte(args: argparse.Namespace, work: Workload, target: int) -> tuple[
     def candidates(shapes):
         found = []
         for heads, dim in shapes:
-            one = forward_flops(lambda: build_latte(args, work, heads, 1, dim), run_latte, work)
-            two = forward_flops(lambda: build_latte(args, work, heads, 2, dim), run_latte, work)
+            one = forward_flops(lambda h=heads, d=dim: build_latte(args, work, h, 1, d), run_latte, work)
+            two = forward_flops(lambda h=heads, d=dim: build_latte(args, work, h, 2, d), run_latte, work)
             per_layer, base = two - one, 2 * one - two
             layers = max(1, round((target - base) / per_layer))
             flops = base + layers * per_layer
@@ -144,7 +144,7 @@ def match_latte(args: argparse.Namespace, work: Workload, target: int) -> tuple[
 class PeakRss:
     """Peak resident-set size above the level at entry, sampled every millisecond by a thread."""
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         gc.collect()
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so the baseline is honest

@@ -42,7 +42,7 @@ def test_snippets_to_30_frame_clips_with_vehicle_actions(tmp_path):
     assert [(item, reason) for item, reason, _ in report.failed] == [("bochum_000003_000100", "unreadable")]
     samples = read_shard_set(tmp_path / "out" / "train")
     assert sorted(samples) == ["aachen_000000_000100", "aachen_000001_000100"]
-    for key, (frames, meta) in samples.items():
+    for frames, meta in samples.values():
         assert frames.shape == (30, 16, 16, 3) and meta.fps == 17.0 and meta.source == "cityscapes"
         assert [frame_index_from_level(f, level_step=6) for f in frames] == list(range(30))
         squashed = np.stack([cv2.resize(f, (16, 16), interpolation=cv2.INTER_AREA) for f in source])

@@ -3,8 +3,7 @@ import pytest
 
 from tests.convert.helpers import frame_index_from_level, indexed_video
 from vdiff.data.convert.frames import crop_box, resize_image
-from vdiff.data.video_io import iter_frames, output_size
-from vdiff.data.video_io import VideoDecodeError, clip_frame_indices, encode_video
+from vdiff.data.video_io import VideoDecodeError, clip_frame_indices, encode_video, iter_frames, output_size
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_batch_keys_shapes_and_dtypes(video_shards, float_on_device):
         assert video.dtype == torch.uint8
         video = dm.on_after_batch_transfer(batch, 0)[B.VIDEO]
     assert video.dtype == torch.float32 and video.is_contiguous()
-    assert -1.0 <= video.min() and video.max() <= 1.0 and video.std() > 0.1
+    assert video.min() >= -1.0 and video.max() <= 1.0 and video.std() > 0.1
     assert batch[B.FPS].dtype == torch.float32 and batch[B.FPS].tolist() == [FPS / 2] * 3
     indices = batch[B.FRAME_INDICES]
     assert indices.shape == (3, 6) and indices.dtype == torch.long

@@ -193,11 +193,10 @@ def test_shards_are_deterministic(tmp_path, mp4):
 
 
 def test_error_inside_with_keeps_shards_but_writes_no_manifest(tmp_path, mp4):
-    with pytest.raises(RuntimeError, match="boom"):
-        with ShardWriter(tmp_path / "set", max_count=2) as writer:
-            for i in range(3):
-                writer.write_video(f"c{i}", mp4, meta())
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ShardWriter(tmp_path / "set", max_count=2) as writer:
+        for i in range(3):
+            writer.write_video(f"c{i}", mp4, meta())
+        raise RuntimeError("boom")
     assert not (tmp_path / "set" / MANIFEST_NAME).exists()
     assert not list((tmp_path / "set").glob("*.tmp"))
     assert count_samples(tmp_path / "set") == (3, 12)  # counted from the tars

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vdiff.diffusion.common import LOSS_KEYS
-
 from vdiff.diffusion.ddpm import GaussianDiffusion, discretized_gaussian_log_likelihood, make_betas, normal_kl
 from vdiff.diffusion.ddpm_samplers import ancestral_sample, ddim_sample
 from vdiff.diffusion.guidance import VanillaCFG

@@ -23,7 +23,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "vdt_cityscapes.yaml"
 FRAMES = 8
 
 
-def tiny_module(**overrides) -> VDTModule:
+def tiny_module(**overrides):
     kwargs = dict(patch_size=4, depth=1, hidden_size=32, num_heads=2, val_steps=2, val_given_frames=2)
     kwargs.update(overrides)
     return vdt_module(**kwargs)

@@ -118,7 +118,7 @@ class ShardWriter:
 
     # -- context manager ---------------------------------------------------------------------
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -129,7 +129,7 @@ class DriveConfig:
     post_spacing: float = 12.0  # m between posts on the right verge (0: none)
     tree_spacing: float = 18.0  # m between trees on the left (0: none)
 
-    def validate(self) -> "DriveConfig":
+    def validate(self) -> DriveConfig:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"DriveConfig.{name}: {why}, got {getattr(self, name)!r}")
 
@@ -187,7 +187,7 @@ class Camera:
     height: float  # m
 
     @classmethod
-    def from_config(cls, cfg: DriveConfig) -> "Camera":
+    def from_config(cls, cfg: DriveConfig) -> Camera:
         focal = 0.5 * cfg.size / math.tan(math.radians(cfg.fov_deg) / 2)
         return cls(size=cfg.size, focal=focal, cx=0.5 * cfg.size, cy=cfg.horizon * cfg.size, height=cfg.camera_height)
 

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-VideoSource = Union[bytes, bytearray, memoryview, str, os.PathLike]
+VideoSource = bytes | bytearray | memoryview | str | os.PathLike
 
 DEFAULT_CRF = 18  # libx264 constant rate factor: >= 35 dB PSNR on smooth and on synthetic driving video
 
@@ -344,10 +344,9 @@ def _decode_sorted(
             counter = index
             if index < wanted[next_row]:
                 continue
-            if index > wanted[next_row]:
-                if next_row == 0 and seeked:
-                    return False  # the seek landed after the first wanted frame
-                # The stream skips an index (variable frame rate): use this frame for the missed one.
+            if index > wanted[next_row] and next_row == 0 and seeked:
+                return False  # the seek landed after the first wanted frame
+            # Otherwise, if the stream skipped an index (variable frame rate), this frame serves the missed one.
             while next_row < len(wanted) and wanted[next_row] <= index:
                 if size:
                     rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
@@ -431,7 +430,7 @@ def decode_all(src: VideoSource, size: tuple[int, int] | None = None, thread_cou
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_uint8_frames(frames: "np.ndarray | torch.Tensor") -> np.ndarray:
+def _as_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     if not isinstance(frames, np.ndarray):  # a torch tensor (imported lazily: video_io needs no torch)
         frames = frames.detach().cpu().numpy()
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -444,7 +443,7 @@ def _as_uint8_frames(frames: "np.ndarray | torch.Tensor") -> np.ndarray:
 
 
 def encode_video(
-    frames: "np.ndarray | torch.Tensor",
+    frames: np.ndarray | torch.Tensor,
     fps: float,
     crf: int = DEFAULT_CRF,
     preset: str = "medium",

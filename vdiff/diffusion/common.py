@@ -23,7 +23,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-
 # What every training process's ``training_losses`` returns, so a recipe can switch the process:
 # "loss" (scalar, optimised), "loss_per_clip" (B,), "mse" (scalar, unweighted squared error over
 # generated elements), "vb" (scalar, variational-bound term; 0 where the process has none),

@@ -85,9 +85,10 @@ class MaskSpec:
             raise ValueError(f"{where}: p_generate must be in (0, 1], got {self.p_generate}")
         if not 0.0 < self.spatial_ratio < 1.0:
             raise ValueError(f"{where}: spatial_ratio must be in (0, 1), got {self.spatial_ratio}")
-        if self.span is not None:
-            if len(self.span) != 2 or not all(isinstance(s, int) for s in self.span) or not 0 <= self.span[0] < self.span[1]:
-                raise ValueError(f"{where}: span must be (start, end) ints with 0 <= start < end, got {self.span!r}")
+        if self.span is not None and (
+            len(self.span) != 2 or not all(isinstance(s, int) for s in self.span) or not 0 <= self.span[0] < self.span[1]
+        ):
+            raise ValueError(f"{where}: span must be (start, end) ints with 0 <= start < end, got {self.span!r}")
         if not 0.0 <= self.max_span_trim < 0.5:
             raise ValueError(f"{where}: max_span_trim must be in [0, 0.5), got {self.max_span_trim}")
 

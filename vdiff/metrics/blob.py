@@ -75,7 +75,7 @@ class FeatureNormProbe:
 
         return record
 
-    def __enter__(self) -> "FeatureNormProbe":
+    def __enter__(self) -> FeatureNormProbe:
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
         return self
 

@@ -277,7 +277,7 @@ class VDT(nn.Module):
         """x: ``(B, T, C, H, W)``; noise_level: ``(B,)``; cond: optional ``{"class_label": long (B,)}``;
         given_mask: ignored (given content arrives in ``x``). Returns ``(B, T, C_out, H, W)``."""
         B, T, C, H, W = x.shape
-        if C != self.in_channels:
+        if self.in_channels != C:
             raise ValueError(f"VDT: input has {C} channels, the model was built for in_channels={self.in_channels}")
         if noise_level.shape != (B,):
             raise ValueError(f"VDT: noise_level must have shape ({B},) (one level per clip), got {tuple(noise_level.shape)}")

@@ -16,7 +16,6 @@ import math
 import torch
 from torch import Tensor, nn
 
-
 #################################################################################
 #                      Timestep, class-label and patch embedders                #
 #################################################################################

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 
-
 # ----------------------------------------------------------------------------------------------
 # Still images (no PyAV): image-sequence datasets (Cityscapes, nuScenes) read and resize frames here.
 # ----------------------------------------------------------------------------------------------
