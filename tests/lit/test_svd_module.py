@@ -189,3 +189,33 @@ def test_tiny_recipe_trains_and_reloads(tmp_path):
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
     video = module.generate(clip_batch(batch=1, size=16)).video
     assert video.shape == (1, 4, 3, 16, 16) and torch.isfinite(video).all()
+
+
+def test_net_weights_start_a_fresh_fit_and_are_checked_up_front(tmp_path):
+    from vdiff.weights.unet_svd import save_unet_svd
+
+    source = tiny_svd()
+    path = save_unet_svd(source.net, tmp_path / "unet.safetensors")
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"), net_weights=str(tmp_path / "nowhere.safetensors"))
+    module = SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"), net_weights=str(path))
+    module.configure_model()  # no trainer: a checkpoint load path, the file is not read
+    assert not torch.equal(module.net.conv_in.weight, source.net.conv_in.weight)
+    module.load_net_weights()
+    for name, value in source.net.state_dict().items():
+        assert torch.equal(module.net.state_dict()[name], value), name
+
+
+def test_a_fresh_fit_loads_net_weights(tmp_path):
+    import lightning as L
+
+    from vdiff.weights.unet_svd import save_unet_svd
+
+    source = tiny_svd()
+    path = save_unet_svd(source.net, tmp_path / "unet.safetensors")
+    module = SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"), net_weights=str(path), lr=0.0)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([clip_batch()], batch_size=None))
+    for name, value in source.net.state_dict().items():
+        assert torch.equal(module.net.state_dict()[name], value), name  # lr 0: still the file's weights

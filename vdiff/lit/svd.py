@@ -111,6 +111,10 @@ class SVDModule(VideoDiffusionModule):
         guidance: CFG at sampling; None = SVD's ``LinearCFG(1.0, 2.5)``; ``VanillaCFG(1.0)`` disables it.
         train: ``all`` parameters of the UNet, or ``temporal`` layers only (the spatial ones frozen).
         spatial_lr_scale: learning-rate factor of the spatial layers (SVD/Vista fine-tunes: 0.1).
+        net_weights: a LOCAL UNet weights file or folder to start from (a diffusers ``unet/`` or pipeline
+            folder, an original ``svd.safetensors``, a vdiff file); checked when the module is built, loaded
+            when a fresh ``fit`` builds the network (a resumed run or a loaded checkpoint brings its own).
+        net_weights_layout: ``auto``, ``diffusers``, ``sgm`` or ``vdiff`` (see :func:`vdiff.weights.unet_svd.read_unet_svd`).
         paste_cond_frame: paste the conditioning frame's latent during sampling (the sampler keeps it
             fixed). SVD generates it too (False); set True where training kept it clean (a mask task).
         mask_task: a mask mode given clean in training and at sampling beside the image conditioning
@@ -130,6 +134,8 @@ class SVDModule(VideoDiffusionModule):
         guidance: LinearCFG | VanillaCFG | TriangleCFG | None = None,
         train: Literal["all", "temporal"] = "all",
         spatial_lr_scale: float = 1.0,
+        net_weights: str | None = None,
+        net_weights_layout: str = "auto",
         paste_cond_frame: bool = False,
         mask_task: str | None = None,
         mask_params: dict[str, Any] | None = None,
@@ -154,6 +160,12 @@ class SVDModule(VideoDiffusionModule):
         if not spatial_lr_scale >= 0:
             raise ValueError(f"SVDModule: spatial_lr_scale must be >= 0, got {spatial_lr_scale}")
         self.net_config = UNetSVDConfig.from_name(net) if isinstance(net, str) else net
+        self.net_weights = None
+        if net_weights is not None:
+            from vdiff.weights.safetensors_io import resolve_weights_path
+
+            self.net_weights = str(resolve_weights_path(net_weights, what="SVDModule net_weights", allow_dir=True))
+        self.net_weights_layout = net_weights_layout
         self.cond_config = conditioning or SVDConditioning()
         self.guidance = guidance if guidance is not None else LinearCFG(1.0, 2.5)
         self.train_part = train
@@ -200,9 +212,23 @@ class SVDModule(VideoDiffusionModule):
 
     def build_network(self) -> nn.Module:
         net = UNetSVD(self.net_config)
+        trainer = self._trainer
+        if self.net_weights is not None and trainer is not None and trainer.ckpt_path is None:
+            self.load_net_weights(net)  # a fresh fit starts from the weights file
         if self.train_part == "temporal":
             for name, param in net.named_parameters():
                 param.requires_grad_(net.is_temporal_parameter(name))
+        return net
+
+    def load_net_weights(self, net: nn.Module | None = None) -> nn.Module:
+        """Load ``net_weights`` into ``net`` (default: this module's network) strictly; returns it."""
+        from vdiff.weights.unet_svd import read_unet_svd
+
+        net = net if net is not None else self.net
+        if self.net_weights is None:
+            raise ValueError("SVDModule.load_net_weights: no net_weights were given")
+        weights = read_unet_svd(self.net_weights, layout=self.net_weights_layout, config=self.net_config)
+        net.load_state_dict(weights.state_dict, strict=True)
         return net
 
     @property
