@@ -205,3 +205,34 @@ def test_a_target_that_matches_nothing_and_a_bad_extra_are_errors():
     module.net = module.build_network()
     with pytest.raises(ValueError, match="extra_trainable"):
         LoRA(extra_trainable=[r"no\.such\.param"]).configure_network(None, module)
+
+
+def test_resume_injects_through_the_hook_and_refuses_other_adapters(tmp_path):
+    def run(lora: LoRA, steps: int, ckpt_path=None, snap=None):
+        module = tiny_module()
+        trainer = L.Trainer(
+            max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[Pretrained(), lora, EMA(decay=0.5), *([snap] if snap else [])], default_root_dir=tmp_path,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(Clips(), batch_size=None)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=False)
+        return trainer, module
+
+    trainer, _ = run(two_adapters(), 2)
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    saved = torch.load(tmp_path / "step2.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    snap = Snapshot()
+    trainer, module = run(two_adapters(), 3, tmp_path / "step2.ckpt", snap)
+    assert trainer.global_step == 3 and sorted(adapter_names(module.net)) == ["spatial", "temporal"]
+    adapters = [k for k in saved if ".lora_" in k]
+    assert adapters and all(
+        torch.equal(snap.before[k], saved[k]) for k in adapters
+    )  # restored into the injected adapters
+    # A run with a differently scaled adapter is refused rather than silently resumed.
+    other = LoRA(
+        adapters={"temporal": LoRAAdapter(VDT_TEMPORAL_ATTENTION, rank=4, alpha=2),
+                  "spatial": LoRAAdapter(SPATIAL_ATTENTION, rank=2, init=False)},
+        extra_trainable=[EXTRA],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="injected differently"):
+        run(other, 3, tmp_path / "step2.ckpt")

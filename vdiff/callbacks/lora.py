@@ -358,6 +358,22 @@ def adapters_reapplied(cls: type, entry: Mapping[str, Any] | None) -> Iterator[N
                 cls.on_load_checkpoint = own
 
 
+STRUCTURE_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+)  # what decides the adapters' parameters and function (not peft's version)
+
+
+def _structure(entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: {k: config.get(k) for k in STRUCTURE_FIELDS} for name, config in entry["adapters"].items()}
+
+
 def adapter_folder(checkpoint_path: str | Path, ema: bool = False) -> Path:
     """Where the adapters of checkpoint ``X.ckpt`` are written: ``X_lora/`` (``X_lora_ema/`` for EMA)."""
     path = Path(checkpoint_path)
@@ -462,10 +478,12 @@ class LoRA(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get(LORA_KEY)
-        if stored is not None and self._entry is not None and stored["adapters"] != self._entry["adapters"]:
+        if stored is None or self._entry is None:
+            return
+        have, saved = _structure(self._entry), _structure(stored)
+        if have != saved:  # the state dict may still fit (same shapes) while computing something else
             raise ValueError(
-                f"LoRA: the checkpoint's adapters {sorted(stored['adapters'])} were injected differently from this "
-                f"run's {sorted(self._entry['adapters'])}: {stored['adapters']} vs {self._entry['adapters']}"
+                f"LoRA: the checkpoint's adapters were injected differently from this run's: {saved} vs {have}"
             )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
