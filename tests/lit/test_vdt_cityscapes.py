@@ -88,7 +88,7 @@ def test_protocol_is_printed_with_the_results():
     assert protocol.sample_seed(3, 0) == 3 and len({protocol.sample_seed(b, j) for b in range(4) for j in range(5)}) == 20
     text = protocol.describe(SamplerConfig(name="ancestral", steps=200), clips=12)
     for needle in ("prediction 2 -> 28 frames", "frames per clip: 30", "clips: 12", "k=5",
-                   "ancestral, 200 steps", "generated frames only", "FVD not computed"):
+                   "ancestral, 200 steps", "generated frames only", "FVD/FID: the VideoQuality callback"):
         assert needle in text, (needle, text)
     module = tiny_module(eval_samples_per_video=2, eval_num_frames=6, fvd_frames="all")
     results = {"psnr": 20.0, "ssim": 0.5, "psnr_best_of_k": 21.0, "ssim_best_of_k": 0.6,
@@ -171,7 +171,7 @@ def test_recipe_trains_two_steps_then_tests_with_the_protocol(tmp_path, capsys):
     out = capsys.readouterr().out
     for needle in ("VDTModule test results (4 clips)", f"checkpoint: {checkpoints[0]}", "prediction 2 -> 4 frames",
                    "frames per clip: 6", "k=2", "ancestral, 2 steps", "best of k=2", "copy last given frame",
-                   "FVD not computed"):
+                   "FVD/FID: the VideoQuality callback"):
         assert needle in out, (needle, out)
     rows = {line[:28].strip(): line[28:].split() for line in out.splitlines() if "of k=2" in line[:28]}
     mean_psnr, mean_ssim = map(float, rows["samples, mean of k=2"])
@@ -187,3 +187,21 @@ def test_missing_autoencoder_weights_fail_before_training(tmp_path, monkeypatch)
         main(["fit", *tiny_recipe_args(tmp_path, missing)])
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
     assert not (tmp_path / "cache").exists()  # not even the stand-in data was written
+
+
+def test_score_totals_reduce_the_same_names_on_a_rank_without_clips():
+    """Exact-once loaders can leave a rank without clips: it must still reduce every score (else DDP hangs)."""
+    from vdiff.lit.evaluation import PROTOCOL_SCORES, ScoreTotals
+
+    empty, full = ScoreTotals(), ScoreTotals()
+    full.add({name: torch.full((3,), float(i)) for i, name in enumerate(PROTOCOL_SCORES)})
+    reduced: list[torch.Tensor] = []
+
+    def fake_all_reduce(tensor: torch.Tensor) -> torch.Tensor:  # two ranks: this one and `full`
+        reduced.append(tensor)
+        other = torch.tensor([full.clips] + [full.sums[k] for k in sorted(full.sums)], dtype=torch.float64)
+        assert other.shape == tensor.shape
+        return tensor + other
+
+    means = empty.means(fake_all_reduce)
+    assert means["clips"] == 3 and means["psnr"] == 0.0 and means["ssim_copy_last"] == float(PROTOCOL_SCORES.index("ssim_copy_last"))

@@ -20,6 +20,8 @@ from vdiff.diffusion.sampling import SamplerConfig
 
 SAMPLE_SEED_STRIDE = 1_000_003  # seed of sample j of batch b: seed + b + j * stride (distinct while b < stride)
 FVD_FRAMES = ("generated", "all")
+# The per-clip scores of the protocol (evaluate_protocol_batch), in the order ranks reduce them.
+PROTOCOL_SCORES = ("psnr", "psnr_best_of_k", "psnr_copy_last", "ssim", "ssim_best_of_k", "ssim_copy_last")
 PREDICTION_TASKS = ("prediction", "backward")
 
 
@@ -83,7 +85,8 @@ class EvalProtocol:
                 f"sampler: {sampler.describe()}",
                 "metrics: PSNR/SSIM on generated frames only, per clip the mean over the k samples and the best "
                 "of k; copy-last-given-frame baseline beside them",
-                f"FVD frames: {fvd} - FVD not computed here: it needs I3D (Kinetics-400) weights",
+                f"FVD frames: {fvd} (FVD/FID: the VideoQuality callback or `vdiff evaluate`, with local I3D/Inception "
+                "weights)",
             ]
         )
 
@@ -95,8 +98,9 @@ class ScoreTotals:
     own clips once: vdiff's evaluation loaders never pad) and divides by the total clip count.
     """
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+    def __init__(self, names: tuple[str, ...] = PROTOCOL_SCORES) -> None:
+        # Every rank reduces the same names in the same order, also one that scored no clip.
+        self.sums: dict[str, float] = {name: 0.0 for name in names}
         self.clips = 0
 
     def add(self, scores: dict[str, Tensor]) -> None:

@@ -313,6 +313,12 @@ class SVDModule(VideoDiffusionModule):
         b, t, _, h, w = latents.shape
         return task_mask(self.mask_task, t, h, w, batch=b, device=latents.device, **self.mask_params)
 
+    def task_given_mask(self, task, num_frames, height, width, batch, given_frames=None) -> Tensor:
+        """As the base, with ``mask_params`` for the module's own ``mask_task`` (e.g. the interpolation step)."""
+        if task == self.mask_task and self.mask_params:
+            return task_mask(task, num_frames, height, width, batch=batch, device=self.device, **self.mask_params)
+        return super().task_given_mask(task, num_frames, height, width, batch, given_frames)
+
     @torch.no_grad()
     def sample_latents(self, given, given_mask, cond=None, sampler=None, generator=None, progress=False) -> Tensor:
         """As the base, but the conditioning frame is generated too unless ``paste_cond_frame`` (SVD)."""
@@ -320,10 +326,6 @@ class SVDModule(VideoDiffusionModule):
             frame = torch.zeros(given_mask.shape[1], dtype=torch.bool, device=given_mask.device)
             frame[self.cond_config.frame] = True
             given_mask = given_mask & ~frame.view(1, -1, 1, 1, 1)
-            if self.mask_task is not None:
-                b, t, _, h, w = given.shape
-                given_mask = given_mask | task_mask(self.mask_task, t, h, w, batch=b, device=given.device,
-                                                    **self.mask_params)
             if not bool(given_mask.any()):
                 given_mask = None
         if given_mask is None:
