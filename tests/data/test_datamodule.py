@@ -31,10 +31,18 @@ def _keys(batches):
 @pytest.mark.parametrize("float_on_device", [True, False])
 def test_batch_keys_shapes_and_dtypes(video_shards, float_on_device):
     folder, _ = video_shards
-    dm = VideoDataModule(train=str(folder), num_frames=6, frame_stride=2, size=(16, 24), batch_size=3,
-                         num_workers=0, float_on_device=float_on_device)
+    dm = VideoDataModule(
+        train=str(folder),
+        num_frames=6,
+        frame_stride=2,
+        size=(16, 24),
+        batch_size=3,
+        num_workers=0,
+        float_on_device=float_on_device,
+    )
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {B.VIDEO, B.FPS, B.FRAME_INDICES, B.KEY, B.SOURCE, B.ACTIONS}
+    assert set(batch) == {B.VIDEO, B.FPS, B.MOTION_SCORE, B.FRAME_INDICES, B.KEY, B.SOURCE, B.ACTIONS}
+    assert batch[B.MOTION_SCORE].shape == (3,) and batch[B.MOTION_SCORE].isnan().all()  # these shards have no score
     video = batch[B.VIDEO]
     assert video.shape == (3, 6, 3, 16, 24)
     if float_on_device:  # uint8 through the loader, float after the (Lightning) transfer hook
@@ -62,16 +70,27 @@ def test_actions_follow_frame_indices(video_shards):
         for row, key in enumerate(batch[B.KEY]):
             truth = driving_actions(12, seed=int(key[1:]))
             idx = batch[B.FRAME_INDICES][row].tolist()
-            np.testing.assert_allclose(batch[B.ACTIONS]["steering"][row].numpy(), [truth["steering"][i] for i in idx],
-                                       rtol=1e-6)
+            np.testing.assert_allclose(
+                batch[B.ACTIONS]["steering"][row].numpy(), [truth["steering"][i] for i in idx], rtol=1e-6
+            )
             assert batch[B.ACTIONS]["command"][row].tolist() == [truth["command"][i] for i in idx]
 
 
 def test_random_crop_moves_goal_points(tmp_path):
     # Source frames 40x48 (H x W) whose pixels encode their coordinates; crop 24x32 without resizing.
     keys = write_videos(tmp_path, 12, num_frames=6, height=40, width=48, per_shard=6)
-    dm = VideoDataModule(train=str(tmp_path), num_frames=3, size=(24, 32), resize=False, crop="random",
-                         batch_size=4, num_workers=0, float_on_device=True, epoch_length=6, shuffle_buffer=4)
+    dm = VideoDataModule(
+        train=str(tmp_path),
+        num_frames=3,
+        size=(24, 32),
+        resize=False,
+        crop="random",
+        batch_size=4,
+        num_workers=0,
+        float_on_device=True,
+        epoch_length=6,
+        shuffle_buffer=4,
+    )
     # Independent reference: the full decoded source frames; the output must be exactly one window.
     source = decode_all(encode_video(coordinate_frames(6, 40, 48), FPS, preset="ultrafast")).astype(np.int16)
     offsets, outside = set(), 0
@@ -80,8 +99,11 @@ def test_random_crop_moves_goal_points(tmp_path):
         for row, key in enumerate(batch[B.KEY]):
             frame = video[row, 0].permute(1, 2, 0).numpy().astype(np.int16)
             first = batch[B.FRAME_INDICES][row, 0].item()
-            errors = {(top, left): np.abs(source[first, top : top + 24, left : left + 32] - frame).sum()
-                      for top in range(17) for left in range(17)}
+            errors = {
+                (top, left): np.abs(source[first, top : top + 24, left : left + 32] - frame).sum()
+                for top in range(17)
+                for left in range(17)
+            }
             top, left = min(errors, key=errors.get)
             assert errors[(top, left)] == 0
             offsets.add((top, left))
@@ -101,8 +123,16 @@ def test_random_crop_moves_goal_points(tmp_path):
 
 def test_flip_mirrors_video_and_actions(tmp_path):
     keys = write_videos(tmp_path, 8, num_frames=4, height=32, width=32, per_shard=4)
-    dm = VideoDataModule(train=str(tmp_path), num_frames=2, size=32, flip=True, batch_size=4, num_workers=0,
-                         float_on_device=False, epoch_length=4)
+    dm = VideoDataModule(
+        train=str(tmp_path),
+        num_frames=2,
+        size=32,
+        flip=True,
+        batch_size=4,
+        num_workers=0,
+        float_on_device=False,
+        epoch_length=4,
+    )
     flips = Counter()
     for batch in dm.train_dataloader():
         for row, key in enumerate(batch[B.KEY]):
@@ -114,7 +144,8 @@ def test_flip_mirrors_video_and_actions(tmp_path):
             sign = -1 if flipped else 1
             assert batch[B.ACTIONS]["steering"][row, 0].item() == pytest.approx(sign * truth["steering"][i], rel=1e-6)
             assert batch[B.ACTIONS]["trajectory"][row, 0, :, 1].tolist() == pytest.approx(
-                [sign * p[1] for p in truth["trajectory"][i]], rel=1e-6)
+                [sign * p[1] for p in truth["trajectory"][i]], rel=1e-6
+            )
             gx = truth["goal"][i][0]
             assert batch[B.ACTIONS]["goal"][row, 0, 0].item() == pytest.approx(1 - gx if flipped else gx, abs=1e-6)
             command = truth["command"][i]
@@ -129,8 +160,19 @@ def _clip_signature(loader):
 
 def test_same_seed_and_epoch_give_same_clips_other_epoch_differs(video_shards):
     folder, _ = video_shards
-    make = lambda seed: VideoDataModule(train=str(folder), num_frames=3, size=16, batch_size=4, num_workers=0,  # noqa: E731
-                                        seed=seed, shuffle_buffer=8, float_on_device=False)
+
+    def make(seed):
+        return VideoDataModule(
+            train=str(folder),
+            num_frames=3,
+            size=16,
+            batch_size=4,
+            num_workers=0,
+            seed=seed,
+            shuffle_buffer=8,
+            float_on_device=False,
+        )
+
     a, b, c = make(1), make(1), make(2)
     first = [bt[B.VIDEO] for bt in a.train_dataloader()]
     again = [bt[B.VIDEO] for bt in b.train_dataloader()]
@@ -148,8 +190,19 @@ def test_same_seed_and_epoch_give_same_clips_other_epoch_differs(video_shards):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_reproduces_the_rest(video_shards, num_workers):
     folder, _ = video_shards
-    make = lambda: VideoDataModule(train=str(folder), num_frames=3, size=16, batch_size=2, num_workers=num_workers,  # noqa: E731
-                                   seed=3, shuffle_buffer=6, epoch_length=7)
+
+    def make():
+        return VideoDataModule(
+            train=str(folder),
+            num_frames=3,
+            size=16,
+            batch_size=2,
+            num_workers=num_workers,
+            seed=3,
+            shuffle_buffer=6,
+            epoch_length=7,
+        )
+
     full = make()
     full.set_epoch(2)
     reference = _clip_signature(full.train_dataloader())
@@ -181,8 +234,9 @@ def test_epoch_length_from_manifests(video_shards, two_sources):
     loader = dm.train_dataloader()
     assert len(loader) == 4
     actions, youtube = two_sources
-    dm = VideoDataModule(train=[DataSource(str(actions), 1.0), DataSource(str(youtube), 3.0)], batch_size=4,
-                         num_workers=0)
+    dm = VideoDataModule(
+        train=[DataSource(str(actions), 1.0), DataSource(str(youtube), 3.0)], batch_size=4, num_workers=0
+    )
     assert dm.train_num_batches() == 16 // 4
 
 
@@ -200,7 +254,12 @@ def test_source_weights_are_honoured(two_sources, n):
     actions, youtube = two_sources
     dm = VideoDataModule(
         train=[DataSource(str(actions), 0.25, "nuscenes"), DataSource(str(youtube), 0.75, "youtube")],
-        num_frames=1, size=16, batch_size=50, epoch_length=n // 50, num_workers=0, shuffle_buffer=4,
+        num_frames=1,
+        size=16,
+        batch_size=50,
+        epoch_length=n // 50,
+        num_workers=0,
+        shuffle_buffer=4,
         float_on_device=False,
     )
     counts = Counter()
@@ -220,8 +279,9 @@ def test_source_weights_are_honoured(two_sources, n):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_val_reads_every_sample_once_in_order(video_shards, num_workers):
     folder, keys = video_shards
-    dm = VideoDataModule(val=str(folder), test=str(folder), num_frames=4, size=16, val_batch_size=5,
-                         num_workers=num_workers)
+    dm = VideoDataModule(
+        val=str(folder), test=str(folder), num_frames=4, size=16, val_batch_size=5, num_workers=num_workers
+    )
     for loader in (dm.val_dataloader(), dm.test_dataloader()):
         batches = list(loader)
         seen = _keys(batches)
@@ -235,8 +295,7 @@ def test_val_clips_per_video(video_shards):
     assert eval_clip_starts(8, 3) == [0, 4, 8]
     assert eval_clip_starts(1, 3) == [0, 1]
     assert eval_clip_starts(0, 3) == [0]
-    dm = VideoDataModule(val=str(folder), num_frames=4, size=16, val_batch_size=6, num_workers=0,
-                         val_clips_per_video=3)
+    dm = VideoDataModule(val=str(folder), num_frames=4, size=16, val_batch_size=6, num_workers=0, val_clips_per_video=3)
     signature = _clip_signature(dm.val_dataloader())
     assert len(signature) == 3 * len(keys)
     starts = Counter(idx[0] for _, idx in signature)
@@ -254,8 +313,16 @@ def test_target_fps_sampling(video_shards):
 def test_evaluation_clips_can_be_longer_than_training_clips(video_shards):
     """Train on short clips, evaluate on long ones (MCVD/VDT: train 16, evaluate 2 -> 28 on 30)."""
     folder, _ = video_shards
-    dm = VideoDataModule(train=str(folder), val=str(folder), num_frames=3, eval_num_frames=6, size=16,
-                         num_workers=0, batch_size=2, shuffle_buffer=0)
+    dm = VideoDataModule(
+        train=str(folder),
+        val=str(folder),
+        num_frames=3,
+        eval_num_frames=6,
+        size=16,
+        num_workers=0,
+        batch_size=2,
+        shuffle_buffer=0,
+    )
     dm.setup("fit")
     val = next(iter(dm.val_dataloader()))
     train = next(iter(dm.train_dataloader()))
@@ -319,8 +386,7 @@ class _KeyRecorder(LightningModule):
 def test_predict_through_lightning_reads_every_sample(video_shards):
     folder, keys = video_shards
     dm = VideoDataModule(predict=str(folder), num_frames=2, size=16, val_batch_size=5, num_workers=0)
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     predictions = trainer.predict(_KeyRecorder(), datamodule=dm)
     assert sorted(k for batch in predictions for k in batch) == keys
 
@@ -343,8 +409,15 @@ def test_tar_cut_at_a_file_boundary_counts_the_missing_samples(tmp_path):
     assert counts["truncated_shard"] == 2 and counts["bad_shard"] == 0
     assert dm.skipped_counts_by_stage()["val"]["truncated_shard"] == 2
     # Training reads the shard again and again: every short read counts its missing samples.
-    dm = VideoDataModule(train=str(tmp_path / "set"), num_frames=4, size=16, num_workers=0, batch_size=2,
-                         epoch_length=4, shuffle_buffer=0)
+    dm = VideoDataModule(
+        train=str(tmp_path / "set"),
+        num_frames=4,
+        size=16,
+        num_workers=0,
+        batch_size=2,
+        epoch_length=4,
+        shuffle_buffer=0,
+    )
     list(dm.train_dataloader())
     train_counts = dm.skipped_counts_by_stage()["train"]
     assert train_counts["truncated_shard"] > 0 and train_counts["truncated_shard"] % 2 == 0

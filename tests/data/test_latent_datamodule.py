@@ -35,7 +35,9 @@ def latent_set(tiny_ae, tmp_path_factory):
 
 
 def _signature(loader) -> list[tuple[str, int, float]]:
-    return [(k, int(i[0]), float(x.sum())) for b in loader for k, i, x in zip(b[B.KEY], b[B.FRAME_INDICES], b[B.LATENTS])]
+    return [
+        (k, int(i[0]), float(x.sum())) for b in loader for k, i, x in zip(b[B.KEY], b[B.FRAME_INDICES], b[B.LATENTS])
+    ]
 
 
 def test_round_trip_equals_direct_encode(latent_set, tiny_ae):
@@ -52,8 +54,9 @@ def test_round_trip_equals_direct_encode(latent_set, tiny_ae):
             torch.testing.assert_close(batch[B.LATENTS_MEAN][row], direct.mean[0], rtol=2e-3, atol=2e-3)
             torch.testing.assert_close(batch[B.LATENTS_STD][row], direct.std[0], rtol=2e-3, atol=2e-3)
             eps = torch.from_numpy(eval_noise(5, batch[B.KEY][row]).standard_normal((12, 4, 16, 16), dtype=np.float32))
-            torch.testing.assert_close(batch[B.LATENTS][row],
-                                       batch[B.LATENTS_MEAN][row] + batch[B.LATENTS_STD][row] * eps)
+            torch.testing.assert_close(
+                batch[B.LATENTS][row], batch[B.LATENTS_MEAN][row] + batch[B.LATENTS_STD][row] * eps
+            )
             truth = driving_actions(12, seed=int(batch[B.KEY][row][1:]))
             np.testing.assert_allclose(batch[B.ACTIONS]["speed"][row].numpy(), truth["speed"], rtol=1e-6)
             assert batch[B.ACTIONS]["command"][row].tolist() == truth["command"]
@@ -64,12 +67,30 @@ def test_round_trip_equals_direct_encode(latent_set, tiny_ae):
 
 
 def test_train_batch_contract_and_random_starts(latent_set):
-    dm = LatentDataModule(train=str(latent_set), num_frames=5, frame_stride=2, batch_size=4, num_workers=0,
-                          shuffle_buffer=4, epoch_length=4)
+    dm = LatentDataModule(
+        train=str(latent_set),
+        num_frames=5,
+        frame_stride=2,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=4,
+        epoch_length=4,
+    )
     starts = set()
     for batch in dm.train_dataloader():
-        assert set(batch) == {B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD, B.FIRST_FRAME, B.FPS, B.FRAME_INDICES,
-                              B.KEY, B.SOURCE, B.ACTIONS}
+        assert set(batch) == {
+            B.LATENTS,
+            B.LATENTS_MEAN,
+            B.LATENTS_STD,
+            B.FIRST_FRAME,
+            B.FPS,
+            B.MOTION_SCORE,
+            B.FRAME_INDICES,
+            B.KEY,
+            B.SOURCE,
+            B.ACTIONS,
+        }
+        assert batch[B.MOTION_SCORE].shape == (4,) and batch[B.MOTION_SCORE].isnan().all()
         for name in (B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD):
             assert batch[name].shape == (4, 5, 4, 16, 16) and batch[name].dtype == torch.float32
         assert not torch.equal(batch[B.LATENTS], batch[B.LATENTS_MEAN])  # a posterior sample, not the mean
@@ -85,14 +106,24 @@ def test_train_batch_contract_and_random_starts(latent_set):
             assert batch[B.ACTIONS]["command"][row].tolist() == [truth["command"][i] for i in indices[row].tolist()]
         starts.update(indices[:, 0].tolist())
     assert len(starts) > 1 and starts <= {0, 1, 2, 3}
-    first = LatentDataModule(train=str(latent_set), num_frames=5, batch_size=4, num_workers=0, epoch_length=2,
-                             train_start="first")
+    first = LatentDataModule(
+        train=str(latent_set), num_frames=5, batch_size=4, num_workers=0, epoch_length=2, train_start="first"
+    )
     assert all((b[B.FRAME_INDICES][:, 0] == 0).all() for b in first.train_dataloader())
 
 
 def test_determinism_and_resume(latent_set):
-    make = lambda seed=1: LatentDataModule(train=str(latent_set), num_frames=4, batch_size=2, num_workers=0,  # noqa: E731
-                                           seed=seed, shuffle_buffer=4, epoch_length=5)
+    def make(seed=1):
+        return LatentDataModule(
+            train=str(latent_set),
+            num_frames=4,
+            batch_size=2,
+            num_workers=0,
+            seed=seed,
+            shuffle_buffer=4,
+            epoch_length=5,
+        )
+
     a, b = make(), make()
     reference = _signature(a.train_dataloader())
     assert reference == _signature(b.train_dataloader()) and reference != _signature(make(2).train_dataloader())
@@ -114,16 +145,29 @@ def test_image_embed_and_bad_samples_are_counted(tmp_path):
     first = np.zeros((8, 8, 3), dtype=np.uint8)
     with ShardWriter(tmp_path / "lat", sample_type="latent") as writer:
         for i in range(2):
-            writer.write_latent(f"e{i}", torch.randn(3, 4, 2, 2), torch.rand(3, 4, 2, 2), first, meta,
-                                image_embed=torch.full((6,), float(i)))
+            writer.write_latent(
+                f"e{i}",
+                torch.randn(3, 4, 2, 2),
+                torch.rand(3, 4, 2, 2),
+                first,
+                meta,
+                image_embed=torch.full((6,), float(i)),
+            )
     with ShardWriter(tmp_path / "bad", sample_type="latent") as writer:
-        writer.write_latent("short", torch.randn(2, 4, 2, 2), torch.rand(2, 4, 2, 2), first,
-                            VideoMeta(fps=FPS, width=8, height=8, num_frames=2, source="s"))
+        writer.write_latent(
+            "short",
+            torch.randn(2, 4, 2, 2),
+            torch.rand(2, 4, 2, 2),
+            first,
+            VideoMeta(fps=FPS, width=8, height=8, num_frames=2, source="s"),
+        )
         writer.write_raw("video_json", {"json": meta.to_json().encode()})
-        writer.write_raw("no_latents", {"json": dump_json({**__import__("json").loads(meta.to_json()),
-                                                           "sample_type": "latent"})})
-    dm = LatentDataModule(val=[str(tmp_path / "lat"), str(tmp_path / "bad")], num_frames=3, val_batch_size=4,
-                          num_workers=0)
+        writer.write_raw(
+            "no_latents", {"json": dump_json({**__import__("json").loads(meta.to_json()), "sample_type": "latent"})}
+        )
+    dm = LatentDataModule(
+        val=[str(tmp_path / "lat"), str(tmp_path / "bad")], num_frames=3, val_batch_size=4, num_workers=0
+    )
     (batch,) = list(dm.val_dataloader())
     assert batch[B.KEY] == ["e0", "e1"]
     assert torch.equal(batch[B.IMAGE_EMBED], torch.tensor([[0.0] * 6, [1.0] * 6]))
@@ -175,8 +219,9 @@ def test_a_diffusion_module_validates_on_latent_batches(latent_set, tiny_ae):
     """Latent batches carry no video: evaluation scores samples against the decoded posterior mean."""
     from tests.lit.helpers import vdt_module
 
-    module = vdt_module(depth=1, hidden_size=32, num_heads=2, autoencoder=tiny_ae, learn_sigma=False, num_timesteps=10,
-                        val_steps=2)
+    module = vdt_module(
+        depth=1, hidden_size=32, num_heads=2, autoencoder=tiny_ae, learn_sigma=False, num_timesteps=10, val_steps=2
+    )
     dm = LatentDataModule(val=str(latent_set), num_frames=4, val_batch_size=2, num_workers=0)
     batch = next(iter(dm.val_dataloader()))
     assert "video" not in batch

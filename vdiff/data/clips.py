@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vdiff.data import batch as B
-from vdiff.data.schema import META_EXT, VIDEO_EXT, SampleType, SchemaError, VideoMeta
+from vdiff.data.schema import META_EXT, VIDEO_EXT, SampleType, SchemaError, VideoMeta, motion_score_of
 from vdiff.data.transforms import (
     CropPlan,
     clip_actions,
@@ -74,8 +74,10 @@ def parse_meta(
     except SchemaError as err:
         raise Skip(BAD_JSON, f"{where}: sample {key!r}: {err}") from None
     if meta.sample_type != sample_type.value:
-        raise Skip(BAD_JSON, f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a {sample_type.value} "
-                             f"sample{hint}")
+        raise Skip(
+            BAD_JSON,
+            f"{where}: sample {key!r} is a {meta.sample_type!r} sample, not a {sample_type.value} sample{hint}",
+        )
     return meta
 
 
@@ -121,10 +123,11 @@ def clip_fps(spec: ClipSpec, fps: float) -> float:
 def clip_item(
     key: str, meta: VideoMeta, indices: list[int], actions: dict[str, np.ndarray], fps: float, source: str | None
 ) -> dict[str, Any]:
-    """The fields every clip item has: ``fps`` (of the clip), ``frame_indices``, ``key``, ``source``
-    (``source`` or the json's) and ``actions``."""
+    """The fields every clip item has: ``fps`` (of the clip), ``motion_score`` (the json's, NaN when unknown),
+    ``frame_indices``, ``key``, ``source`` (``source`` or the json's) and ``actions``."""
     return {
         "fps": fps,
+        "motion_score": motion_score_of(meta.extra),
         "frame_indices": np.asarray(indices, dtype=np.int64),
         "key": key,
         "source": source if source is not None else meta.source,
@@ -154,8 +157,11 @@ def decode_clip(
         raise Skip(err.reason, f"{where}: sample {key!r}: {err}") from None
     frame_hw = frames.shape[1:3]
     if frame_hw[0] < spec.out_hw[0] or frame_hw[1] < spec.out_hw[1]:
-        raise Skip(TOO_SMALL, f"{where}: sample {key!r} has {frame_hw[0]}x{frame_hw[1]} frames, smaller than "
-                    f"the crop {spec.out_hw[0]}x{spec.out_hw[1]} (set resize=True to scale it up)")
+        raise Skip(
+            TOO_SMALL,
+            f"{where}: sample {key!r} has {frame_hw[0]}x{frame_hw[1]} frames, smaller than "
+            f"the crop {spec.out_hw[0]}x{spec.out_hw[1]} (set resize=True to scale it up)",
+        )
     plan: CropPlan = plan_crop(frame_hw, spec.out_hw, crop, generator, flip)
     actions["goal"], actions[B.valid_key("goal")] = move_goal(actions["goal"], actions[B.valid_key("goal")], plan)
     if flip:

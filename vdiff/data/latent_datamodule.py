@@ -17,9 +17,18 @@ from a random start (training; ``train_start="first"`` pins it to 0) or evenly s
 * ``first_frame`` ``(B, 3, H, W)`` in [-1, 1]: the stored clean first frame of the *latent sample*, which is
   the first frame of the clip when the clip starts at latent frame 0 (``frame_indices[:, 0] == 0``; always
   true with ``train_start="first"`` or samples encoded with ``--clip-frames`` equal to ``num_frames``);
-* ``fps`` (of the clip as sampled), ``frame_indices`` (latent frame indices in the sample), ``key``,
-  ``source``, ``actions`` with ``<key>_valid`` (as the video data module), ``image_embed`` ``(B, D)`` when
-  every sample of the batch stores one.
+* ``fps`` (of the clip as sampled), ``motion_score`` (the curation score the encoded video clip carried, NaN
+  where unknown), ``frame_indices`` (latent frame indices in the sample), ``key``, ``source``, ``actions`` with
+  ``<key>_valid`` (as the video data module);
+* ``image_embed`` ``(B, D)`` float32 when every sample of the batch stores one (``vdiff encode --image-encoder``:
+  the embedding of exactly ``first_frame``).
+
+The image encoder of stored embeddings is recorded in the latent set's manifest (``extra["image_embed"]``). At
+``setup`` the sources of a stage must agree on it, and when the LightningModule being trained has an
+``image_encoder`` whose weights file is known (``weights_sha256``, e.g.
+``vdiff.weights.clip.PretrainedCLIPImageEmbedder``), a set embedded by another encoder is refused
+(:meth:`LatentDataModule.check_image_encoder`), so stored embeddings never silently disagree with the model's
+own.
 
 Latents are *unscaled*; diffusion modules scale them (``VideoDiffusionModule.batch_latents``).
 """
@@ -52,10 +61,22 @@ from vdiff.data.clips import (
 from vdiff.data.datamodule import SKIP_REASONS, VideoDataModule
 from vdiff.data.eval_stream import EvalClipStream
 from vdiff.data.sampling import ReaderSlot
-from vdiff.data.schema import FIRST_FRAME_EXT, IMAGE_EMBED_EXT, LATENTS_EXT, SampleType, VideoMeta
+from vdiff.data.schema import (
+    FIRST_FRAME_EXT,
+    IMAGE_EMBED_EXT,
+    IMAGE_EMBED_INFO_KEY,
+    LATENTS_EXT,
+    SampleType,
+    SchemaError,
+    VideoMeta,
+    check_image_embed_info,
+    image_encoder_identity,
+)
+from vdiff.data.shards import load_manifests
 from vdiff.data.sources import DataSource
+from vdiff.data.stream_base import STAGES
 from vdiff.data.train_stream import TrainClipStream
-from vdiff.data.transforms import normalize_video
+from vdiff.data.transforms import motion_scores, normalize_video
 
 MISSING_LATENTS = "missing_latents"  # the sample has no <key>.latents.safetensors or no first frame
 BAD_LATENTS = "bad_latents"  # unreadable safetensors / PNG, or shapes that disagree
@@ -83,9 +104,17 @@ def _parse_latent(key: str, files: dict[str, bytes], where: str) -> tuple[VideoM
     mean, std = tensors.get("mean"), tensors.get("std")
     if mean is None or std is None or mean.ndim != 4 or mean.shape != std.shape:
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise Skip(BAD_LATENTS, f"{where}: sample {key!r}: need tensors mean and std of equal (T, c, h, w), got {shapes}")
+        raise Skip(
+            BAD_LATENTS, f"{where}: sample {key!r}: need tensors mean and std of equal (T, c, h, w), got {shapes}"
+        )
     out = {"mean": mean, "std": std, "first_frame": torch.from_numpy(frame.copy()).permute(2, 0, 1)}
     if embed is not None:
+        width = meta.extra.get(IMAGE_EMBED_INFO_KEY, {}).get("embed_dim")
+        if embed.numel() == 0 or (embed.ndim > 1 and embed.shape[0] != 1) or (width and embed.numel() != width):
+            raise Skip(
+                BAD_LATENTS,
+                f"{where}: sample {key!r}: image_embed of shape {tuple(embed.shape)}, expected ({width or 'D'},)",
+            )
         out["embed"] = embed.reshape(-1)
     return meta, out
 
@@ -116,8 +145,10 @@ def _latent_clip(
     indices = clip_indices(frames, fps, spec, start)
     video_indices = [i * down for i in indices]  # actions are per video frame
     if video_indices[-1] >= meta.num_frames:
-        raise Skip(BAD_LATENTS, f"{where}: sample {key!r}: {frames} latent frames x {down} exceed the json's "
-                                 f"num_frames {meta.num_frames}")
+        raise Skip(
+            BAD_LATENTS,
+            f"{where}: sample {key!r}: {frames} latent frames x {down} exceed the json's num_frames {meta.num_frames}",
+        )
     actions = clip_actions_of(meta, video_indices, key, where)
     index = torch.as_tensor(indices)
     mean = tensors["mean"][index].float()  # (T, c, h, w)
@@ -135,6 +166,12 @@ def _latent_clip(
     return item
 
 
+def _describe(info: dict[str, Any]) -> str:
+    """An image-encoder record (``extra["image_embed"]``) in a few words: file and sha256."""
+    sha = info.get("sha256")
+    return f"{info.get('path') or 'not read from a file'} (sha256 {sha[:12] + '...' if sha else None})"
+
+
 def collate_latent_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack latent clips into a batch of :mod:`vdiff.data.batch` (``first_frame`` to float in [-1, 1])."""
     if not samples:
@@ -145,6 +182,7 @@ def collate_latent_clips(samples: list[dict[str, Any]]) -> dict[str, Any]:
         B.LATENTS_STD: torch.stack([s["latents_std"] for s in samples]),
         B.FIRST_FRAME: normalize_video(torch.stack([s["first_frame"] for s in samples])),
         B.FPS: torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        B.MOTION_SCORE: motion_scores(samples),
         B.FRAME_INDICES: torch.tensor(np.stack([s["frame_indices"] for s in samples]), dtype=torch.long),
         B.KEY: [s["key"] for s in samples],
         B.SOURCE: [s["source"] for s in samples],
@@ -256,16 +294,98 @@ class LatentDataModule(VideoDataModule):
         if train_start not in ("random", "first"):
             raise ValueError(f"train_start must be 'random' or 'first', got {train_start!r}")
         super().__init__(
-            train=train, val=val, test=test, predict=predict, num_frames=num_frames, frame_stride=frame_stride,
-            target_fps=target_fps, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-            shuffle_buffer=shuffle_buffer, seed=seed, epoch_length=epoch_length,
-            val_clips_per_video=val_clips_per_video, eval_num_frames=eval_num_frames, float_on_device=False,
+            train=train,
+            val=val,
+            test=test,
+            predict=predict,
+            num_frames=num_frames,
+            frame_stride=frame_stride,
+            target_fps=target_fps,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            epoch_length=epoch_length,
+            val_clips_per_video=val_clips_per_video,
+            eval_num_frames=eval_num_frames,
+            float_on_device=False,
             pin_memory=pin_memory,
         )
         self.train_start = train_start
 
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         return collate_latent_clips
+
+    # -- stored image embeddings ---------------------------------------------------------------
+
+    def image_embed_info(self, stage: str) -> dict[str, Any] | None:
+        """The image encoder that embedded the first frames of ``stage``'s latent sets, as their manifests record
+        it (``extra["image_embed"]``: encoder, path, sha256, layout, config, embed_dim), or None when no set of
+        the stage stores embeddings (or none has a manifest). Raises ValueError when two sets were embedded by
+        different encoders (different weights or config), naming both."""
+        found: tuple[str, dict[str, Any]] | None = None
+        for source in self.sources[stage]:
+            for manifest in load_manifests(source.path) or []:
+                info = manifest.extra.get(IMAGE_EMBED_INFO_KEY)
+                if info is None:
+                    continue
+                try:
+                    check_image_embed_info(info, f"{source.path}: manifest extra.image_embed")
+                except SchemaError as err:
+                    raise ValueError(str(err)) from None
+                if found is None:
+                    found = (str(source.path), info)
+                elif image_encoder_identity(info) != image_encoder_identity(found[1]):
+                    raise ValueError(
+                        f"{type(self).__name__}: the {stage} sets {found[0]} and {source.path} store image embeddings "
+                        f"of different encoders ({_describe(found[1])} vs {_describe(info)}); re-encode one with "
+                        "`vdiff encode --image-encoder` and the other's file"
+                    )
+        return None if found is None else found[1]
+
+    def check_image_encoder(self, encoder: Any, stages: tuple[str, ...] = STAGES) -> None:
+        """Refuse latent sets whose stored embeddings come from another image encoder than ``encoder`` (the
+        model's: an object with ``config`` and, when read from a file, ``weights_sha256``, as
+        ``vdiff.weights.clip.PretrainedCLIPImageEmbedder``). ``encoder`` None: the model has no encoder of its own
+        and uses the stored embeddings, nothing to compare. Raises ValueError naming the set's encoder file and
+        the model's."""
+        if encoder is None:
+            return
+        config = getattr(encoder, "config", None)
+        ours = {
+            "sha256": getattr(encoder, "weights_sha256", None),
+            "config": config.to_dict() if hasattr(config, "to_dict") else None,
+        }
+        for stage in stages:
+            info = self.image_embed_info(stage)
+            if info is None:
+                continue
+            theirs = image_encoder_identity(info)
+            differs = [k for k in ("sha256", "config") if theirs[k] is not None and theirs[k] != ours[k]]
+            if theirs["sha256"] is None and ours["sha256"] is not None:
+                differs.append("sha256")  # embedded by an encoder not read from a file; the model's is a file
+            if differs:
+                model_file = getattr(encoder, "weights_path", None) or "not read from a file"
+                raise ValueError(
+                    f"{type(self).__name__}: the {stage} latent set stores image embeddings of another image encoder "
+                    f"than the model's (differing: {', '.join(sorted(set(differs)))}): set encoder "
+                    f"{_describe(info)}; model encoder {model_file} (sha256 {ours['sha256']}). Re-encode with "
+                    "`vdiff encode --image-encoder <the model's file>`, or give the model the set's encoder"
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        """As :meth:`VideoDataModule.setup`, then :meth:`check_image_encoder` against the image encoder of the
+        LightningModule being run (its ``image_encoder`` attribute, when it has one)."""
+        super().setup(stage)
+        model = None
+        if self.trainer is not None:
+            try:
+                model = self.trainer.lightning_module
+            except (AttributeError, RuntimeError):
+                model = None
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        self.check_image_encoder(getattr(model, "image_encoder", None), wanted.get(stage or "", STAGES))
 
     def train_stream_kwargs(self) -> dict[str, Any]:
         return {"crop": "center", "flip": False, "train_start": self.train_start}

@@ -14,6 +14,7 @@ left (0) and right (2) swap. Speed, trajectory ``x`` and goal ``y`` stay.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,11 +169,17 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
     return video.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0).contiguous()
 
 
+def motion_scores(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``(B,)`` float32 ``motion_score`` of clip items (NaN where an item has none)."""
+    return torch.tensor([float(s.get("motion_score", math.nan)) for s in samples], dtype=torch.float32)
+
+
 def collate_clips(samples: Sequence[dict[str, Any]], normalize: bool = True) -> dict[str, Any]:
     """Stack decoded clips into a batch following :mod:`vdiff.data.batch`.
 
     Each sample holds ``video`` ``(T, H, W, 3)`` uint8 (a view; its crop plan's flip not yet
-    applied), ``flip``, ``fps``, ``frame_indices``, ``key``, ``source`` and ``actions``. The frames
+    applied), ``flip``, ``fps``, ``motion_score`` (NaN when absent), ``frame_indices``, ``key``,
+    ``source`` and ``actions``. The frames
     are copied once, channels last (a plain copy, several times faster than transposing), and the
     batch's ``video`` is a ``(B, T, 3, H, W)`` view of them. With ``normalize`` it becomes contiguous
     float in [-1, 1] here; otherwise it stays uint8 for :func:`normalize_video` after the transfer
@@ -190,12 +197,12 @@ def collate_clips(samples: Sequence[dict[str, Any]], normalize: bool = True) -> 
     batch: dict[str, Any] = {
         B.VIDEO: normalize_video(video) if normalize else video,
         B.FPS: torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        B.MOTION_SCORE: motion_scores(samples),
         B.FRAME_INDICES: torch.tensor(np.stack([s["frame_indices"] for s in samples]), dtype=torch.long),
         B.KEY: [s["key"] for s in samples],
         B.SOURCE: [s["source"] for s in samples],
         B.ACTIONS: {
-            name: torch.from_numpy(np.stack([s["actions"][name] for s in samples]))
-            for name in samples[0]["actions"]
+            name: torch.from_numpy(np.stack([s["actions"][name] for s in samples])) for name in samples[0]["actions"]
         },
     }
     return batch
