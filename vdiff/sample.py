@@ -1,20 +1,46 @@
 """``vdiff sample``: sample videos from a checkpoint and write mp4s plus a PNG grid.
 
-Input is a video file (any container PyAV reads) or shards (any spec ``expand_shard_spec``
-accepts). Each input clip is cut from its first frame, resized to the model's frame size, and
-completed with the chosen task; with ``--total-frames`` larger than the clip length the model
-rolls out autoregressively (the last ``--given-frames`` frames condition the next window).
+Two modes.
 
-Outputs in ``--out``: ``<key>.mp4`` per clip (ground truth above sample for tasks with a target),
-``<key>-sample.mp4`` (the sample alone) and ``grid.png`` (rows: clips; columns: frames; given
+**A task on clips** (``--input VIDEO_OR_SHARDS``). Input is a video file (any container PyAV reads) or
+shards (any spec ``expand_shard_spec`` accepts). Each input clip is cut from its first frame, resized
+to the model's frame size, and completed with the chosen task; with ``--total-frames`` larger than the
+clip length the model rolls out autoregressively (the last ``--given-frames`` frames condition the
+next window). Outputs in ``--out``: ``<key>.mp4`` per clip (ground truth above sample for tasks with a
+target), ``<key>-sample.mp4`` (the sample alone) and ``grid.png`` (rows: clips; columns: frames; given
 frames framed green, generated red).
+
+**Image to video** (``--image FILE``, or one frame of a video: ``--input VIDEO --frame N``), for
+checkpoints of a module with SVD's conditioning (:class:`~vdiff.lit.svd.SVDModule`). The image is
+resized to ``--size`` (default: the training size recorded in the checkpoint, else the image's own
+size; a plain resize, the aspect ratio is not kept, as SVD's sampling script does) and conditions a
+clip of ``--num-frames`` frames (default: the training clip length) exactly as SVD samples
+(:func:`image_to_video`): the CLIP embedding of the clean image, the autoencoder's posterior mode of
+the image plus ``cond_aug`` noise, the micro-conditioning ``(fps_id, motion_bucket_id, cond_aug)``,
+Euler EDM with SVD's initial-noise scale and frame-wise linear CFG, then a decode in temporal chunks
+of ``--decode-chunk`` frames. Random numbers are drawn as diffusers' ``StableVideoDiffusionPipeline``
+draws them from its generator: first the conditioning-frame noise ``(B, 3, H, W)``, then the initial
+latents ``(B, T, c, h, w)``; with the same weights, image, seed and settings both give the same video
+(``tests/test_svd_pipeline_parity.py``). Outputs: ``<stem>-sample.mp4`` (written at ``fps_id + 1``
+frames per second, as SVD's script), ``grid.png`` and ``samples.json`` (every setting used).
+
+    vdiff sample --ckpt last.ckpt --image street.png --out out/ --size 1024x576 --num-frames 14 \\
+        --fps 7 --motion-bucket-id 127 --cond-aug 0.02 --steps 25 --min-guidance 1 --max-guidance 2.5 \\
+        --decode-chunk 7 --seed 0
+
+Frame sides must be multiples of the autoencoder's spatial downsampling times the UNet's total
+downsampling (SVD: 8 x 8 = 64); other sizes are refused with that rule.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +48,8 @@ from torch import Tensor
 
 from vdiff.data.schema import META_EXT, VIDEO_EXT, VideoMeta
 from vdiff.data.transforms import normalize_video
+
+SVD_DEFAULT_FPS = 7.0  # SVD's sampling default (fps_id 6) when neither the checkpoint nor the input says
 
 
 def _read_inputs(
@@ -73,21 +101,297 @@ def write_grid(path: Path, videos: Tensor, given_frames: Tensor) -> None:
     Image.fromarray((grid * 255).round().to(torch.uint8).cpu().numpy()).save(path)
 
 
+# ----------------------------------------------------------------------------------------------
+# Image to video (SVD conditioning)
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_size(tokens: list[str] | None) -> tuple[int, int] | None:
+    """``--size`` as ``(H, W)``: one ``WxH`` token (image notation, e.g. ``1024x576``), or ``H`` / ``H W``."""
+    if not tokens:
+        return None
+    if len(tokens) == 1 and "x" in tokens[0].lower():
+        width, _, height = tokens[0].lower().partition("x")
+        try:
+            return int(height), int(width)
+        except ValueError:
+            raise ValueError(f"vdiff sample: --size {tokens[0]!r} is not WxH (e.g. 1024x576)") from None
+    try:
+        values = [int(v) for v in tokens]
+    except ValueError:
+        raise ValueError(f"vdiff sample: --size takes WxH (e.g. 1024x576) or H [W], got {' '.join(tokens)!r}") from None
+    if len(values) > 2:
+        raise ValueError(f"vdiff sample: --size takes WxH or H [W], got {' '.join(tokens)!r}")
+    return values[0], values[-1]
+
+
+def size_multiple(module: Any) -> tuple[int, int]:
+    """``(autoencoder spatial downsampling, UNet total downsampling)`` of a module; frame sides must be
+    multiples of their product."""
+    autoencoder = int(getattr(module.autoencoder, "spatial_downsample", 1))
+    net_config = getattr(module, "net_config", None)
+    levels = len(getattr(net_config, "channel_mult", (1,)))
+    return autoencoder, 2 ** (levels - 1)
+
+
+def check_size(module: Any, size: tuple[int, int]) -> None:
+    """Raise ValueError unless both sides of ``size`` (H, W) are multiples of :func:`size_multiple`'s product."""
+    autoencoder, unet = size_multiple(module)
+    multiple = autoencoder * unet
+    height, width = size
+    if height < 1 or width < 1 or height % multiple or width % multiple:
+        raise ValueError(
+            f"vdiff sample: size {width}x{height} (WxH) is not divisible by {multiple}: frame sides must be multiples "
+            f"of the autoencoder's spatial downsampling ({autoencoder}) times the UNet's total downsampling ({unet}) "
+            f"= {multiple}"
+        )
+
+
+def _resize(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """``(H, W, 3)`` uint8 resized to ``size`` (H, W) with PIL's Lanczos filter (diffusers' pipeline filter)."""
+    if size is None or frame.shape[:2] == tuple(size):
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.Resampling.LANCZOS))
+
+
+def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
+    """An image file -> ``(3, H, W)`` float in [-1, 1], RGB, resized to ``size`` (H, W) when given."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            frame = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        reason = "no such file" if not path.exists() else f"not a readable image ({type(error).__name__}: {error})"
+        raise ValueError(f"vdiff sample: cannot read image {path}: {reason}") from None
+    return _to_video(_resize(frame, size)[None])[0]
+
+
+def read_video_frame(path: str | Path, index: int, size: tuple[int, int] | None = None) -> tuple[Tensor, float]:
+    """Frame ``index`` of a video file -> ``((3, H, W) float in [-1, 1], the video's fps)``."""
+    from vdiff.data.video_io import VideoDecodeError, decode_frames, probe
+
+    path = Path(path)
+    if index < 0:
+        raise ValueError(f"vdiff sample: --frame must be >= 0, got {index}")
+    try:
+        info = probe(path)
+        frame = decode_frames(path, [index], allow_odd_size=True)[0]
+    except VideoDecodeError as error:
+        raise ValueError(f"vdiff sample: cannot read frame {index} of {path}: {error}") from None
+    return _to_video(_resize(frame, size)[None])[0], float(info.fps)
+
+
+def _svd_module_class() -> type:
+    from vdiff.lit.svd import SVDModule
+
+    return SVDModule
+
+
+@contextmanager
+def svd_settings(
+    module: Any,
+    fps_id: float | None = None,
+    motion_bucket_id: float | None = None,
+    cond_aug: float | None = None,
+    min_guidance: float | None = None,
+    max_guidance: float | None = None,
+) -> Iterator[None]:
+    """Temporarily replace an SVD module's sampling conditions and guidance (None keeps a setting).
+
+    The guidance becomes ``LinearCFG(min_guidance, max_guidance)`` when either is given (the other from the
+    module's schedule, default 1.0 / 2.5); both 1.0 is no guidance (one conditional call per step, as diffusers'
+    pipeline does when its maximum scale is 1)."""
+    from vdiff.diffusion.guidance import LinearCFG
+
+    saved_config, saved_guidance = module.cond_config, module.guidance
+    overrides = {"fps_id": fps_id, "motion_bucket_id": motion_bucket_id, "cond_aug": cond_aug}
+    overrides = {k: float(v) for k, v in overrides.items() if v is not None}
+    try:
+        if overrides:
+            module.cond_config = dataclasses.replace(saved_config, **overrides)
+        if min_guidance is not None or max_guidance is not None:
+            low = min_guidance if min_guidance is not None else getattr(saved_guidance, "min_scale", 1.0)
+            high = max_guidance if max_guidance is not None else getattr(saved_guidance, "max_scale", 2.5)
+            module.guidance = None if low == high == 1.0 else LinearCFG(float(low), float(high))
+        yield
+    finally:
+        module.cond_config, module.guidance = saved_config, saved_guidance
+
+
+@torch.no_grad()
+def image_latents(
+    module: Any,
+    image: Tensor,
+    num_frames: int,
+    sampler: Any = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Scaled latents ``(B, T, c, h, w)`` of ``num_frames``-frame clips sampled from images ``(B, 3, H, W)``.
+
+    The module's own conditioning (:meth:`~vdiff.lit.svd.SVDModule.conditioning`, with its ``cond_config`` and
+    ``guidance``; see :func:`svd_settings`) and sampler (``sampler``: a ``SamplerConfig``, None = the module's).
+    ``generator`` draws the conditioning-frame noise first, then the initial noise, as diffusers' pipeline;
+    ``noise`` (standard normal ``(B, T, c, h, w)``, before the sampler's initial-noise scale) replaces the
+    second draw.
+    """
+    from vdiff.diffusion.sampling import sample
+
+    svd = _svd_module_class()
+    if not isinstance(module, svd):
+        raise ValueError(
+            f"vdiff sample: image-to-video needs a module with SVD's image conditioning (SVDModule); this "
+            f"checkpoint holds a {type(module).__name__}"
+        )
+    if module.mask_task is not None:
+        raise ValueError(
+            f"vdiff sample: this SVDModule was trained with mask_task={module.mask_task!r}, which needs given "
+            "frames beside the image; sample it with --input and --task instead"
+        )
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"image_latents: images must be (B, 3, H, W), got {tuple(image.shape)}")
+    image = image.to(module.device)
+    b, _, height, width = image.shape
+    check_size(module, (height, width))
+    index = module.cond_config.frame
+    if not 0 <= index < num_frames:
+        raise ValueError(
+            f"vdiff sample: the module conditions on frame {index}; --num-frames {num_frames} is too short"
+        )
+    video = image[:, None].expand(b, num_frames, 3, height, width)  # the image at every frame, no copy
+    fps = torch.full((b,), SVD_DEFAULT_FPS)  # used only when the module's conditioning sets no fps_id
+    cond = module.conditioning({"video": video, "fps": fps}, generator)
+    f = int(getattr(module.autoencoder, "spatial_downsample", 1))
+    shape = (b, num_frames, module.latent_channels, height // f, width // f)
+    given = image.new_zeros(shape)
+    given_mask = torch.zeros(b, num_frames, 1, 1, 1, dtype=torch.bool, device=image.device)
+    given_mask[:, index] = True  # SVDModule generates this frame too unless paste_cond_frame
+    if module.paste_cond_frame:
+        given[:, index] = module.encode_video(image[:, None], sample=False)[:, 0]
+    sampler = sampler or module.sampler
+    if noise is None:
+        return module.sample_latents(given, given_mask, cond, sampler, generator, progress)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"image_latents: noise must have shape {shape}, got {tuple(noise.shape)}")
+    keep = module.paste_cond_frame
+    uncond = module.unconditional(cond) if module.guidance is not None else None
+    return sample(
+        module.diffusion, module.net, noise.to(given), cond, sampler, uncond=uncond, guidance=module.guidance,
+        given=given if keep else None, given_mask=given_mask if keep else None, generator=generator, progress=progress,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def decode_chunked(module: Any, latents: Tensor, chunk: int | None = None, overlap: int = 0) -> Tensor:
+    """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1], decoded ``chunk`` frames at a
+    time through the autoencoder's chunked decode (``overlap`` frames cross-faded; None = all frames at once).
+
+    With ``chunk`` dividing ``T`` and no overlap the chunks are diffusers' ``decode_chunk_size`` chunks; otherwise
+    the autoencoder uses the fewest full-size windows, spread evenly (diffusers decodes a shorter last chunk)."""
+    unscaled = latents / module.latent_scale + module.latent_shift
+    return module.autoencoder.decode(unscaled, chunk_size=chunk, overlap=overlap).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def image_to_video(
+    module: Any,
+    image: Tensor,
+    num_frames: int,
+    fps_id: float | None = None,
+    motion_bucket_id: float | None = None,
+    cond_aug: float | None = None,
+    min_guidance: float | None = None,
+    max_guidance: float | None = None,
+    sampler: Any = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    decode_chunk: int | None = None,
+    decode_overlap: int = 0,
+    progress: bool = False,
+) -> Tensor:
+    """SVD image-to-video: images ``(B, 3, H, W)`` in [-1, 1] -> videos ``(B, T, 3, H, W)`` in [-1, 1].
+
+    fps_id, motion_bucket_id, cond_aug, min_guidance, max_guidance: override the module's settings
+    (:func:`svd_settings`); sampler, generator, noise: :func:`image_latents`; decode_chunk, decode_overlap:
+    :func:`decode_chunked`.
+    """
+    with svd_settings(module, fps_id, motion_bucket_id, cond_aug, min_guidance, max_guidance):
+        latents = image_latents(module, image, num_frames, sampler, generator, noise, progress)
+    return decode_chunked(module, latents, decode_chunk, decode_overlap)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by `vdiff fit` (e.g. runs/x/checkpoints/last.ckpt)")
-    parser.add_argument("--input", required=True, help="a video file, or shards (folder, manifest, brace pattern, glob)")
+    parser.add_argument(
+        "--ckpt", required=True, help="checkpoint written by `vdiff fit` (e.g. runs/x/checkpoints/last.ckpt)"
+    )
+    parser.add_argument("--input", default=None, help="a video file, or shards (folder, manifest, brace pattern, glob)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--task", default=None, help="mask mode: prediction, backward, interpolation, unconditional, single_frame, ... (default: the model's validation task)")
-    parser.add_argument("--given-frames", type=int, default=None, help="given frames for prediction/backward and rollouts")
-    parser.add_argument("--num-frames", type=int, default=None, help="clip length per sampling window (default: the training clip length)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="mask mode: prediction, backward, interpolation, unconditional, single_frame, ... (default: the model's validation task)",
+    )
+    parser.add_argument(
+        "--given-frames", type=int, default=None, help="given frames for prediction/backward and rollouts"
+    )
+    parser.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="clip length per sampling window (default: the training clip length)",
+    )
     parser.add_argument("--total-frames", type=int, default=None, help="roll out autoregressively to this many frames")
-    parser.add_argument("--size", type=int, nargs="+", default=None, help="frame size H [W] (default: the training size)")
+    parser.add_argument(
+        "--size", nargs="+", default=None, help="frame size: WxH (e.g. 1024x576) or H [W] (default: the training size)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's sampler steps)")
-    parser.add_argument("--sampler", default=None, help="ddim or ancestral (default: the model's)")
+    parser.add_argument(
+        "--sampler", default=None, help="ddim or ancestral (DDPM), euler or heun (EDM) (default: the model's)"
+    )
     parser.add_argument("--num-videos", type=int, default=4, help="clips to sample from the input")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA ones")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    svd = parser.add_argument_group("image to video (SVD checkpoints)")
+    svd.add_argument("--image", default=None, help="an image file to animate")
+    svd.add_argument("--frame", type=int, default=None, help="with --input VIDEO: animate this frame of the video")
+    rate = svd.add_mutually_exclusive_group()
+    rate.add_argument("--fps-id", type=float, default=None, help="SVD's fps_id (frames per second - 1; SVD: 6)")
+    rate.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frames per second (fps_id = fps - 1); default: the module's fps_id, else the input video's rate, else 7",
+    )
+    svd.add_argument(
+        "--motion-bucket-id", type=float, default=None, help="motion bucket 0..255 (default: the module's, else 127)"
+    )
+    svd.add_argument(
+        "--cond-aug",
+        type=float,
+        default=None,
+        help="noise std on the conditioning frame (default: the module's, SVD 0.02)",
+    )
+    svd.add_argument(
+        "--min-guidance", type=float, default=None, help="CFG scale at the first frame (default: the module's)"
+    )
+    svd.add_argument(
+        "--max-guidance", type=float, default=None, help="CFG scale at the last frame (default: the module's)"
+    )
+    svd.add_argument("--decode-chunk", type=int, default=None, help="decode this many frames at a time (default: all)")
+    svd.add_argument(
+        "--decode-overlap", type=int, default=0, help="frames shared by consecutive decode chunks (cross-faded)"
+    )
 
 
 def _training_setting(ckpt: dict, key: str):
@@ -96,20 +400,43 @@ def _training_setting(ckpt: dict, key: str):
 
 def run(args: argparse.Namespace) -> int:
     from vdiff.callbacks.checkpoint_eval import load_module
-    from vdiff.data.video_io import encode_video
 
     ckpt_path = Path(args.ckpt)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"vdiff sample: no checkpoint at {ckpt_path}")
+    image_mode = args.image is not None or args.frame is not None
+    if args.image is not None and args.input is not None:
+        raise ValueError("vdiff sample: give --image FILE or --input VIDEO --frame N, not both")
+    if args.frame is not None and args.input is None:
+        raise ValueError("vdiff sample: --frame N needs --input VIDEO (the video to take frame N from)")
+    if not image_mode and args.input is None:
+        raise ValueError("vdiff sample: give --input (a video or shards), --image FILE, or --input VIDEO --frame N")
+    size = parse_size(args.size)
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # metadata only
-    num_frames = args.num_frames or _training_setting(checkpoint, "num_frames")
-    size = args.size or _training_setting(checkpoint, "size")
-    if num_frames is None or size is None:
-        raise ValueError(f"vdiff sample: {ckpt_path} does not record the training clip length/size; pass --num-frames and --size")
-    size = (size, size) if isinstance(size, int) else tuple(size) * (2 // len(size))
+    trained_frames = _training_setting(checkpoint, "num_frames")
+    trained_size = _training_setting(checkpoint, "size")
     del checkpoint
-
+    if trained_size is not None:
+        trained_size = (
+            (trained_size, trained_size)
+            if isinstance(trained_size, int)
+            else tuple(trained_size) * (2 // len(trained_size))
+        )
     module = load_module(str(ckpt_path), map_location=args.device, use_ema=not args.no_ema)
+    if image_mode:
+        return _run_image(args, module, ckpt_path, args.num_frames or trained_frames, size or trained_size)
+    return _run_clips(args, module, ckpt_path, args.num_frames or trained_frames, size or trained_size)
+
+
+def _run_clips(
+    args: argparse.Namespace, module: Any, ckpt_path: Path, num_frames: int | None, size: tuple[int, int] | None
+) -> int:
+    from vdiff.data.video_io import encode_video
+
+    if num_frames is None or size is None:
+        raise ValueError(
+            f"vdiff sample: {ckpt_path} does not record the training clip length/size; pass --num-frames and --size"
+        )
     total = args.total_frames or num_frames
     read_frames = num_frames if total <= num_frames else (args.given_frames or module.evaluation.given_frames)
     keys, clips, rates = _read_inputs(args.input, read_frames, size, args.num_videos)
@@ -118,15 +445,30 @@ def run(args: argparse.Namespace) -> int:
 
     if total > num_frames:
         given = args.given_frames or module.evaluation.given_frames
-        sample = module.rollout(video, total, window=num_frames, given_frames=given, sampler=args.sampler,
-                                steps=args.steps, generator=generator, progress=True)
+        sample = module.rollout(
+            video,
+            total,
+            window=num_frames,
+            given_frames=given,
+            sampler=args.sampler,
+            steps=args.steps,
+            generator=generator,
+            progress=True,
+        )
         given_frames = torch.zeros(sample.shape[:2], dtype=torch.bool, device=sample.device)
         given_frames[:, :given] = True
         target = None
     else:
         batch = {"video": video, "key": keys, "fps": torch.tensor(rates)}
-        result = module.generate(batch, task=args.task, given_frames=args.given_frames, sampler=args.sampler,
-                                 steps=args.steps, generator=generator, progress=True)
+        result = module.generate(
+            batch,
+            task=args.task,
+            given_frames=args.given_frames,
+            sampler=args.sampler,
+            steps=args.steps,
+            generator=generator,
+            progress=True,
+        )
         sample, given_frames, target = result.video, result.given_frames, result.target
 
     out = Path(args.out)
@@ -138,10 +480,93 @@ def run(args: argparse.Namespace) -> int:
             both = torch.cat([target[i], sample[i]], dim=-2)  # ground truth above sample
             (out / f"{key}.mp4").write_bytes(encode_video(_to_frames(both), fps=fps))
     write_grid(out / "grid.png", sample, given_frames)
-    (out / "samples.json").write_text(json.dumps({
-        "checkpoint": str(ckpt_path), "keys": keys, "frames": int(sample.shape[1]),
-        "task": args.task or module.evaluation.task, "sampler": module.sampler_with(args.sampler, args.steps).describe(),
-        "rollout": total > num_frames,
-    }, indent=1))
+    (out / "samples.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt_path),
+                "keys": keys,
+                "frames": int(sample.shape[1]),
+                "task": args.task or module.evaluation.task,
+                "sampler": module.sampler_with(args.sampler, args.steps).describe(),
+                "rollout": total > num_frames,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {len(keys)} samples of {sample.shape[1]} frames to {out}")
+    return 0
+
+
+def _run_image(
+    args: argparse.Namespace, module: Any, ckpt_path: Path, num_frames: int | None, size: tuple[int, int] | None
+) -> int:
+    from vdiff.data.video_io import encode_video
+
+    if not isinstance(module, _svd_module_class()):
+        raise ValueError(
+            f"vdiff sample: --image/--frame need a checkpoint of a module with SVD's image conditioning (SVDModule); "
+            f"{ckpt_path} holds a {type(module).__name__}: sample it with --input and --task"
+        )
+    if size is not None:
+        check_size(module, size)  # before reading anything
+    if args.image is not None:
+        source, video_fps = Path(args.image), None
+        image = read_image(source, size)
+    else:
+        source = Path(args.input)
+        image, video_fps = read_video_frame(source, args.frame, size)
+    size = tuple(image.shape[-2:])
+    check_size(module, size)
+    num_frames = int(num_frames or module.net_config.num_frames)
+    if args.decode_chunk is not None and args.decode_chunk < 1:
+        raise ValueError(f"vdiff sample: --decode-chunk must be >= 1, got {args.decode_chunk}")
+
+    if args.fps_id is not None:
+        fps_id = args.fps_id
+    elif args.fps is not None:
+        fps_id = args.fps - 1
+    elif module.cond_config.fps_id is not None:
+        fps_id = module.cond_config.fps_id
+    else:
+        fps_id = (video_fps or SVD_DEFAULT_FPS) - 1
+    motion = args.motion_bucket_id
+    if motion is None:
+        motion = module.cond_config.motion_bucket_id if module.cond_config.motion_bucket_id is not None else 127.0
+    sampler = module.sampler_with(args.sampler, args.steps)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    with svd_settings(module, fps_id, motion, args.cond_aug, args.min_guidance, args.max_guidance):
+        cond_aug, guidance = module.cond_config.cond_aug, module.guidance
+        latents = image_latents(module, image[None], num_frames, sampler, generator, progress=True)
+    video = decode_chunked(module, latents, args.decode_chunk, args.decode_overlap)  # (1, T, 3, H, W)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = source.stem if args.frame is None else f"{source.stem}-frame{args.frame}"
+    mp4 = out / f"{key}-sample.mp4"
+    mp4.write_bytes(encode_video(_to_frames(video[0]), fps=fps_id + 1))
+    write_grid(out / "grid.png", video, torch.zeros(video.shape[:2], dtype=torch.bool))
+    (out / "samples.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt_path),
+                "keys": [key],
+                "source": str(source),
+                "frame": args.frame,
+                "frames": num_frames,
+                "size": {"height": size[0], "width": size[1]},
+                "task": "image_to_video",
+                "fps_id": fps_id,
+                "fps": fps_id + 1,
+                "motion_bucket_id": motion,
+                "cond_aug": cond_aug,
+                "guidance": repr(guidance),
+                "sampler": sampler.describe(),
+                "seed": args.seed,
+                "decode_chunk": args.decode_chunk,
+                "decode_overlap": args.decode_overlap,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {mp4} ({num_frames} frames at {size[1]}x{size[0]}, {fps_id + 1:g} fps)")
     return 0
