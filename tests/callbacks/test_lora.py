@@ -236,3 +236,24 @@ def test_resume_injects_through_the_hook_and_refuses_other_adapters(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="injected differently"):
         run(other, 3, tmp_path / "step2.ckpt")
+
+
+def test_a_recipe_names_several_adapters():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=LoRA)
+    config = parser.parse_string(
+        """
+        callback:
+          class_path: vdiff.callbacks.LoRA
+          init_args:
+            adapters:
+              temporal: {target_modules: '.*temporal_attn\\.(qkv|proj)', rank: 16, alpha: 16, init: gaussian}
+              spatial: {target_modules: ['qkv', 'proj'], rank: 4, dropout: 0.1}
+            extra_trainable: ['.*action.*']
+        """
+    )
+    callback = parser.instantiate(config).callback
+    assert callback.adapters["temporal"] == LoRAAdapter(VDT_TEMPORAL_ATTENTION, rank=16, alpha=16, init="gaussian")
+    assert callback.adapters["spatial"].rank == 4 and callback.extra_trainable == [".*action.*"]
