@@ -33,6 +33,7 @@ DATA_TOOLS: dict[str, tuple[str, str]] = {
     "cityscapes": ("vdiff.data.convert.cityscapes", "Cityscapes leftImg8bit_sequence -> 30-frame clip shards"),
     "nuscenes": ("vdiff.data.convert.nuscenes", "nuScenes CAM_FRONT -> 10 Hz shards with actions"),
     "opendv": ("vdiff.data.convert.opendv", "long driving videos + trim metadata -> 10 Hz clips without actions"),
+    "motion-buckets": ("vdiff.data.motion_buckets", "fit SVD's motion_bucket_id map to a shard set's motion scores"),
 }
 TOP_TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("vdiff.sample", "sample videos from a checkpoint: a task, input video or shards -> mp4s + PNG grid"),
