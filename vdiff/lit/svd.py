@@ -56,7 +56,7 @@ from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 
 IMAGE_ENCODER_KEY = "vdiff_image_encoder"  # checkpoint entry: the frozen CLIP's config (and file, when file-backed)
 IMAGE_ENCODER_PREFIX = "conditioner.image_embedder."
-MOTION_SCORE = "motion_score"  # optional batch key: (B,) curation motion score (NaN where unknown)
+MOTION_SCORE = B.MOTION_SCORE  # batch key: (B,) curation motion score (NaN where unknown)
 
 
 @dataclass
