@@ -153,7 +153,7 @@ def _resize(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
         return frame
     from PIL import Image
 
-    return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.Resampling.LANCZOS))
+    return np.array(Image.fromarray(frame).resize((size[1], size[0]), Image.Resampling.LANCZOS))
 
 
 def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
@@ -163,7 +163,7 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
     path = Path(path)
     try:
         with Image.open(path) as image:
-            frame = np.asarray(image.convert("RGB"))
+            frame = np.array(image.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as error:
         reason = "no such file" if not path.exists() else f"not a readable image ({type(error).__name__}: {error})"
         raise ValueError(f"vdiff sample: cannot read image {path}: {reason}") from None
