@@ -5,13 +5,20 @@ the posterior mean and std in *unscaled* latent space (fp16), the clean first fr
 video's json with ``sample_type: "latent"``, the clip's actions, and autoencoder details in
 ``extra["latent"]`` (config, weights, scale/shift factors, downsampling, source key and frames).
 
+With ``--image-encoder PATH`` (a CLIP image embedder read from a LOCAL file or folder by
+:mod:`vdiff.weights.clip`) every sample also stores the embedding of exactly its stored first frame,
+``<key>.image_embed.safetensors`` (tensor ``embed``, fp16 ``(D,)``), and the encoder (class, file path, sha256,
+layout, config, width) is recorded in every sample's ``extra["image_embed"]`` and in the manifest, so
+:class:`~vdiff.data.latent_datamodule.LatentDataModule` can refuse the set for a model with another encoder.
+
 Resumable: each input shard is encoded into its own output shard(s) ``OUT/<input stem>-NNNNNN.tar``, written in
 a hidden partial folder and moved in when complete; ``OUT/manifest.json`` lists the finished input shards under
 ``extra["encode"]["done"]``, and a rerun skips them. A rerun with a different autoencoder or clip settings is
-refused (one latent set, one autoencoder). Throughput (clips/s, frames/s) is printed per shard and in total.
+refused (one latent set, one autoencoder, one image encoder or none). Throughput (clips/s, frames/s) is printed per shard and in total.
 
     vdiff encode --input data/train --out latents/train --ckpt runs/vae/last.ckpt --size 256
-    vdiff encode --input data/train --out latents/train --weights stable-video-diffusion-img2vid/vae --clip-frames 14
+    vdiff encode --input data/train --out latents/train --weights stable-video-diffusion-img2vid/vae --clip-frames 14 \
+        --image-encoder stable-video-diffusion-img2vid/image_encoder
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from vdiff.data.schema import (
+    IMAGE_EMBED_INFO_KEY,
     MANIFEST_NAME,
     META_EXT,
     VIDEO_EXT,
@@ -40,6 +48,7 @@ from vdiff.data.schema import (
     SchemaError,
     ShardInfo,
     VideoMeta,
+    image_encoder_identity,
 )
 from vdiff.data.shards import ShardWriter, expand_shard_spec, iter_raw_samples
 from vdiff.data.transforms import cover_size, crop_frames, move_goal, normalize_video, plan_crop
@@ -62,6 +71,56 @@ def autoencoder_info(autoencoder: nn.Module, weights: str | None) -> dict[str, A
         "temporal_downsample": int(autoencoder.temporal_downsample),
     }
     return json.loads(json.dumps(info))  # as read back from json (tuples -> lists), so resumes compare equal
+
+
+def image_encoder_info(
+    encoder: nn.Module,
+    weights_path: str | os.PathLike | None = None,
+    sha256: str | None = None,
+    layout: str | None = None,
+    config_source: str | None = None,
+) -> dict[str, Any]:
+    """What a latent set records about the image encoder of its embeddings (``extra["image_embed"]`` of samples
+    and manifest; keys :data:`vdiff.data.schema.IMAGE_EMBED_INFO_KEYS`). ``encoder`` has a ``config`` with
+    ``to_dict()`` and ``embed_dim`` (:class:`~vdiff.models.conditioners.CLIPImageEmbedder`); the file fields are
+    None for an encoder not read from a file."""
+    config = encoder.config
+    info = {
+        "encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
+        "path": None if weights_path is None else os.fspath(weights_path),
+        "sha256": sha256,
+        "layout": layout,
+        "config": config.to_dict(),
+        "config_source": config_source,
+        "embed_dim": int(config.embed_dim),
+        "frame": "first_frame",
+    }
+    return json.loads(json.dumps(info))
+
+
+def load_image_encoder(
+    path: str | os.PathLike, layout: str = "auto", config: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A frozen CLIP image embedder from a LOCAL file or folder and its :func:`image_encoder_info`.
+
+    Built as :func:`vdiff.weights.clip.load_clip_image_embedder` builds it (meta device, tensors assigned, fp32),
+    from the same reader, so the recorded file and sha256 are those ``PretrainedCLIPImageEmbedder`` reports for
+    the same path (what ``SVDModule`` compares at training time). Missing files raise FileNotFoundError naming
+    the path (and ``$VDIFF_WEIGHTS``).
+    """
+    from vdiff.models.conditioners import CLIPImageEmbedder
+    from vdiff.weights.clip import read_clip_image_embedder
+    from vdiff.weights.safetensors_io import file_sha256
+
+    weights = read_clip_image_embedder(path, layout=layout, config=config)  # type: ignore[arg-type]
+    with torch.device("meta"):
+        model = CLIPImageEmbedder(weights.config)
+    model.load_state_dict({k: v.float() for k, v in weights.state_dict.items()}, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    info = image_encoder_info(
+        model, weights.weights_path, file_sha256(weights.weights_path), weights.layout, weights.config_source
+    )
+    return model, info
 
 
 @dataclass
@@ -121,8 +180,12 @@ class ShardEncoder:
             than a clip is dropped.
         size: output ``(H, W)``: frames are scaled to cover it and center-cropped; None = native size.
         batch_size: clips per autoencoder call (only clips of the same shape share a call).
-        device: where the autoencoder runs.
-        autocast: ``None`` (fp32) or a dtype for ``torch.autocast`` on ``device``.
+        device: where the autoencoder (and the image encoder) runs.
+        autocast: ``None`` (fp32) or a dtype for ``torch.autocast`` on ``device`` (both encoders).
+        image_encoder: a CLIP image embedder (``frames (B, 3, H, W) in [-1, 1] -> (B, 1, D)``) whose embedding of
+            each clip's stored first frame is written beside the latents (fp16 ``(D,)``); None: no embeddings.
+        image_info: :func:`image_encoder_info` of it (recorded in every sample's json and the manifest);
+            required with ``image_encoder``.
     """
 
     def __init__(
@@ -135,7 +198,11 @@ class ShardEncoder:
         batch_size: int = 8,
         device: str | torch.device = "cpu",
         autocast: torch.dtype | None = None,
+        image_encoder: nn.Module | None = None,
+        image_info: dict[str, Any] | None = None,
     ) -> None:
+        if (image_encoder is None) != (image_info is None):
+            raise ValueError("ShardEncoder: give image_info (image_encoder_info) with image_encoder, and only then")
         if clip_frames is not None and clip_frames < 1:
             raise ValueError(f"clip_frames must be >= 1, got {clip_frames}")
         if clip_stride is not None and (clip_stride < 1 or clip_frames is None):
@@ -153,6 +220,8 @@ class ShardEncoder:
         self.size = size
         self.batch_size = batch_size
         self.autocast = autocast
+        self.image_encoder = None if image_encoder is None else image_encoder.to(self.device).eval()
+        self.image_info = image_info
 
     def params(self) -> dict[str, Any]:
         """The settings that define the latent set (a resume must use the same)."""
@@ -182,8 +251,9 @@ class ShardEncoder:
             frames = crop_frames(frames, plan)
         f = int(self.autoencoder.spatial_downsample)
         if frames.shape[1] % f or frames.shape[2] % f:
-            raise ValueError(f"sample {key!r}: frames {frames.shape[1]}x{frames.shape[2]} are not multiples of {f}; "
-                             "pass --size")
+            raise ValueError(
+                f"sample {key!r}: frames {frames.shape[1]}x{frames.shape[2]} are not multiples of {f}; pass --size"
+            )
         starts = range(0, meta.num_frames - length + 1, self.clip_stride or length)
         clips = []
         for j, start in enumerate(starts):
@@ -194,7 +264,11 @@ class ShardEncoder:
                 height=int(frames.shape[1]),
                 num_frames=length,
                 actions=_slice_actions(meta.actions, start, stop, plan),
-                extra={**meta.extra, "latent": {**self.info, "source_key": key, "source_frames": [start, stop]}},
+                extra={
+                    **meta.extra,
+                    "latent": {**self.info, "source_key": key, "source_frames": [start, stop]},
+                    **({IMAGE_EMBED_INFO_KEY: self.image_info} if self.image_info is not None else {}),
+                },
                 sample_type=SampleType.LATENT.value,
             )
             clip_key = key if self.clip_frames is None else f"{key}/clip{j}"
@@ -211,6 +285,17 @@ class ShardEncoder:
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             posterior = self.autoencoder.encode(video)
         return posterior.mean.float().cpu(), posterior.std.float().cpu()
+
+    @torch.no_grad()
+    def embed_first_frames(self, clips: Sequence[_Clip]) -> Tensor:
+        """``(B, D)`` float32 image embeddings (CPU) of the clips' first frames exactly as stored (the uint8 frame
+        the PNG holds, mapped to [-1, 1] as the data modules' ``first_frame``)."""
+        assert self.image_encoder is not None
+        frames = torch.from_numpy(np.stack([c.frames[0] for c in clips])).to(self.device)  # (B, H, W, 3) uint8
+        frames = normalize_video(frames.permute(0, 3, 1, 2))  # (B, 3, H, W) in [-1, 1]
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            tokens = self.image_encoder(frames)  # (B, 1, D)
+        return tokens.reshape(len(clips), -1).float().cpu()
 
     def _batches(self, clips: Iterator[_Clip]) -> Iterator[list[_Clip]]:
         pending: list[_Clip] = []
@@ -241,9 +326,10 @@ class ShardEncoder:
         for batch in self._batches(all_clips()):
             start = time.perf_counter()
             mean, std = self.encode_batch(batch)
+            embeds = self.embed_first_frames(batch) if self.image_encoder is not None else [None] * len(batch)
             stats.encode_seconds += time.perf_counter() - start
-            for clip, m, s in zip(batch, mean, std):
-                writer.write_latent(clip.key, m, s, clip.frames[0], clip.meta)
+            for clip, m, s, e in zip(batch, mean, std, embeds):
+                writer.write_latent(clip.key, m, s, clip.frames[0], clip.meta, image_embed=e)
                 stats.clips += 1
                 stats.frames += clip.meta.num_frames
 
@@ -273,12 +359,28 @@ def _load_output_manifest(out: Path, expected: dict[str, Any]) -> Manifest:
                     f"{out} was encoded with other {name} settings (differing: {diff}); use another --out folder "
                     "or the same autoencoder and clip settings to resume"
                 )
+        have_image = manifest.extra.get(IMAGE_EMBED_INFO_KEY)
+        want_image = expected[IMAGE_EMBED_INFO_KEY]
+        if image_encoder_identity(have_image) != image_encoder_identity(want_image):
+
+            def said(info: dict[str, Any] | None) -> str:
+                return (
+                    "no image encoder"
+                    if info is None
+                    else f"image encoder {info.get('path')} (sha256 {info.get('sha256')})"
+                )
+
+            raise ValueError(
+                f"{out} was encoded with {said(have_image)}, this run has {said(want_image)}; use another --out folder "
+                "or the same --image-encoder to resume"
+            )
+        if want_image is not None:
+            manifest.extra[IMAGE_EMBED_INFO_KEY] = want_image  # the file's current path, if it moved
         return manifest
-    return Manifest(
-        shards=[],
-        sample_type=SampleType.LATENT.value,
-        extra={"latent": expected["latent"], "encode": {"params": expected["params"], "done": {}}},
-    )
+    extra: dict[str, Any] = {"latent": expected["latent"], "encode": {"params": expected["params"], "done": {}}}
+    if expected[IMAGE_EMBED_INFO_KEY] is not None:
+        extra[IMAGE_EMBED_INFO_KEY] = expected[IMAGE_EMBED_INFO_KEY]
+    return Manifest(shards=[], sample_type=SampleType.LATENT.value, extra=extra)
 
 
 def _save_manifest(manifest: Manifest, out: Path) -> None:
@@ -308,7 +410,9 @@ def encode_shards(
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(PARTIAL_PREFIX + "*"):  # a crashed run's unfinished shard
         shutil.rmtree(leftover)
-    manifest = _load_output_manifest(out, {"latent": encoder.info, "params": encoder.params()})
+    manifest = _load_output_manifest(
+        out, {"latent": encoder.info, "params": encoder.params(), IMAGE_EMBED_INFO_KEY: encoder.image_info}
+    )
     done: dict[str, list[str]] = manifest.extra["encode"].setdefault("done", {})
     total = EncodeStats()
     begin = time.perf_counter()
@@ -367,24 +471,67 @@ def load_autoencoder(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``vdiff encode``."""
-    parser.add_argument("--input", required=True, nargs="+", help="video shards: folder, manifest, brace pattern, glob or tar")
+    parser.add_argument(
+        "--input", required=True, nargs="+", help="video shards: folder, manifest, brace pattern, glob or tar"
+    )
     parser.add_argument("--out", required=True, help="output folder of the latent shard set")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="an AutoencoderModule checkpoint (vdiff fit -c recipes/vae_kl.yaml)")
-    source.add_argument("--weights", help="local autoencoder weights: a diffusers model folder (config.json + "
-                        "weights; recommended for diffusers models) or a file (.safetensors/.pt/.ckpt)")
-    parser.add_argument("--layout", default="auto", choices=("auto", "vdiff", "diffusers", "sgm"),
-                        help="key layout of --weights (default: detected)")
-    parser.add_argument("--no-ema", action="store_true", help="use the raw weights of --ckpt even if it holds EMA weights")
-    parser.add_argument("--clip-frames", type=int, default=None,
-                        help="frames per latent sample (default: each whole video is one sample)")
-    parser.add_argument("--clip-stride", type=int, default=None, help="frames between clip starts (default --clip-frames)")
-    parser.add_argument("--size", type=int, nargs="+", default=None,
-                        help="output size H [W]: scale to cover, center-crop (default: native size)")
+    source.add_argument(
+        "--weights",
+        help="local autoencoder weights: a diffusers model folder (config.json + "
+        "weights; recommended for diffusers models) or a file (.safetensors/.pt/.ckpt)",
+    )
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=("auto", "vdiff", "diffusers", "sgm"),
+        help="key layout of --weights (default: detected)",
+    )
+    parser.add_argument(
+        "--no-ema", action="store_true", help="use the raw weights of --ckpt even if it holds EMA weights"
+    )
+    parser.add_argument(
+        "--clip-frames",
+        type=int,
+        default=None,
+        help="frames per latent sample (default: each whole video is one sample)",
+    )
+    parser.add_argument(
+        "--clip-stride", type=int, default=None, help="frames between clip starts (default --clip-frames)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="output size H [W]: scale to cover, center-crop (default: native size)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="clips per autoencoder call (default 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--autocast", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype (default fp32)")
+    parser.add_argument(
+        "--autocast", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype (default fp32)"
+    )
     parser.add_argument("--max-count", type=int, default=1000, help="samples per output shard at most (default 1000)")
+    parser.add_argument(
+        "--image-encoder",
+        default=None,
+        help="also store the CLIP image embedding of each sample's first frame: a LOCAL transformers "
+        "CLIPVisionModelWithProjection folder (e.g. stable-video-diffusion-img2vid/image_encoder) or an "
+        "open_clip / SVD file; its path, sha256 and config are recorded",
+    )
+    parser.add_argument(
+        "--image-encoder-layout",
+        default="auto",
+        choices=("auto", "transformers", "open_clip"),
+        help="key layout of --image-encoder (default: detected)",
+    )
+    parser.add_argument(
+        "--image-encoder-config",
+        default=None,
+        help="architecture of --image-encoder when its files hold none (open_clip files): a "
+        "CLIP_IMAGE_CONFIGS name such as vit-h-14 (default: the file's config.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -394,11 +541,30 @@ def run(args: argparse.Namespace) -> int:
         if len(args.size) > 2:
             raise ValueError(f"--size takes H or H W, got {args.size}")
         size = (args.size[0], args.size[-1])
+    if args.image_encoder is None and (args.image_encoder_layout != "auto" or args.image_encoder_config is not None):
+        raise ValueError("vdiff encode: --image-encoder-layout / --image-encoder-config need --image-encoder")
     autoencoder, weights = load_autoencoder(args.ckpt, args.weights, args.layout, use_ema=not args.no_ema)
+    image_encoder, image_info = None, None
+    if args.image_encoder is not None:
+        image_encoder, image_info = load_image_encoder(
+            args.image_encoder, args.image_encoder_layout, args.image_encoder_config
+        )
+        print(
+            f"vdiff encode: image embeddings ({image_info['embed_dim']}-d) by {image_info['path']} "
+            f"(sha256 {image_info['sha256']})"
+        )
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     encoder = ShardEncoder(
-        autoencoder, autoencoder_info(autoencoder, weights), args.clip_frames, args.clip_stride, size,
-        args.batch_size, args.device, dtype,
+        autoencoder,
+        autoencoder_info(autoencoder, weights),
+        args.clip_frames,
+        args.clip_stride,
+        size,
+        args.batch_size,
+        args.device,
+        dtype,
+        image_encoder=image_encoder,
+        image_info=image_info,
     )
     encode_shards(args.input, args.out, encoder, max_count=args.max_count)
     return 0
