@@ -131,3 +131,13 @@ def test_a_moved_weights_file_is_found_under_vdiff_weights(tmp_path, vae_file, m
         load_module(str(path), use_ema=False)
     monkeypatch.setenv("VDIFF_WEIGHTS", str(elsewhere))
     assert isinstance(load_module(str(path), use_ema=False).autoencoder, VideoAutoencoder)
+
+
+def test_checkpoints_of_python_built_modules_load_with_weights_only(tmp_path):
+    """Lightning resumes with torch.load(weights_only=True): config objects in hparams must be allowed."""
+    from vdiff.lit.svd import SVDModule  # noqa: F401 (registers the SVD config classes)
+
+    module = vdt_module(patch_size=8, depth=1, hidden_size=32, num_heads=2, learn_sigma=False, configure=False)
+    path, _ = fit_and_save(module, tmp_path, [EMA(decay=0.9)])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["net"].hidden_size == 32

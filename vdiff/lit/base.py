@@ -47,6 +47,25 @@ from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, fo
 from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
 from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
 
+def allow_config_objects_in_checkpoints(*classes: type) -> None:
+    """Let ``torch.load(weights_only=True)`` (Lightning's default when resuming) read checkpoints of modules
+    built in Python, whose hyperparameters hold vdiff config objects rather than the CLI's plain dicts.
+    Only these data-holding classes are allowed, nothing that runs code on load."""
+    torch.serialization.add_safe_globals(list(classes))
+
+
+def _allow_vdiff_configs() -> None:
+    from vdiff.diffusion import edm, guidance, masks
+    from vdiff.models.autoencoder import AutoencoderConfig
+    from vdiff.models.vdt import VDTConfig
+
+    allow_config_objects_in_checkpoints(
+        VDTConfig, AutoencoderConfig, SamplerConfig, EvalProtocol, GaussianDiffusion, EDMDiffusion, edm.EDMPrecond,
+        edm.VScalingPrecond, edm.LogNormalSigma, edm.Denoiser, guidance.VanillaCFG, guidance.LinearCFG,
+        guidance.TriangleCFG, masks.MaskSpec,
+    )
+
+
 AUTOENCODER_KEY = "vdiff_autoencoder"  # checkpoint entry: {"config": ..., and for file-backed ones "path", "layout", "sha256"}
 AUTOENCODER_PREFIX = "autoencoder."
 CLIP_KEYS = (B.VIDEO, B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD, B.FRAME_INDICES, B.ACTIONS)  # (B, T, ...) entries
@@ -539,3 +558,5 @@ def lr_factor(step: int, warmup: int, total: float | None) -> float:
     progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+
+_allow_vdiff_configs()

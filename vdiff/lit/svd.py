@@ -38,7 +38,7 @@ from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
 from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG, drop_conditions
 from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig
-from vdiff.lit.base import VideoDiffusionModule
+from vdiff.lit.base import VideoDiffusionModule, allow_config_objects_in_checkpoints
 from vdiff.lit.evaluation import EvalProtocol
 from vdiff.models.conditioners import (
     DEFAULT_MOTION_BUCKETS,
@@ -407,3 +407,6 @@ class SVDModule(VideoDiffusionModule):
             state = checkpoint["state_dict"]
             for key, value in current.state_dict().items():
                 state.setdefault(IMAGE_ENCODER_PREFIX + key, value)
+
+
+allow_config_objects_in_checkpoints(UNetSVDConfig, SVDConditioning, CLIPImageEmbedderConfig)
