@@ -85,8 +85,10 @@ def export(
 
         return [save_autoencoder(load_autoencoder_from_checkpoint(ckpt, use_ema=ema), out, layout=layout)]
 
-    if layout != "vdiff":
+    if layout != "vdiff" and class_name != "SVDModule":
         raise ValueError(f"vdiff export: {class_name}'s network has no {layout} layout; use --layout vdiff")
+    if layout != "vdiff":  # UNet-SVD: diffusers folder or sgm single file (vdiff.weights.unet_svd)
+        return _export_unet_svd(ckpt, out, ema, merge_lora, lora, layout)
     if out.suffix != ".safetensors":
         raise ValueError(f"vdiff export: {out} should end in .safetensors")
     from vdiff.callbacks.checkpoint_eval import load_module
@@ -110,3 +112,17 @@ def export(
         metadata["vdiff_config"] = json.dumps(dataclasses.asdict(config))
     save_state_dict(net.state_dict(), out, metadata=metadata)
     return [out, *written]
+
+
+def _export_unet_svd(ckpt: Path, out: Path, ema: bool, merge_lora: bool, lora: bool, layout: str) -> list[Path]:
+    """An SVDModule's UNet in the diffusers (a ``unet/``-style folder) or sgm (single file) layout."""
+    from vdiff.callbacks.checkpoint_eval import load_module
+    from vdiff.callbacks.lora import unload_adapters
+    from vdiff.weights.unet_svd import save_unet_svd
+
+    if lora and not merge_lora:
+        raise ValueError("vdiff export: the diffusers/sgm layouts hold plain weights; pass --merge-lora")
+    module = load_module(str(ckpt), map_location="cpu", use_ema=ema)
+    if lora:
+        unload_adapters(module.net, merge=True)
+    return [save_unet_svd(module.net, out, layout=layout)]

@@ -219,3 +219,29 @@ def test_a_fresh_fit_loads_net_weights(tmp_path):
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([clip_batch()], batch_size=None))
     for name, value in source.net.state_dict().items():
         assert torch.equal(module.net.state_dict()[name], value), name  # lr 0: still the file's weights
+
+
+def test_vdiff_export_writes_the_unet_in_the_sgm_layout(tmp_path):
+    import lightning as L
+
+    from vdiff.export import export
+    from vdiff.weights.unet_svd import read_unet_svd
+
+    module = SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"), sampler=SVDModule.svd_sampler(2))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([clip_batch()], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "svd.ckpt")
+    (written,) = export(tmp_path / "svd.ckpt", tmp_path / "unet_sgm.safetensors", layout="sgm")
+    weights = read_unet_svd(written, layout="sgm", config=NET)
+    for name, value in module.net.state_dict().items():
+        assert torch.equal(weights.state_dict[name], value), name
+    with pytest.raises(ValueError, match="has no diffusers layout"):
+        from tests.lit.helpers import vdt_module
+
+        vdt = vdt_module(patch_size=8, depth=1, hidden_size=32, num_heads=2, configure=False)
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(vdt, train_dataloaders=torch.utils.data.DataLoader([clip_batch()], batch_size=None))
+        trainer.save_checkpoint(tmp_path / "vdt.ckpt")
+        export(tmp_path / "vdt.ckpt", tmp_path / "vdt_folder", layout="diffusers")
