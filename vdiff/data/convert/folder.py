@@ -16,6 +16,17 @@ An unreadable input is reported and skipped, never fatal; it is retried on the n
 
 Dropped-clip reasons in the report: ``too_short`` (a scene piece, or a whole input, shorter than
 ``--min-frames``), ``static`` (motion below ``--min-motion``), ``too_much_motion``.
+
+Image sequences (``--image-sequences``; also taken when ``SRC`` holds no video file at all): every folder under
+``SRC`` (``SRC`` itself included) that directly holds ``.png .jpg .jpeg .webp`` files is one input video, its
+frames those files in natural order (``2.png`` before ``10.png``), e.g. SVD-MV's 21-frame orbital renders, one
+folder per object. A sequence plays at ``--fps`` (default 8; its frames are never resampled), is shrunk to
+``--max-side`` like a video (both sides even), images with an alpha channel are composited over white, and it
+is cut into ``--clip-frames`` clips without scene detection (renders have no cuts); the motion score and the
+motion filter apply as to videos. A sequence with an unreadable image (``broken_image``) or with images of
+different sizes (``mixed_sizes``) is reported failed and skipped as a whole (a missing view would silently
+change the spacing of the rest), and retried on the next run. Each clip's json ``extra`` names its image files
+(``images``). Resumable like videos (a sequence's key in the state is its folder).
 """
 
 from __future__ import annotations
@@ -35,7 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from vdiff.data.convert.curation import (
     DEFAULT_FLOW_FPS,
@@ -44,12 +57,15 @@ from vdiff.data.convert.curation import (
     SceneCutDetector,
     motion_score,
 )
-from vdiff.data.video_io import iter_frames
 from vdiff.data.schema import Manifest, ShardInfo, VideoMeta
 from vdiff.data.shards import ShardWriter
-from vdiff.data.video_io import DEFAULT_CRF, VideoDecodeError, encode_video, probe
+from vdiff.data.video_io import DEFAULT_CRF, VideoDecodeError, encode_video, iter_frames, output_size, probe
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_SEQUENCE_FPS = 8.0  # frame rate of an image sequence when --fps is not given
+BROKEN_IMAGE = "broken_image"  # an image of a sequence cannot be read (the sequence fails)
+MIXED_SIZES = "mixed_sizes"  # the images of a sequence differ in size (the sequence fails)
 STATE_NAME = "convert_state.json"
 PART_PATTERN = re.compile(r"^part(\d{4})-\d{6}\.tar(\.tmp)?$")
 DROP_REASONS: tuple[str, ...] = ("too_short", "static", "too_much_motion")
@@ -148,10 +164,13 @@ class Report:
     total_clips: int = 0  # in the whole shard set, earlier runs included
 
     def summary(self) -> str:
+        failed_by = Counter(reason for _, reason, _ in self.failed)
+        by_reason = ", ".join(f"{reason} {n}" for reason, n in sorted(failed_by.items()))
         lines = [
             f"shards in {self.out}: {self.total_clips} clips in total",
             f"inputs: {self.inputs_found} found, {self.inputs_converted} converted now, "
-            f"{self.inputs_skipped} skipped (finished before), {len(self.failed)} failed",
+            f"{self.inputs_skipped} skipped (finished before), {len(self.failed)} failed"
+            + (f" ({by_reason})" if by_reason else ""),
             f"clips this run: {self.clips_kept} kept ({self.frames_kept} frames)",
         ]
         for reason in sorted(self.dropped):
@@ -190,8 +209,10 @@ def _segment(
 
     Yields ``(scene_index, first_frame_index, frames)``; ``frames is None`` marks a dropped too-short piece.
     """
-    detector = None if options.scene_detector == "none" else SceneCutDetector(
-        options.scene_detector, fps, options.scene_threshold, options.min_scene_frames
+    detector = (
+        None
+        if options.scene_detector == "none"
+        else SceneCutDetector(options.scene_detector, fps, options.scene_threshold, options.min_scene_frames)
     )
     latency = 0 if detector is None else detector.latency
     buffer: list[np.ndarray] = []
@@ -210,7 +231,7 @@ def _segment(
             yield scene, start, None
         buffer, buffer_start = rest, end
 
-    for index, rgb in enumerate(stream):
+    for rgb in stream:
         buffer.append(rgb)
         cuts = detector.push(rgb) if detector is not None else []
         for cut in cuts:
@@ -230,8 +251,64 @@ def _segment(
         yield from close_scene(buffer_start + len(buffer))
 
 
+def _cut_score_encode(
+    result: InputResult,
+    rel: str,
+    options: ClipOptions,
+    fps: float,
+    frames: Iterable[np.ndarray],
+    frame_time: Callable[[int], float],
+    extra_of: Callable[[int, int], dict[str, Any]],
+) -> None:
+    """Cut a frame stream into clips (:func:`_segment`), score, filter and encode them into ``result``.
+
+    ``frame_time(i)``: seconds of frame ``i`` from the start; ``extra_of(first, length)``: input-specific json
+    ``extra`` entries of the clip of ``length`` frames starting at frame ``first``.
+    """
+    produced = 0
+    clip_index = 0
+    for scene, first, clip_frames in _segment(frames, options, fps):
+        produced += 1
+        if clip_frames is None:
+            result.dropped["too_short"] += 1
+            continue
+        clip = np.stack(clip_frames)
+        extra: dict[str, Any] = {
+            "input": rel,
+            "scene": scene,
+            "first_frame": first,
+            "start_time": round(frame_time(first), 4),
+            **extra_of(first, len(clip)),
+        }
+        if options.motion:
+            score = motion_score(clip, fps, options.flow_fps, options.flow_size)
+            extra.update(motion_score=round(score, 4), motion_fps=options.flow_fps, motion_size=options.flow_size)
+            if options.min_motion is not None and score < options.min_motion:
+                result.dropped["static"] += 1
+                continue
+            if options.max_motion is not None and score > options.max_motion:
+                result.dropped["too_much_motion"] += 1
+                continue
+        mp4 = encode_video(clip, fps, crf=options.crf, preset=options.preset)
+        meta = VideoMeta(
+            fps=float(fps),
+            width=int(clip.shape[2]),
+            height=int(clip.shape[1]),
+            num_frames=int(clip.shape[0]),
+            source=options.source,
+            extra=extra,
+        )
+        result.clips.append(Clip(clip_key(rel, clip_index), mp4, meta))
+        clip_index += 1
+    if produced == 0:
+        result.dropped["too_short"] += 1  # nothing decoded (inside the trimmed range)
+
+
 def convert_input(path: str, rel: str, options: ClipOptions, trim: Trim | None = None) -> InputResult:
-    """Decode, cut, score, filter and encode one input video; errors are returned, never raised."""
+    """Decode, cut, score, filter and encode one input video (or image-sequence folder: :func:`convert_sequence`);
+    errors are returned, never raised."""
+    if os.path.isdir(path):
+        return convert_sequence(path, rel, options)
     result = InputResult(rel=rel)
     try:
         info = probe(path)
@@ -245,7 +322,9 @@ def convert_input(path: str, rel: str, options: ClipOptions, trim: Trim | None =
         if end_time is not None and end_time <= start_time:
             result.dropped["too_short"] += 1
             return result
-        stream = iter_frames(path, target_fps=options.fps, max_side=options.max_side, start_time=start_time, end_time=end_time)
+        stream = iter_frames(
+            path, target_fps=options.fps, max_side=options.max_side, start_time=start_time, end_time=end_time
+        )
         frame_times: list[float] = []
 
         def rgb_stream() -> Iterator[np.ndarray]:
@@ -253,45 +332,123 @@ def convert_input(path: str, rel: str, options: ClipOptions, trim: Trim | None =
                 frame_times.append(frame.time)
                 yield frame.rgb
 
-        produced = 0
-        clip_index = 0
-        for scene, first, frames in _segment(rgb_stream(), options, fps):
-            produced += 1
-            if frames is None:
-                result.dropped["too_short"] += 1
-                continue
-            clip = np.stack(frames)
-            extra: dict[str, Any] = {
-                "input": rel,
-                "scene": scene,
-                "first_frame": first,
-                "start_time": round(frame_times[first], 4),
-            }
-            if trim is not None:
-                extra["trim"] = [trim.start_discard, trim.end_discard]
-            if options.motion:
-                score = motion_score(clip, fps, options.flow_fps, options.flow_size)
-                extra.update(motion_score=round(score, 4), motion_fps=options.flow_fps, motion_size=options.flow_size)
-                if options.min_motion is not None and score < options.min_motion:
-                    result.dropped["static"] += 1
-                    continue
-                if options.max_motion is not None and score > options.max_motion:
-                    result.dropped["too_much_motion"] += 1
-                    continue
-            mp4 = encode_video(clip, fps, crf=options.crf, preset=options.preset)
-            meta = VideoMeta(
-                fps=float(fps),
-                width=int(clip.shape[2]),
-                height=int(clip.shape[1]),
-                num_frames=int(clip.shape[0]),
-                source=options.source,
-                extra=extra,
-            )
-            result.clips.append(Clip(clip_key(rel, clip_index), mp4, meta))
-            clip_index += 1
-        if produced == 0:
-            result.dropped["too_short"] += 1  # nothing decoded inside the trimmed range
+        def extra_of(first: int, length: int) -> dict[str, Any]:
+            return {"trim": [trim.start_discard, trim.end_discard]} if trim is not None else {}
+
+        _cut_score_encode(result, rel, options, fps, rgb_stream(), lambda i: frame_times[i], extra_of)
     except VideoDecodeError as err:
+        result.clips.clear()
+        result.error_reason, result.error = err.reason, err.message
+    except (OSError, ValueError) as err:
+        result.clips.clear()
+        result.error_reason, result.error = "unreadable", f"{type(err).__name__}: {err}"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sequences: a folder of frames -> one input video
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageSequenceError(Exception):
+    """A sequence that cannot become a video: ``reason`` is :data:`BROKEN_IMAGE` or :data:`MIXED_SIZES`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders the digit runs of a name by value: ``frame2.png`` < ``frame10.png``."""
+    parts = tuple((0, int(part)) if part.isdigit() else (1, part.lower()) for part in re.split(r"(\d+)", name))
+    return parts, name  # the name breaks ties (case, leading zeros)
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() and not path.name.startswith(".")
+
+
+def sequence_images(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (not in subfolders), in natural order of their names."""
+    return sorted((p for p in Path(folder).iterdir() if is_image(p)), key=lambda p: natural_key(p.name))
+
+
+def find_image_sequences(src: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """Folders under ``src`` (``src`` itself included) that directly hold image files, sorted; hidden folders
+    and folders under ``exclude`` are skipped."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder {src} does not exist or is not a folder")
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for folder in [src, *sorted(p for p in src.rglob("*") if p.is_dir())]:
+        parts = folder.relative_to(src).parts
+        if any(part.startswith(".") for part in parts):
+            continue
+        resolved = folder.resolve()
+        if excluded is not None and (resolved == excluded or excluded in resolved.parents):
+            continue
+        if any(is_image(p) for p in folder.iterdir()):
+            found.append(folder)
+    return found
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as ``(H, W, 3)`` uint8 RGB; an alpha channel is composited over white. Raises
+    :class:`ImageSequenceError` (:data:`BROKEN_IMAGE`) naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                rgb = Image.alpha_composite(white, rgba).convert("RGB")
+            else:
+                rgb = image.convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        raise ImageSequenceError(BROKEN_IMAGE, f"{path}: unreadable image ({type(err).__name__}: {err})") from None
+
+
+def iter_sequence_frames(images: list[Path], max_side: int | None) -> Iterator[np.ndarray]:
+    """The frames of an image sequence, shrunk so the longer side is at most ``max_side`` with both sides even
+    (as :func:`vdiff.data.video_io.iter_frames` shrinks videos). Raises :class:`ImageSequenceError`."""
+    first_hw: tuple[int, int] | None = None
+    out_hw: tuple[int, int] | None = None
+    for path in images:
+        rgb = read_image(path)
+        hw = rgb.shape[:2]
+        if first_hw is None:
+            first_hw = hw
+            out_hw = output_size(hw[1], hw[0], max_side)
+        elif hw != first_hw:
+            raise ImageSequenceError(
+                MIXED_SIZES,
+                f"{path}: {hw[1]}x{hw[0]} pixels, the sequence's first image is {first_hw[1]}x{first_hw[0]}",
+            )
+        assert out_hw is not None
+        if hw != out_hw:
+            shrink = out_hw[0] * out_hw[1] < hw[0] * hw[1]
+            rgb = cv2.resize(rgb, (out_hw[1], out_hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+        yield np.ascontiguousarray(rgb)
+
+
+def convert_sequence(path: str, rel: str, options: ClipOptions) -> InputResult:
+    """One image-sequence folder -> clips (see the module docstring); errors are returned, never raised."""
+    result = InputResult(rel=rel)
+    fps = options.fps if options.fps is not None else DEFAULT_SEQUENCE_FPS
+    try:
+        images = sequence_images(path)
+        names = [p.name for p in images]
+        no_cuts = dataclasses.replace(options, scene_detector="none")  # renders and frame dumps have no cuts
+
+        def extra_of(first: int, length: int) -> dict[str, Any]:
+            return {"images": names[first : first + length]}
+
+        _cut_score_encode(result, rel, no_cuts, fps, iter_sequence_frames(images, options.max_side),
+                          lambda i: i / fps, extra_of)  # fmt: skip
+    except ImageSequenceError as err:
         result.clips.clear()
         result.error_reason, result.error = err.reason, err.message
     except (OSError, ValueError) as err:
@@ -386,11 +543,14 @@ def build_folder_shards(
     shard_max_count: int = 1000,
     commit_every: int = 50,
     log: Callable[[str], None] | None = None,
+    image_sequences: bool | None = None,
 ) -> Report:
     """Convert every video under ``src`` into clip shards in ``out`` (resumable); returns the :class:`Report`.
 
     ``trims`` maps an input (its path relative to ``src``, with or without extension, or its file
     stem) to a :class:`Trim`; ``require_trim`` reports inputs without one as failed (``no_trim``).
+    ``image_sequences``: also take every folder of images as one input video (True), never (False), or only
+    when ``src`` holds no video file (None, the default); see the module docstring.
     """
     options = options or ClipOptions()
     if workers < 1:
@@ -399,6 +559,11 @@ def build_folder_shards(
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     videos = find_videos(src, exclude=out)
+    if image_sequences or (image_sequences is None and not videos):
+        sequences = find_image_sequences(src, exclude=out)
+        if sequences and log and not image_sequences:
+            log(f"no video files under {src}: taking its {len(sequences)} folder(s) of images as image sequences")
+        videos = sorted([*videos, *sequences])
     report = Report(out=str(out), inputs_found=len(videos))
     state = _State(out, options)
     _clean_uncommitted(out, state)
@@ -498,21 +663,56 @@ def add_clip_arguments(parser: argparse.ArgumentParser, fps_default: float | Non
     """Options shared by ``vdiff data shards`` and ``vdiff data opendv``."""
     parser.add_argument("--out", required=True, help="output folder for shards, manifest.json and convert_state.json")
     parser.add_argument("--clip-frames", type=int, default=32, help="frames per clip (default %(default)s)")
-    parser.add_argument("--min-frames", type=int, default=None, help="keep a last, shorter piece of a scene with at least this many frames (default: clip length)")
-    parser.add_argument("--fps", type=_optional_float, default=fps_default, help=f"resample to this frame rate ('none' keeps the source rate; default {fps_default})")
-    parser.add_argument("--max-side", type=int, default=None, help="shrink frames so the longer side is at most this (default: source size)")
-    parser.add_argument("--scene-detector", choices=SCENE_DETECTORS, default="adaptive", help="PySceneDetect detector for scene cuts (default adaptive)")
-    parser.add_argument("--scene-threshold", type=float, default=None, help="detector threshold (adaptive ratio 3.0 / content score 27.0 by default)")
-    parser.add_argument("--min-scene-frames", type=int, default=8, help="no cut closer than this to the previous one (default 8)")
-    parser.add_argument("--min-motion", type=_optional_float, default=None, help="drop clips whose motion score is below this (static)")
-    parser.add_argument("--max-motion", type=_optional_float, default=None, help="drop clips whose motion score is above this")
+    parser.add_argument(
+        "--min-frames",
+        type=int,
+        default=None,
+        help="keep a last, shorter piece of a scene with at least this many frames (default: clip length)",
+    )
+    parser.add_argument(
+        "--fps",
+        type=_optional_float,
+        default=fps_default,
+        help=f"resample videos to this frame rate ('none' keeps the source rate; default {fps_default}); the frame rate of image sequences (default {DEFAULT_SEQUENCE_FPS:g})",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help="shrink frames so the longer side is at most this (default: source size)",
+    )
+    parser.add_argument(
+        "--scene-detector",
+        choices=SCENE_DETECTORS,
+        default="adaptive",
+        help="PySceneDetect detector for scene cuts (default adaptive)",
+    )
+    parser.add_argument(
+        "--scene-threshold",
+        type=float,
+        default=None,
+        help="detector threshold (adaptive ratio 3.0 / content score 27.0 by default)",
+    )
+    parser.add_argument(
+        "--min-scene-frames", type=int, default=8, help="no cut closer than this to the previous one (default 8)"
+    )
+    parser.add_argument(
+        "--min-motion", type=_optional_float, default=None, help="drop clips whose motion score is below this (static)"
+    )
+    parser.add_argument(
+        "--max-motion", type=_optional_float, default=None, help="drop clips whose motion score is above this"
+    )
     parser.add_argument("--no-motion", action="store_true", help="do not compute the motion score")
-    parser.add_argument("--no-curation", action="store_true", help="no scene cuts and no motion score (plain fixed-length clips)")
+    parser.add_argument(
+        "--no-curation", action="store_true", help="no scene cuts and no motion score (plain fixed-length clips)"
+    )
     parser.add_argument("--crf", type=int, default=DEFAULT_CRF, help=f"x264 quality (default {DEFAULT_CRF})")
     parser.add_argument("--preset", default="medium", help="x264 preset (default medium)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
-    parser.add_argument("--commit-every", type=int, default=50, help="inputs between resumable checkpoints (default 50)")
+    parser.add_argument(
+        "--commit-every", type=int, default=50, help="inputs between resumable checkpoints (default 50)"
+    )
 
 
 def options_from_args(args: argparse.Namespace, source: str) -> ClipOptions:
@@ -535,9 +735,21 @@ def options_from_args(args: argparse.Namespace, source: str) -> ClipOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="folder of videos (searched recursively: mp4 mov mkv webm avi)")
+    parser.add_argument(
+        "src",
+        help="folder of videos (searched recursively: mp4 mov mkv webm avi) or of image "
+        "sequences (one folder of png/jpg/webp frames per video)",
+    )
     add_clip_arguments(parser)
     parser.add_argument("--source", default="folder", help="name stored as each sample's source (default 'folder')")
+    parser.add_argument(
+        "--image-sequences",
+        action="store_true",
+        default=None,
+        help="also take every folder of image files as one video (its frames in natural name order, "
+        f"at --fps, default {DEFAULT_SEQUENCE_FPS:g}; no scene cuts); without it, image folders are "
+        "taken only when SRC holds no video file",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -550,7 +762,7 @@ def run(args: argparse.Namespace) -> int:
         shard_max_count=args.shard_size,
         commit_every=args.commit_every,
         log=lambda line: print(line, file=sys.stderr),
+        image_sequences=getattr(args, "image_sequences", None),
     )
     print(report.summary())
     return 0
-
