@@ -29,9 +29,25 @@ Conditioning arrives in the ``cond`` dict of the denoiser contract (``vdiff.diff
 ``added_time_ids``        ``(B, num_added_time_ids)`` float: SVD's ``(fps_id, motion_bucket_id, cond_aug)`` as the
                           network sees them (diffusers' pipeline passes ``fps - 1`` as ``fps_id``).
 ``image_only_indicator``  optional ``(B, T)`` bool (or 0/1): true frames are images, their temporal paths are off.
+``actions``               ``(B, action_dim)`` float, required when ``action_dim > 0`` (refused otherwise): per-clip
+                          action features (e.g. :class:`vdiff.models.actions.ActionEncoder`'s); all zeros is
+                          unconditional (the CFG branch and clips without actions pass zeros).
 
 ``noise_level`` is the process's ``c_noise`` (EDM: ``0.25 * ln(sigma)``), used as given: the network takes no log.
-``given_mask`` is accepted and ignored (given content arrives clean in ``x``).
+``given_mask`` is ignored (given content arrives clean in ``x``) unless ``cond_frame_time_embed`` is on.
+
+Vista's additions (Gao et al., 2024, OpenDriveLab/Vista), both off in the presets, so a converted SVD is unchanged:
+
+- ``cond_frame_time_embed`` (Vista's "dynamic prior"): a second time-embedding MLP, ``cond_time_embed``, initialised
+  as a copy of ``time_embed`` (:meth:`UNetSVD.init_cond_time_embed_from_main`). A frame is *given* when
+  ``given_mask`` is true over the whole frame; given frames take their time embedding from the copy, the others
+  from the main MLP, both of the same ``noise_level`` (the clip's: Vista preconditions the whole clip with its sigma
+  and the copy learns to read it for clean frames). The embedding is then per frame, ``(B, T, E)``, which the spatial
+  ResBlocks add per frame and the temporal ResBlocks per frame of their ``(B, C, T, H, W)`` input. Without a given
+  frame it stays ``(B, 1, E)``, exactly SVD's. In the copy's sgm counterpart, Vista's ``cond_time_stack_embed``.
+- ``action_dim > 0`` (Vista's action control): every cross-attention, spatial and temporal, adds a zero-initialised
+  projection of ``cond["actions"]`` to the keys and values of every context token (:mod:`vdiff.nn.unet_blocks`).
+  At initialisation, and for zero actions, the network computes exactly what it computes without them.
 
 Differences from the references, none of which changes what their weights compute:
 
@@ -62,6 +78,7 @@ from vdiff.nn.embeddings import TimestepEmbedder
 from vdiff.nn.unet_blocks import (
     GROUPS,
     AddedTimeEmbedder,
+    ContextCrossAttention,
     Downsample,
     SpatioTemporalResBlock,
     SpatioTemporalTransformer,
@@ -74,9 +91,14 @@ CONTEXT_KEY = "context"  # cond keys (module docstring)
 CONCAT_KEY = "concat"
 ADDED_TIME_IDS_KEY = "added_time_ids"
 IMAGE_ONLY_KEY = "image_only_indicator"
+ACTIONS_KEY = "actions"
 # Name components of the layers SVD adds to an image UNet (temporal ResBlocks, temporal transformer blocks, the
 # frame-index MLPs and the blend factors); every other parameter is "spatial".
 TEMPORAL_PARTS: tuple[str, ...] = ("temporal", "temporal_blocks", "frame_embed", "mix_factor")
+# Name components of the layers Vista adds to SVD (the given frames' time-embedding MLP and the action projections
+# of the cross-attentions); present only when ``cond_frame_time_embed`` / ``action_dim`` turn them on. They are
+# neither temporal nor pretrained: ``vista_parameter_names()`` lists them for their own optimizer group.
+VISTA_PARTS: tuple[str, ...] = ("cond_time_embed", "action_kv")
 
 
 #################################################################################
@@ -104,6 +126,9 @@ class UNetSVDConfig:
     norm_eps: ResBlock GroupNorm epsilons, ``"sgm"`` (1e-5 everywhere) or ``"diffusers"`` (1e-6 in cross-attention
         down blocks and all up blocks, 1e-5 elsewhere); see the module docstring.
     gradient_checkpointing: recompute each ResBlock / transformer in backward instead of storing its activations.
+    cond_frame_time_embed: Vista's separate time-embedding MLP for given frames (module docstring); off in SVD.
+    action_dim: width of ``cond["actions"]`` read by every cross-attention through zero-initialised key/value
+        projections (Vista: 2432 = 19 scalars x 128); 0 = no actions (SVD).
     """
 
     in_channels: int = 8
@@ -121,6 +146,8 @@ class UNetSVDConfig:
     num_frames: int = 14
     norm_eps: NormEps = "sgm"
     gradient_checkpointing: bool = False
+    cond_frame_time_embed: bool = False
+    action_dim: int = 0
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(int(m) for m in self.channel_mult)
@@ -203,6 +230,10 @@ class UNetSVDConfig:
             raise refuse("added_time_embed_dim", "must be even and >= 2")
         if self.norm_eps not in NORM_EPS:
             raise refuse("norm_eps", f"choose one of {NORM_EPS}")
+        if not isinstance(self.action_dim, int) or self.action_dim < 0:
+            raise refuse("action_dim", "must be an integer >= 0 (0: no actions)")
+        if not isinstance(self.cond_frame_time_embed, bool):
+            raise refuse("cond_frame_time_embed", "must be a bool")
 
 
 #################################################################################
@@ -252,11 +283,18 @@ class UNetSVD(nn.Module):
 
         def transformer(width: int) -> SpatioTemporalTransformer:
             return SpatioTemporalTransformer(
-                width, width // config.head_dim, config.context_dim, config.transformer_depth
+                width,
+                width // config.head_dim,
+                config.context_dim,
+                config.transformer_depth,
+                action_dim=config.action_dim,
             )
 
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.time_embed = TimestepEmbedder(E, frequency_embedding_size=config.model_channels)
+        self.cond_time_embed: TimestepEmbedder | None = None  # given frames' time embedding (Vista), a copy
+        if config.cond_frame_time_embed:
+            self.cond_time_embed = TimestepEmbedder(E, frequency_embedding_size=config.model_channels)
         self.added_time_embed = AddedTimeEmbedder(config.num_added_time_ids, config.added_time_embed_dim, E)
 
         self.down = nn.ModuleList()
@@ -308,6 +346,19 @@ class UNetSVD(nn.Module):
                 nn.init.zeros_(module.proj_out.bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        for module in self.modules():  # Vista's action projections start at zero: the model computes SVD's
+            if isinstance(module, ContextCrossAttention) and module.action_dim:
+                nn.init.zeros_(module.action_kv.weight)
+        self.init_cond_time_embed_from_main()
+
+    @torch.no_grad()
+    def init_cond_time_embed_from_main(self) -> None:
+        """Copy the main time-embedding MLP (``time_embed``) into the given frames' one (``cond_time_embed``), as
+        Vista initialises it. Called at construction; call it again after loading weights that lack the copy (an SVD
+        checkpoint: :func:`vdiff.weights.unet_svd.read_unet_svd` fills it the same way). A no-op without the copy."""
+        if self.cond_time_embed is not None:
+            for ours, main in zip(self.cond_time_embed.parameters(), self.time_embed.parameters()):
+                ours.copy_(main)
 
     @staticmethod
     def block_classes() -> tuple[type[nn.Module], ...]:
@@ -316,8 +367,9 @@ class UNetSVD(nn.Module):
 
     @staticmethod
     def is_temporal_parameter(name: str) -> bool:
-        """Whether parameter ``name`` belongs to a layer SVD adds to the image UNet (see :data:`TEMPORAL_PARTS`)."""
-        return any(part in TEMPORAL_PARTS for part in name.split("."))
+        """Whether parameter ``name`` belongs to a layer SVD adds to the image UNet (see :data:`TEMPORAL_PARTS`);
+        Vista's added layers are not temporal, even inside a temporal block (:meth:`is_vista_parameter`)."""
+        return not UNetSVD.is_vista_parameter(name) and any(part in TEMPORAL_PARTS for part in name.split("."))
 
     def temporal_parameter_names(self) -> list[str]:
         """Names of the temporal parameters: temporal ResBlocks, temporal transformer blocks, frame-index MLPs and
@@ -325,8 +377,23 @@ class UNetSVD(nn.Module):
         return [name for name, _ in self.named_parameters() if self.is_temporal_parameter(name)]
 
     def spatial_parameter_names(self) -> list[str]:
-        """Names of every other parameter (the image UNet, embeddings included), e.g. for a lower learning rate."""
-        return [name for name, _ in self.named_parameters() if not self.is_temporal_parameter(name)]
+        """Names of the image UNet's parameters (embeddings included), e.g. for a lower learning rate: neither
+        temporal nor Vista's. The three lists partition the parameters."""
+        return [
+            name
+            for name, _ in self.named_parameters()
+            if not self.is_temporal_parameter(name) and not self.is_vista_parameter(name)
+        ]
+
+    @staticmethod
+    def is_vista_parameter(name: str) -> bool:
+        """Whether parameter ``name`` belongs to a layer Vista adds to SVD (see :data:`VISTA_PARTS`)."""
+        return any(part in VISTA_PARTS for part in name.split("."))
+
+    def vista_parameter_names(self) -> list[str]:
+        """Names of the parameters of Vista's added layers (``cond_time_embed``, every ``action_kv``): new layers that
+        pretrained SVD weights do not hold (e.g. to train them at the full learning rate, or with adapters)."""
+        return [name for name, _ in self.named_parameters() if self.is_vista_parameter(name)]
 
     def forward(
         self,
@@ -336,28 +403,31 @@ class UNetSVD(nn.Module):
         given_mask: Tensor | None = None,
     ) -> Tensor:
         """x: ``(B, T, C, H, W)`` with ``C = in_channels - concat_channels``; noise_level: ``(B,)``; cond: the
-        module docstring's keys; given_mask: ignored. Returns ``(B, T, out_channels, H, W)``."""
+        module docstring's keys; given_mask: bool broadcastable to ``x`` or None, read only with
+        ``cond_frame_time_embed`` (whole given frames take the copied time embedding). Returns
+        ``(B, T, out_channels, H, W)``."""
         B, T, C, H, W = x.shape
-        context, concat, added_time_ids, image_only = self._conditioning(x, noise_level, cond or {})
+        context, concat, added_time_ids, image_only, actions = self._conditioning(x, noise_level, cond or {})
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype).expand(B, T, -1, H, W)], dim=2)  # (B, T, C_in, H, W)
+        if actions is not None:
+            actions = actions.to(x.dtype)  # (B, action_dim)
         h = self.conv_in(x.reshape(B * T, self.config.in_channels, H, W))  # (B*T, C0, H, W)
-        emb = self.time_embed(noise_level) + self.added_time_embed(added_time_ids)  # (B, E)
-        emb = emb[:, None]  # (B, 1, E): one per clip, broadcast over frames
+        emb = self.time_embedding(noise_level, added_time_ids, given_mask, T)  # (B, 1|T, E)
 
         skips = [h]  # (B*T, C_i, H_i, W_i) each
         for level in self.down:
             for res, attn in level.pairs():
                 h = self._run(res, h, emb, T, image_only)  # (B*T, C_l, H_l, W_l)
                 if attn is not None:
-                    h = self._run(attn, h, context, T, image_only)  # (B*T, C_l, H_l, W_l)
+                    h = self._run(attn, h, context, T, image_only, actions)  # (B*T, C_l, H_l, W_l)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)  # (B*T, C_l, ceil(H_l/2), ceil(W_l/2))
                 skips.append(h)
 
         h = self._run(self.mid.res[0], h, emb, T, image_only)  # (B*T, C_L, H_L, W_L)
-        h = self._run(self.mid.attn, h, context, T, image_only)
+        h = self._run(self.mid.attn, h, context, T, image_only, actions)
         h = self._run(self.mid.res[1], h, emb, T, image_only)
 
         for level in self.up:
@@ -365,23 +435,55 @@ class UNetSVD(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B*T, C + C_skip, H_l, W_l)
                 h = self._run(res, h, emb, T, image_only)  # (B*T, C_l, H_l, W_l)
                 if attn is not None:
-                    h = self._run(attn, h, context, T, image_only)
+                    h = self._run(attn, h, context, T, image_only, actions)
             if level.resample is not None:
                 h = level.resample(h, skips[-1].shape[-2:])  # (B*T, C_l, H_{l-1}, W_{l-1})
 
         h = self.conv_out(F.silu(self.norm_out(h)))  # (B*T, C_out, H, W)
         return h.view(B, T, -1, H, W)  # (B, T, C_out, H, W)
 
-    def _run(self, block: nn.Module, h: Tensor, emb_or_context: Tensor, T: int, image_only: Tensor | None) -> Tensor:
+    def _run(
+        self, block: nn.Module, h: Tensor, emb_or_context: Tensor, T: int, image_only: Tensor | None, *extra: Any
+    ) -> Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb_or_context, T, image_only, use_reentrant=False)
-        return block(h, emb_or_context, T, image_only)
+            return checkpoint(block, h, emb_or_context, T, image_only, *extra, use_reentrant=False)
+        return block(h, emb_or_context, T, image_only, *extra)
+
+    def time_embedding(
+        self, noise_level: Tensor, added_time_ids: Tensor, given_mask: Tensor | None = None, num_frames: int = 1
+    ) -> Tensor:
+        """The embedding the ResBlocks add: ``time_embed(noise_level) + added_time_embed(added_time_ids)``,
+        ``(B, 1, E)`` (one per clip); with ``cond_frame_time_embed`` and at least one given frame, ``(B, T, E)`` with
+        ``cond_time_embed(noise_level)`` in place of ``time_embed(noise_level)`` for the given frames
+        (:meth:`given_frames`). noise_level: ``(B,)``; added_time_ids: ``(B, k)``; given_mask: bool broadcastable to
+        ``(B, T, C, H, W)`` or None; num_frames: ``T``."""
+        main = self.time_embed(noise_level)  # (B, E)
+        added = self.added_time_embed(added_time_ids)  # (B, E)
+        if self.cond_time_embed is None or given_mask is None:
+            return (main + added)[:, None]  # (B, 1, E): one per clip, broadcast over frames
+        given = self.given_frames(given_mask, noise_level.shape[0], num_frames)  # (B, T) bool
+        if not bool(given.any()):
+            return (main + added)[:, None]  # (B, 1, E)
+        cond = self.cond_time_embed(noise_level)  # (B, E)
+        time = torch.where(given[..., None], cond[:, None], main[:, None])  # (B, T, E)
+        return time + added[:, None]  # (B, T, E)
+
+    @staticmethod
+    def given_frames(given_mask: Tensor, batch: int, num_frames: int) -> Tensor:
+        """``(B, T)`` bool: frames where ``given_mask`` (bool, broadcastable to ``(B, T, C, H, W)``) is true
+        everywhere (a frame given only in part, e.g. spatial completion, is not a given frame)."""
+        if given_mask.ndim > 5:
+            raise ValueError(f"UNetSVD: given_mask must broadcast to (B, T, C, H, W), got {tuple(given_mask.shape)}")
+        mask = given_mask.bool().reshape((1,) * (5 - given_mask.ndim) + tuple(given_mask.shape))
+        per_frame = mask.flatten(2).all(dim=2)  # (B|1, T|1): broadcast dims reduce trivially
+        return torch.broadcast_to(per_frame, (batch, num_frames))
 
     def _conditioning(
         self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor]
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
         """Check and return ``(context (B, N, D_ctx), concat (B, T|1, c, H, W) or None, added_time_ids (B, k),
-        image_only_indicator (B, T) bool or None)``; errors name the key and the expected shape."""
+        image_only_indicator (B, T) bool or None, actions (B, action_dim) or None)``; errors name the key and the
+        expected shape."""
         cfg = self.config
         B, T, C, H, W = x.shape
         if cfg.in_channels - cfg.concat_channels != C:
@@ -428,7 +530,16 @@ class UNetSVD(nn.Module):
             if image_only.shape != (B, T):
                 raise ValueError(f"UNetSVD: cond[{IMAGE_ONLY_KEY!r}] must be ({B}, {T}), got {tuple(image_only.shape)}")
             image_only = image_only.bool()
-        return context, concat, added, image_only
+        actions = None
+        if cfg.action_dim:
+            actions = required(ACTIONS_KEY, f"(B, {cfg.action_dim}) (zeros: unconditional)")
+            if actions.shape != (B, cfg.action_dim):
+                raise ValueError(
+                    f"UNetSVD: cond[{ACTIONS_KEY!r}] must be ({B}, {cfg.action_dim}), got {tuple(actions.shape)}"
+                )
+        elif ACTIONS_KEY in cond:
+            raise ValueError(f"UNetSVD: cond[{ACTIONS_KEY!r}] given, but the model was built with action_dim=0")
+        return context, concat, added, image_only, actions
 
 
 #################################################################################

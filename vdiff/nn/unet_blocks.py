@@ -12,6 +12,13 @@ Layouts (``B`` clips, ``T`` frames, ``S = H*W`` positions, ``E`` the time-embedd
   clip attends to the same tokens, so keys and values are computed once per clip and all ``T*S`` queries of the
   clip share them: the same values as repeating the context per frame (or per position) first.
 
+Actions (Vista's action control, optional: ``action_dim > 0``): every cross-attention owns a zero-initialised,
+bias-free projection ``action_kv`` of a per-clip action vector ``(B, action_dim)`` that is ADDED to the keys and
+values of every context token (Vista's ``k_adapter_action_control`` / ``v_adapter_action_control``, which add to
+``to_k(context)`` / ``to_v(context)``; the action vector is not a token of its own). At initialisation, and for an
+all-zero action vector (unconditional), the keys and values are exactly the context's, so the block computes what it
+computes without the projection.
+
 The blend of a spatial output ``s`` and a temporal output ``t`` is ``alpha*s + (1-alpha)*t`` with
 ``alpha = sigmoid(mix_factor)``, forced to 1 for frames an ``image_only_indicator`` marks as images (their
 output is then exactly the spatial one). It is computed as ``torch.lerp(s, t, 1 - alpha)``, which returns ``s``
@@ -139,10 +146,12 @@ class ContextCrossAttention(nn.Module):
     """Cross-attention of ``(B, L, D)`` queries to a per-clip context ``(B, N, D_ctx)`` on torch SDPA.
 
     Parameters: ``q`` (no bias), ``kv`` (keys and values in one projection, no bias: rows ``[k; v]``), ``proj``
-    (with bias). ``L`` may hold every token of a clip (``T*S``): the context is the same for all of them.
+    (with bias), and with ``action_dim > 0`` ``action_kv`` (``Linear(action_dim, 2*dim)``, no bias, rows ``[k; v]``,
+    ZERO-initialised): ``action_kv(actions)`` is added to the keys and values of every context token (module
+    docstring). ``L`` may hold every token of a clip (``T*S``): the context is the same for all of them.
     """
 
-    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, context_dim: int, num_heads: int, action_dim: int = 0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"ContextCrossAttention: dim {dim} is not divisible by num_heads {num_heads}")
@@ -151,13 +160,23 @@ class ContextCrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
+        self.action_dim = action_dim
+        if action_dim:
+            self.action_kv = nn.Linear(action_dim, 2 * dim, bias=False)
+            nn.init.zeros_(self.action_kv.weight)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: ``(B, L, D)``; context: ``(B, N, D_ctx)``. Returns ``(B, L, D)``."""
+    def forward(self, x: Tensor, context: Tensor, actions: Tensor | None = None) -> Tensor:
+        """x: ``(B, L, D)``; context: ``(B, N, D_ctx)``; actions: ``(B, action_dim)`` or None (only with
+        ``action_dim > 0``; None and zeros are the same: unconditional). Returns ``(B, L, D)``."""
         B, L, D = x.shape
         N = context.shape[1]
         q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        kv = self.kv(context).view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, H, N, Dh)
+        kv = self.kv(context)  # (B, N, 2D)
+        if actions is not None:
+            if not self.action_dim:
+                raise ValueError("ContextCrossAttention: actions given, but the layer was built with action_dim=0")
+            kv = kv + self.action_kv(actions)[:, None]  # (B, N, 2D): the same addition for every context token
+        kv = kv.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, H, N, Dh)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, H, L, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
@@ -207,47 +226,51 @@ class GEGLUFeedForward(nn.Module):
 
 
 class SpatialTransformerBlock(nn.Module):
-    """Pre-norm block per frame: self-attention over positions, cross-attention to the context, GEGLU MLP."""
+    """Pre-norm block per frame: self-attention over positions, cross-attention to the context (and the actions,
+    with ``action_dim > 0``), GEGLU MLP."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
+    def __init__(self, dim: int, num_heads: int, context_dim: int, action_dim: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, num_heads, qkv_bias=False)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = ContextCrossAttention(dim, context_dim, num_heads)
+        self.attn2 = ContextCrossAttention(dim, context_dim, num_heads, action_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: ``(B*T, S, D)``; context: ``(B, N, D_ctx)``. Returns ``(B*T, S, D)``."""
+    def forward(self, x: Tensor, context: Tensor, actions: Tensor | None = None) -> Tensor:
+        """x: ``(B*T, S, D)``; context: ``(B, N, D_ctx)``; actions: ``(B, action_dim)`` or None.
+        Returns ``(B*T, S, D)``."""
         BT, S, D = x.shape
         B = context.shape[0]
         x = x + self.attn1(self.norm1(x))  # (B*T, S, D)
-        x = x + self.attn2(self.norm2(x).view(B, (BT // B) * S, D), context).view(BT, S, D)  # (B*T, S, D)
+        x = x + self.attn2(self.norm2(x).view(B, (BT // B) * S, D), context, actions).view(BT, S, D)  # (B*T, S, D)
         return x + self.ff(self.norm3(x))  # (B*T, S, D)
 
 
 class TemporalTransformerBlock(nn.Module):
     """SVD's ``VideoTransformerBlock`` over ``(B, T, S, D)`` tokens: a residual GEGLU MLP in (``ff_in``),
-    self-attention over frames, cross-attention to the context, GEGLU MLP; all pre-norm."""
+    self-attention over frames, cross-attention to the context (and the actions, with ``action_dim > 0``), GEGLU
+    MLP; all pre-norm."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int) -> None:
+    def __init__(self, dim: int, num_heads: int, context_dim: int, action_dim: int = 0) -> None:
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
         self.ff_in = GEGLUFeedForward(dim)
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = FrameAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = ContextCrossAttention(dim, context_dim, num_heads)
+        self.attn2 = ContextCrossAttention(dim, context_dim, num_heads, action_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """x: ``(B, T, S, D)``; context: ``(B, N, D_ctx)``. Returns ``(B, T, S, D)``."""
+    def forward(self, x: Tensor, context: Tensor, actions: Tensor | None = None) -> Tensor:
+        """x: ``(B, T, S, D)``; context: ``(B, N, D_ctx)``; actions: ``(B, action_dim)`` or None.
+        Returns ``(B, T, S, D)``."""
         B, T, S, D = x.shape
         x = x + self.ff_in(self.norm_in(x))  # (B, T, S, D)
         x = x + self.attn1(self.norm1(x))  # (B, T, S, D)
-        x = x + self.attn2(self.norm2(x).view(B, T * S, D), context).view(B, T, S, D)  # (B, T, S, D)
+        x = x + self.attn2(self.norm2(x).view(B, T * S, D), context, actions).view(B, T, S, D)  # (B, T, S, D)
         return x + self.ff(self.norm3(x))  # (B, T, S, D)
 
 
@@ -255,18 +278,27 @@ class SpatioTemporalTransformer(nn.Module):
     """SVD's ``SpatialVideoTransformer`` on ``(B*T, C, H, W)`` maps: GroupNorm, linear in, then per depth a
     spatial block and a temporal block (whose input also gets a frame-index embedding: ``C``-d sinusoid of
     ``0..T-1`` through ``Linear-SiLU-Linear``), blended ``alpha*spatial + (1-alpha)*temporal``; linear out and
-    a residual. ``channels`` must equal ``num_heads * head_dim`` (SVD's layout)."""
+    a residual. ``channels`` must equal ``num_heads * head_dim`` (SVD's layout). With ``action_dim > 0`` every
+    cross-attention (spatial and temporal) also reads the per-clip actions (module docstring)."""
 
     def __init__(
-        self, channels: int, num_heads: int, context_dim: int, depth: int = 1, merge_factor: float = 0.5
+        self,
+        channels: int,
+        num_heads: int,
+        context_dim: int,
+        depth: int = 1,
+        merge_factor: float = 0.5,
+        action_dim: int = 0,
     ) -> None:
         super().__init__()
         self.channels = channels
         self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.blocks = nn.ModuleList([SpatialTransformerBlock(channels, num_heads, context_dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [SpatialTransformerBlock(channels, num_heads, context_dim, action_dim) for _ in range(depth)]
+        )
         self.temporal_blocks = nn.ModuleList(
-            [TemporalTransformerBlock(channels, num_heads, context_dim) for _ in range(depth)]
+            [TemporalTransformerBlock(channels, num_heads, context_dim, action_dim) for _ in range(depth)]
         )
         self.frame_embed = nn.Sequential(
             nn.Linear(channels, 4 * channels), nn.SiLU(), nn.Linear(4 * channels, channels)
@@ -275,10 +307,15 @@ class SpatioTemporalTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(
-        self, x: Tensor, context: Tensor, num_frames: int, image_only_indicator: Tensor | None = None
+        self,
+        x: Tensor,
+        context: Tensor,
+        num_frames: int,
+        image_only_indicator: Tensor | None = None,
+        actions: Tensor | None = None,
     ) -> Tensor:
-        """x: ``(B*T, C, H, W)``; context: ``(B, N, D_ctx)``; image_only_indicator: ``(B, T)`` or None.
-        Returns ``(B*T, C, H, W)``."""
+        """x: ``(B*T, C, H, W)``; context: ``(B, N, D_ctx)``; image_only_indicator: ``(B, T)`` or None; actions:
+        ``(B, action_dim)`` or None (zeros and None: unconditional). Returns ``(B*T, C, H, W)``."""
         T = num_frames
         BT, C, H, W = x.shape
         B, S = BT // T, H * W
@@ -291,8 +328,8 @@ class SpatioTemporalTransformer(nn.Module):
         if alpha.ndim:
             alpha = alpha[:, :, None, None]  # (B, T, 1, 1)
         for block, temporal_block in zip(self.blocks, self.temporal_blocks):
-            h = block(h, context).view(B, T, S, C)  # (B, T, S, C)
-            t = temporal_block(h + frame_emb, context)  # (B, T, S, C)
+            h = block(h, context, actions).view(B, T, S, C)  # (B, T, S, C)
+            t = temporal_block(h + frame_emb, context, actions)  # (B, T, S, C)
             h = blend(h, t, alpha).view(BT, S, C)  # (B*T, S, C)
         h = self.proj_out(h)  # (B*T, S, C)
         return x + h.view(BT, H, W, C).permute(0, 3, 1, 2)  # (B*T, C, H, W)

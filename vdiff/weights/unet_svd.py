@@ -516,6 +516,7 @@ class UNetSVDWeights:
     layout: str  # "vdiff", "diffusers" or "sgm" (never "auto")
     weights_path: Path  # the weights file read (the index file of a sharded diffusers checkpoint)
     config_source: str  # a config.json path, "<file> metadata", "argument" or "preset: svd"
+    filled: tuple[str, ...] = ()  # our keys the file lacked, filled by fill_vista_extensions (Vista's new layers)
 
 
 def _read_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
@@ -616,6 +617,14 @@ def read_unet_svd(
             only agree with it, except in the fields the file does not hold (for diffusers: ``concat_channels``,
             ``gradient_checkpointing``), which it sets.
 
+    Vista's layers (``config.cond_frame_time_embed``, ``config.action_dim``; :data:`VISTA_FIELDS`): no diffusers or
+    sgm file holds them, and a vdiff file written without them does not either. A passed config may turn them on
+    over any such file (a stored config that has them off does not contradict it); the rest of the file is read as
+    strictly as ever, and the tensors it lacks are then filled by :func:`fill_vista_extensions`, explicitly: the given
+    frames' time-embedding MLP as a copy of the main one, the action projections as zeros (Vista's initialisation, so
+    the model computes what the file's model computes). The filled keys are listed in ``UNetSVDWeights.filled``. A
+    file that holds these layers is read with them, and must agree with the config.
+
     Raises:
         FileNotFoundError: no such file or folder (naming where it looked).
         UNetSVDConfigError: a config vdiff cannot represent, or a passed config contradicting the stored one.
@@ -651,6 +660,7 @@ def read_unet_svd(
     if found is not None:
         if given is not None:
             kept = _NOT_IN_DIFFUSERS if layout == "diffusers" else ("gradient_checkpointing",)
+            kept += tuple(name for name in VISTA_FIELDS if not getattr(found, name))  # turned on by the argument
             _check_same(given, found, source, ignore=kept)
             found = found.replace(**{name: getattr(given, name) for name in kept})
         cfg = found
@@ -666,12 +676,16 @@ def read_unet_svd(
 
     where = f"{layout} file {weights_path}"
     if layout == "sgm":
-        ours = from_sgm(_read_tensors(weights_path, lambda k: k.startswith(SGM_PREFIX)), cfg, source=where)
+        ours = from_sgm(
+            _read_tensors(weights_path, lambda k: k.startswith(SGM_PREFIX)), without_vista(cfg), source=where
+        )
     elif layout == "diffusers":
-        ours = from_diffusers(_read_tensors(weights_path), cfg, source=where)
+        ours = from_diffusers(_read_tensors(weights_path), without_vista(cfg), source=where)
     else:
-        ours = from_vdiff(_read_tensors(weights_path), cfg, source=where)
-    return UNetSVDWeights(ours, cfg, layout, weights_path, source)
+        tensors = _read_tensors(weights_path)
+        ours = from_vdiff(tensors, vista_layers_held(tensors, cfg), source=where)
+    ours, filled = fill_vista_extensions(ours, cfg)
+    return UNetSVDWeights(ours, cfg, layout, weights_path, source, filled)
 
 
 def load_unet_svd(
@@ -723,3 +737,64 @@ def save_unet_svd(model: UNetSVD, path: str | os.PathLike, layout: SaveLayout = 
         save_state_dict(to_sgm(state_dict, config), path)
         return path
     raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
+
+
+#################################################################################
+#                     Vista's layers over SVD weights                           #
+#################################################################################
+
+# UNetSVDConfig fields of the layers Vista adds to SVD (UNetSVD.vista_parameter_names): the given frames' time
+# embedding MLP and the cross-attention action projections. SVD files (diffusers, sgm) never hold them.
+VISTA_FIELDS: tuple[str, ...] = ("cond_frame_time_embed", "action_dim")
+_COND_TIME_EMBED, _MAIN_TIME_EMBED = "cond_time_embed.", "time_embed."
+_ACTION_KV = ".action_kv."
+
+
+def without_vista(config: UNetSVDConfig) -> UNetSVDConfig:
+    """``config`` with Vista's layers off: the architecture an SVD file (diffusers, sgm) holds."""
+    return config.replace(cond_frame_time_embed=False, action_dim=0)
+
+
+def vista_layers_held(tensors: Mapping[str, Tensor], config: UNetSVDConfig) -> UNetSVDConfig:
+    """``config`` with each of Vista's layers kept on only where ``tensors`` (our names) hold any of it: the
+    architecture a vdiff file holds, checked strictly by :func:`from_vdiff`; the rest is :func:`fill_vista_extensions`'s."""
+    has_cond = any(k.startswith(_COND_TIME_EMBED) for k in tensors)
+    has_actions = any(_ACTION_KV in k for k in tensors)
+    return config.replace(
+        cond_frame_time_embed=config.cond_frame_time_embed and has_cond,
+        action_dim=config.action_dim if has_actions else 0,
+    )
+
+
+def fill_vista_extensions(
+    state_dict: Mapping[str, Tensor], config: UNetSVDConfig
+) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """Complete a state dict read from weights without Vista's layers (an SVD checkpoint) for ``config``, as Vista
+    initialises them; returns ``(state dict, the keys filled)``.
+
+    - ``cond_frame_time_embed``: every ``cond_time_embed.*`` tensor absent is a copy (clone) of the ``time_embed.*``
+      tensor of the same name (what :meth:`UNetSVD.init_cond_time_embed_from_main` does to a built model; Vista's
+      ``train.py`` duplicates ``time_embed`` into ``cond_time_stack_embed`` the same way when it starts from SVD);
+    - ``action_dim > 0``: every ``*.action_kv.weight`` absent is zeros (the projections' initialisation: zero actions
+      and the SVD model's output are then unchanged).
+
+    Nothing else is filled: a state dict that lacks anything else is left to the strict checks (its keys are
+    missing). With both layers off, or both present, the state dict comes back as it is with ``()``.
+    """
+    out = dict(state_dict)
+    filled: list[str] = []
+    for key, shape in expected_shapes(config).items():
+        if key in out:
+            continue
+        if key.startswith(_COND_TIME_EMBED):
+            main = out.get(_MAIN_TIME_EMBED + key[len(_COND_TIME_EMBED) :])
+            if main is None:
+                continue  # the main MLP is missing too: the strict checks name both
+            out[key] = main.clone()
+        elif _ACTION_KV in key:
+            kv = out.get(key.replace(_ACTION_KV, ".kv."))  # the same attention's context projection: its dtype
+            out[key] = torch.zeros(shape, dtype=kv.dtype if kv is not None else torch.float32)
+        else:
+            continue
+        filled.append(key)
+    return out, tuple(filled)
