@@ -186,3 +186,27 @@ def test_svd_conditions_from_stored_embeddings_equal_its_own_encoder(files, late
     own = module.conditioning(without)["context"]
     assert stored.shape == own.shape == (4, 1, EMBED_DIM)
     torch.testing.assert_close(stored, own, rtol=1e-3, atol=1e-3)
+
+
+def test_lightning_fit_refuses_a_model_with_another_image_encoder(files, latent_set, tiny_ae, tmp_path):
+    """Through a real Trainer: the check runs in LatentDataModule.setup, before the first step."""
+    from lightning.pytorch import Trainer
+
+    from vdiff.lit.svd import SVDModule
+    from vdiff.models.unet_svd import UNetSVDConfig
+
+    net = UNetSVDConfig(in_channels=8, out_channels=4, concat_channels=4, model_channels=32, channel_mult=(1,),
+                        num_res_blocks=1, attention_levels=(0,), head_dim=16, context_dim=EMBED_DIM,
+                        added_time_embed_dim=32, num_frames=2)  # fmt: skip
+
+    def fit(clip_folder: Path) -> Trainer:
+        module = SVDModule(net=net, image_encoder=PretrainedCLIPImageEmbedder(str(clip_folder)), autoencoder=tiny_ae)
+        dm = LatentDataModule(train=str(latent_set), num_frames=2, batch_size=2, num_workers=0, epoch_length=1)
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+        trainer.fit(module, datamodule=dm)
+        return trainer
+
+    with pytest.raises(ValueError, match=r"another image encoder.*clip_b"):
+        fit(files.other_clip)
+    assert fit(files.clip).global_step == 1
