@@ -40,12 +40,13 @@ TOP_TOOLS: dict[str, tuple[str, str]] = {
     "encode": ("vdiff.encode", "video shards -> latent shards through an autoencoder"),
     "export": ("vdiff.export", "a checkpoint's network (EMA weights, LoRA merged or not) -> safetensors"),
     "evaluate": ("vdiff.evaluate", "video-quality metrics (PSNR/SSIM/LPIPS/FVD/FID) between two folders or shard sets"),
+    "consolidate": ("vdiff.consolidate", "a sharded checkpoint folder (FSDP/ModelParallel) -> one checkpoint file"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _tool_help(tools: dict[str, tuple[str, str]], prefix: str) -> str:
-    return "\n".join(f"  {prefix}{name:<12} {text}" for name, (_, text) in tools.items())
+    return "\n".join(f"  {prefix}{name:<16} {text}" for name, (_, text) in tools.items())
 
 
 OVERVIEW = f"""vdiff: Lightning-based latent video diffusion (VDT, SVD-style UNets, video autoencoders).
