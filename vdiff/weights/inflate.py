@@ -5,6 +5,10 @@ block pair, add the temporal layers, and train. :func:`load_inflated_state_dict`
 a LOCAL SD-2.1-style image UNet, such that **the video UNet computes exactly what the image UNet computes, frame
 by frame**, until training moves the new layers.
 
+Entry points: :func:`load_inflated_state_dict` (``path, config -> state dict``, for ``SVDModule`` to load),
+:func:`inflate_unet` (a built :class:`UNetSVD`), and ``python -m vdiff.weights.inflate SRC OUT.safetensors`` (writes
+a vdiff UNet-SVD file that ``SVDModule(net_weights=...)`` reads like any other).
+
 Sources (nothing is downloaded; a relative path that does not exist is also looked up under ``$VDIFF_WEIGHTS``):
 
 ``diffusers``  a ``UNet2DConditionModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, the
