@@ -380,15 +380,17 @@ def test_the_recipe_names_missing_weights_before_training(tmp_path, monkeypatch)
     monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
     with pytest.raises(RecipeError, match=r"weights/.*VDIFF_WEIGHTS"):
         main(["fit", "-c", str(RECIPE), *quiet_trainer(tmp_path / "runs")])
-    with pytest.raises(RecipeError, match=r"weights/svd_from_sd21_unet\.safetensors.*VDIFF_WEIGHTS"):
+    with pytest.raises(RecipeError, match=r"weights/stable-diffusion-2-1/unet.*VDIFF_WEIGHTS"):
         main(["fit", "-c", str(RECIPE), "--model.init_args.image_encoder", "null", "--model.init_args.autoencoder",
               "null", *quiet_trainer(tmp_path / "runs")])  # fmt: skip
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_recipe_trains_only_the_temporal_layers_of_an_inflated_unet(tmp_path):
-    """Pixel space at toy size: a 3-channel SD-like UNet inflated by ``python -m vdiff.weights.inflate``, then the
-    recipe with tiny overrides: after 2 steps the spatial (and new) tensors are the inflated ones, the temporal moved."""
+def test_the_recipe_trains_only_the_temporal_and_new_layers_of_an_inflated_unet(tmp_path):
+    """Pixel space at toy size: a 3-channel SD-like UNet folder inflated by the recipe itself
+    (``net_weights_layout: sd21-image``): after 2 steps the spatial tensors are the image UNet's, the temporal
+    ones and the layers SD lacks (added time ids, conv_in's concat kernels) moved; ``python -m
+    vdiff.weights.inflate`` writes the same starting weights."""
     from tests.lit.helpers import quiet_trainer, tiny_synthetic_data
     from vdiff.cli import main
     from vdiff.weights.inflate import main as inflate_main
@@ -408,7 +410,8 @@ def test_the_recipe_trains_only_the_temporal_layers_of_an_inflated_unet(tmp_path
     main([
         "fit", "-c", str(RECIPE),
         "--model.init_args.net", json.dumps(config.to_dict()),
-        "--model.init_args.net_weights", str(inflated),
+        "--model.init_args.net_weights", str(tmp_path / "sd"),
+        "--model.init_args.net_weights_layout", "sd21-image",
         "--model.init_args.autoencoder", "null",
         "--model.init_args.image_encoder", json.dumps({"class_path": "vdiff.models.conditioners.CLIPImageEmbedder",
                                                        "init_args": {"config": "tiny"}}),
@@ -425,5 +428,7 @@ def test_the_recipe_trains_only_the_temporal_layers_of_an_inflated_unet(tmp_path
     start = read_unet_svd(inflated).state_dict
     assert set(trained) == set(start)
     moved = {k for k in start if not torch.equal(trained[k], start[k])}
-    assert moved and all(UNetSVD.is_temporal_parameter(k) for k in moved)
+    new = {"conv_in.weight"} | {k for k in start if k.startswith("added_time_embed.")}
+    assert moved and all(UNetSVD.is_temporal_parameter(k) or k in new for k in moved)
+    assert "conv_in.weight" in moved  # the concat kernels learn (they start at zero)
     assert any(k.endswith("temporal.conv2.weight") for k in moved)

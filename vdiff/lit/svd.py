@@ -114,7 +114,9 @@ class SVDModule(VideoDiffusionModule):
         net_weights: a LOCAL UNet weights file or folder to start from (a diffusers ``unet/`` or pipeline
             folder, an original ``svd.safetensors``, a vdiff file); checked when the module is built, loaded
             when a fresh ``fit`` builds the network (a resumed run or a loaded checkpoint brings its own).
-        net_weights_layout: ``auto``, ``diffusers``, ``sgm`` or ``vdiff`` (see :func:`vdiff.weights.unet_svd.read_unet_svd`).
+        net_weights_layout: ``auto``, ``diffusers``, ``sgm`` or ``vdiff`` (see :func:`vdiff.weights.unet_svd.read_unet_svd`),
+            or ``sd21-image``: an SD 2.1 image UNet (diffusers folder or ldm/sgm file) inflated into the video UNet
+            with temporal layers that leave its output unchanged (:mod:`vdiff.weights.inflate`).
         paste_cond_frame: paste the conditioning frame's latent during sampling (the sampler keeps it
             fixed). SVD generates it too (False); set True where training kept it clean (a mask task).
         mask_task: a mask mode given clean in training and at sampling beside the image conditioning
@@ -135,7 +137,7 @@ class SVDModule(VideoDiffusionModule):
         train: Literal["all", "temporal"] = "all",
         spatial_lr_scale: float = 1.0,
         net_weights: str | None = None,
-        net_weights_layout: str = "auto",
+        net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image"] = "auto",
         paste_cond_frame: bool = False,
         mask_task: str | None = None,
         mask_params: dict[str, Any] | None = None,
@@ -217,8 +219,21 @@ class SVDModule(VideoDiffusionModule):
             self.load_net_weights(net)  # a fresh fit starts from the weights file
         if self.train_part == "temporal":
             for name, param in net.named_parameters():
-                param.requires_grad_(net.is_temporal_parameter(name))
+                param.requires_grad_(self.parameter_role(name) != "spatial")
         return net
+
+    def parameter_role(self, name: str) -> Literal["spatial", "temporal", "new"]:
+        """What a UNet parameter is for the optimizer: ``spatial`` (the image UNet's layers: lr x
+        ``spatial_lr_scale``, frozen by ``train: temporal``), ``temporal`` (SVD's temporal layers) or ``new``
+        (layers the starting weights lack: Vista's action and conditioning-frame layers; for a UNet inflated from
+        SD 2.1 also the added-time-id embedder and ``conv_in`` (its concat kernels); full lr, always trained)."""
+        if UNetSVD.is_vista_parameter(name):
+            return "new"
+        if UNetSVD.is_temporal_parameter(name):
+            return "temporal"
+        if self.net_weights_layout == "sd21-image" and (name.startswith("added_time_embed.") or name == "conv_in.weight"):
+            return "new"
+        return "spatial"
 
     def load_net_weights(self, net: nn.Module | None = None) -> nn.Module:
         """Load ``net_weights`` into ``net`` (default: this module's network) strictly; returns it."""
@@ -227,6 +242,11 @@ class SVDModule(VideoDiffusionModule):
         net = net if net is not None else self.net
         if self.net_weights is None:
             raise ValueError("SVDModule.load_net_weights: no net_weights were given")
+        if self.net_weights_layout == "sd21-image":  # an SD 2.1 image UNet, inflated (output = image model's)
+            from vdiff.weights.inflate import load_inflated_state_dict
+
+            net.load_state_dict(load_inflated_state_dict(self.net_weights, self.net_config), strict=True)
+            return net
         weights = read_unet_svd(self.net_weights, layout=self.net_weights_layout, config=self.net_config)
         net.load_state_dict(weights.state_dict, strict=True)
         return net
@@ -348,22 +368,21 @@ class SVDModule(VideoDiffusionModule):
                 yield name, param
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Weight-decay groups split into spatial (lr x ``spatial_lr_scale``) and temporal UNet layers;
-        only trainable UNet parameters (the autoencoder and image encoder are frozen)."""
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        """Weight-decay groups split by :meth:`parameter_role` (spatial: lr x ``spatial_lr_scale``); only trainable
+        UNet parameters (the autoencoder and image encoder are frozen)."""
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
         for name, param in self.net.named_parameters():
             if not param.requires_grad:
                 continue
-            spatial = not self.net.is_temporal_parameter(name)
             decay = param.ndim >= 2 and "embed" not in name
-            groups.setdefault((spatial, decay), []).append(param)
+            groups.setdefault((self.parameter_role(name), decay), []).append(param)
         out = []
-        for (spatial, decay), params in sorted(groups.items()):
-            scale = self.spatial_lr_scale if spatial else 1.0
-            if spatial and scale == 0.0:
+        for (role, decay), params in sorted(groups.items()):
+            scale = self.spatial_lr_scale if role == "spatial" else 1.0
+            if scale == 0.0:
                 continue
             out.append({"params": params, "weight_decay": self.weight_decay if decay else 0.0, "lr": self.lr * scale,
-                        "name": f"{'spatial' if spatial else 'temporal'}{'' if decay else '_no_decay'}"})
+                        "name": f"{role}{'' if decay else '_no_decay'}"})
         return out
 
     # ---------------------------------------------------------------- checkpoints (frozen image encoder)
