@@ -1,0 +1,242 @@
+"""VistaModule: Vista's action-conditioned driving world model on SVD (Gao et al., 2024).
+
+Vista specialises SVD for driving; this module adds to :class:`~vdiff.lit.svd.SVDModule`:
+
+* **Latent replacement (dynamic prior).** Each training clip keeps its first k frames clean, with k
+  drawn from ``prior_weights`` (Vista: k in {0, 1, 2, 3} with weights 1:2:4:8). Those latents enter
+  the UNet clean, are left out of the loss, and select the UNet's separate timestep-embedding MLP
+  (``cond_frame_time_embed``, initialised as a copy of the main one); the whole clip is preconditioned
+  with the clip's sigma, and the sampler pastes them back before every step.
+* **Actions** (the one action schema of vdiff's data): command, trajectory, speed, steering and goal
+  through an :class:`~vdiff.models.actions.ActionEncoder` (each scalar a 128-d Fourier embedding),
+  added as keys/values in every cross-attention by zero-initialised projections (a converted SVD is
+  unchanged at init). One action type per training clip, per-type CFG dropout; a missing or invalid
+  action is zeros, i.e. unconditional; the unconditional CFG branch zeroes the actions too.
+* **Losses.** Dynamics enhancement and structure preservation
+  (:mod:`vdiff.diffusion.vista_losses`), each switchable and weighted from the recipe.
+* **Long rollouts** (:meth:`rollout_rounds`): the last ``overlap`` latents of a window start the next
+  one, the image condition moves to the first of them, actions per round, triangle guidance across
+  rounds; ``25 + 22 (N - 1)`` frames for N rounds of 25 with overlap 3.
+* **Uncertainty** (:meth:`uncertainty`): the variance over an ensemble of samples, as Vista's reward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from vdiff.data import batch as B
+from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
+from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG
+from vdiff.diffusion.masks import MaskMixture, MaskSpec
+from vdiff.diffusion.sampling import SamplerConfig
+from vdiff.diffusion.vista_losses import add_losses, vista_losses
+from vdiff.lit.evaluation import EvalProtocol
+from vdiff.lit.svd import SVDConditioning, SVDModule
+from vdiff.models.actions import VISTA_CFG_DROP, ActionEncoder
+from vdiff.models.unet_svd import UNetSVDConfig
+
+ACTIONS_KEY = "actions"  # the UNet's cond key for action features (B, action_dim)
+VISTA_PRIOR_WEIGHTS: dict[int, float] = {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0}
+
+
+def dynamic_prior(weights: dict[int, float]) -> MaskMixture:
+    """A mask mixture giving the first k frames clean, k drawn with ``weights`` (``{k: weight}``)."""
+    if not weights or any(int(k) < 0 for k in weights):
+        raise ValueError(f"dynamic prior: weights must map frame counts >= 0 to weights, got {weights}")
+    specs = {
+        f"first_{int(k)}": MaskSpec("unconditional") if int(k) == 0 else MaskSpec("prediction", given_frames=int(k))
+        for k in weights
+    }
+    return MaskMixture({f"first_{int(k)}": float(w) for k, w in weights.items()}, specs)
+
+
+class VistaModule(SVDModule):
+    """SVD + dynamic prior + actions + Vista's losses (see the module docstring).
+
+    Args:
+        net: as :class:`SVDModule` (``svd-xt`` for Vista); ``cond_frame_time_embed`` and ``action_dim`` are set
+            here (the UNet gets the conditioning-frame MLP and the action projections).
+        action_encoder: the :class:`ActionEncoder` (its normalisation and future times); None = Vista's.
+        prior_weights: ``{k: weight}``: the first k frames given in training (Vista: 1:2:4:8 for 0..3).
+        action_drop: per-action-type CFG dropout in training (Vista: 0.15).
+        one_action_type: keep one valid action type per training clip (Vista).
+        dynamics_loss, dynamics_weight, structure_loss, structure_weight: Vista's extra losses.
+        Other arguments: as :class:`SVDModule`; the defaults are Vista's (EDM with ``ln sigma ~ N(1.0, 1.6)``,
+        offset noise 0.02 per frame, the evaluation task predicts from 3 given frames).
+    """
+
+    def __init__(
+        self,
+        net: UNetSVDConfig | str = "svd-xt",
+        action_encoder: ActionEncoder | None = None,
+        prior_weights: dict[int, float] | None = None,
+        action_drop: float = VISTA_CFG_DROP,
+        one_action_type: bool = True,
+        dynamics_loss: bool = True,
+        dynamics_weight: float = 1.0,
+        structure_loss: bool = True,
+        structure_weight: float = 0.1,
+        image_encoder: nn.Module | None = None,
+        conditioning: SVDConditioning | None = None,
+        guidance: LinearCFG | VanillaCFG | TriangleCFG | None = None,
+        train: Literal["all", "temporal"] = "all",
+        spatial_lr_scale: float = 1.0,
+        net_weights: str | None = None,
+        net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image"] = "auto",
+        diffusion: EDMDiffusion | None = None,
+        sampler: SamplerConfig | None = None,
+        evaluation: EvalProtocol | None = None,
+        autoencoder: nn.Module | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        optimizer: OptimizerCallable | None = None,
+        lr_decay: Literal["constant", "cosine"] = "constant",
+    ) -> None:
+        encoder = action_encoder if action_encoder is not None else ActionEncoder()
+        config = UNetSVDConfig.from_name(net) if isinstance(net, str) else net
+        config = config.replace(cond_frame_time_embed=True, action_dim=encoder.action_dim)
+        super().__init__(
+            net=config, image_encoder=image_encoder, conditioning=conditioning, guidance=guidance, train=train,
+            spatial_lr_scale=spatial_lr_scale, net_weights=net_weights, net_weights_layout=net_weights_layout,
+            paste_cond_frame=True, diffusion=diffusion, sampler=sampler,
+            evaluation=evaluation if evaluation is not None else EvalProtocol(task="prediction", given_frames=3),
+            autoencoder=autoencoder, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
+            optimizer=optimizer, lr_decay=lr_decay,
+        )  # fmt: skip
+        self.save_hyperparameters(ignore=["autoencoder", "image_encoder", "optimizer", "action_encoder"])
+        self.action_encoder = encoder
+        self.prior = dynamic_prior(prior_weights or VISTA_PRIOR_WEIGHTS)
+        if not 0.0 <= action_drop <= 1.0:
+            raise ValueError(f"VistaModule: action_drop must be in [0, 1], got {action_drop}")
+        self.action_drop = float(action_drop)
+        self.one_action_type = one_action_type
+        self.extra_losses = dict(dynamics=dynamics_loss, dynamics_weight=float(dynamics_weight),
+                                 structure=structure_loss, structure_weight=float(structure_weight))
+
+    def default_diffusion(self) -> EDMDiffusion:
+        return EDMDiffusion(VScalingPrecond(), LogNormalSigma(1.0, 1.6), loss_weighting="v", offset_noise=0.02,
+                            offset_noise_scope="frame")
+
+    # ---------------------------------------------------------------- conditioning
+
+    def _action_features(self, batch: dict[str, Any], training: bool) -> Tensor:
+        batch_size = self._frame(batch).shape[0]
+        actions = batch.get(B.ACTIONS)
+        if not actions:  # action-free data (e.g. YouTube driving): unconditional
+            return torch.zeros(batch_size, self.action_encoder.action_dim, device=self.device)
+        fps = batch.get(B.FPS)
+        if training:
+            return self.action_encoder.training_features(actions, fps, one_type=self.one_action_type,
+                                                         drop=self.action_drop).to(self.device)
+        return self.action_encoder(actions, fps).to(self.device)
+
+    def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return {**super().conditioning(batch, generator), ACTIONS_KEY: self._action_features(batch, training=False)}
+
+    def training_conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return {**super().training_conditioning(batch), ACTIONS_KEY: self._action_features(batch, training=True)}
+
+    def unconditional(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Zero image embedding, concat latent and actions (Vista drops all of them)."""
+        uncond = super().unconditional(cond)
+        if ACTIONS_KEY in cond:
+            uncond[ACTIONS_KEY] = torch.zeros_like(cond[ACTIONS_KEY])
+        return uncond
+
+    # ---------------------------------------------------------------- training
+
+    def training_given_mask(self, latents: Tensor) -> Tensor:
+        """The dynamic prior: the first k frames given, k drawn per clip."""
+        b, t, _, h, w = latents.shape
+        given_mask, _ = self.prior.sample(b, t, h, w, device=latents.device)
+        return given_mask
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        x0 = self.batch_latents(batch)  # (B, T, c, h, w)
+        given_mask = self.training_given_mask(x0)
+        out = self.diffusion.training_losses(self.net, x0, self.training_conditioning(batch), given_mask)
+        extra = vista_losses(out["denoised"], x0, given_mask, self.diffusion.weight(out["noise_level"]),
+                             **self.extra_losses)
+        return add_losses(out, extra)
+
+    # ---------------------------------------------------------------- long rollouts
+
+    @torch.no_grad()
+    def rollout_rounds(
+        self,
+        batch: dict[str, Any],
+        rounds: int,
+        overlap: int = 3,
+        actions: list[dict[str, Tensor]] | None = None,
+        guidance: TriangleCFG | LinearCFG | VanillaCFG | None = None,
+        sampler: SamplerConfig | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Long rollout: ``rounds`` windows of the batch's clip length T, each starting from the last
+        ``overlap`` latents of the previous one (given, pasted every step) with the image condition moved to
+        the first of them (the ``overlap``-th frame from the end); ``actions[r]`` conditions round r (default:
+        the batch's). Returns video ``(B, T + (T - overlap) (rounds - 1), 3, H, W)`` in [-1, 1].
+        """
+        if rounds < 1 or not overlap >= 0:
+            raise ValueError(f"rollout_rounds: need rounds >= 1 and overlap >= 0, got {rounds}, {overlap}")
+        source = batch[B.VIDEO]
+        t = source.shape[1]
+        if overlap >= t:
+            raise ValueError(f"rollout_rounds: overlap {overlap} must be below the window length {t}")
+        if actions is not None and len(actions) != rounds:
+            raise ValueError(f"rollout_rounds: {len(actions)} action sets for {rounds} rounds")
+        saved_guidance = self.guidance
+        if guidance is not None:
+            self.guidance = guidance
+        try:
+            window = dict(batch)
+            latents_so_far: list[Tensor] = []
+            frames: list[Tensor] = []
+            for r in range(rounds):
+                if actions is not None:
+                    window[B.ACTIONS] = actions[r]
+                x0 = self.batch_latents(window, sample=False)  # (B, T, c, h, w); only given frames are used
+                b, _, _, h, w = x0.shape
+                k = self.evaluation.given_frames if r == 0 else overlap
+                if r > 0:
+                    x0 = torch.cat([latents_so_far[-1][:, -overlap:], x0[:, overlap:]], dim=1) if overlap else x0
+                mask = self.task_given_mask("prediction", t, h, w, b, k) if k > 0 else None
+                cond = self.conditioning(window, generator)
+                latents = (self.sample_latents(x0, mask, cond, sampler, generator, progress) if mask is not None
+                           else self._sample_free(x0, cond, sampler, generator, progress))
+                latents_so_far.append(latents)
+                video = self.decode_latents(latents)  # (B, T, 3, H, W)
+                frames.append(video if r == 0 else video[:, overlap:])
+                # The next window: its first `overlap` frames are this window's last ones (the image condition
+                # is the first of them, the (overlap)-th from the end); the rest is a placeholder to be generated.
+                window = dict(window)
+                window[B.VIDEO] = torch.cat([video[:, t - overlap:], video[:, t - overlap:t - overlap + 1].expand(
+                    -1, t - overlap, -1, -1, -1)], dim=1) if overlap else video[:, -1:].expand(-1, t, -1, -1, -1)
+            return torch.cat(frames, dim=1)
+        finally:
+            self.guidance = saved_guidance
+
+    @torch.no_grad()
+    def uncertainty(self, batch: dict[str, Any], num_samples: int = 4, seed: int = 0) -> Tensor:
+        """Vista's reward signal: the per-clip variance ``(B,)`` of ``num_samples`` samples of the generated
+        frames (latent space, averaged over elements); high = the model is unsure of this future."""
+        if num_samples < 2:
+            raise ValueError(f"uncertainty: need at least 2 samples, got {num_samples}")
+        x0 = self.batch_latents(batch, sample=False)
+        b, t, _, h, w = x0.shape
+        mask = self.task_given_mask(self.evaluation.task, t, h, w, b)
+        cond = self.conditioning(batch, torch.Generator(device=self.device).manual_seed(seed))
+        samples = torch.stack([
+            self.sample_latents(x0, mask, cond, None, torch.Generator(device=self.device).manual_seed(seed + i))
+            for i in range(num_samples)
+        ])  # (S, B, T, c, h, w)
+        generated = (~mask).expand_as(x0).float()  # (B, T, c, h, w)
+        variance = samples.var(dim=0)  # (B, T, c, h, w)
+        return (variance * generated).flatten(1).sum(1) / generated.flatten(1).sum(1).clamp_min(1.0)
