@@ -155,16 +155,21 @@ class VideoDiffusionModule(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement build_network()")
 
     def configure_model(self) -> None:
-        """Build the network once, then let callbacks change it (``configure_network``) before the
-        strategy wraps or shards it and before optimizers are built."""
-        if self.net is not None:
-            return
-        self.net = self.build_network()
+        """Build the network once, let callbacks change it (``configure_network``: LoRA injects there),
+        then scale it (:func:`vdiff.lit.scaling.configure_scaling`): activation checkpointing and
+        ``torch.compile`` of its blocks when a :class:`~vdiff.lit.scaling.Scaling` callback asks, FSDP2
+        ``fully_shard`` of each block and then the network when the strategy provides a device mesh
+        (``ModelParallelStrategy``), fused AdamW on CUDA; all before optimizers are built."""
+        from vdiff.lit.scaling import configure_scaling
+
         trainer = self._trainer
-        for callback in trainer.callbacks if trainer is not None else []:
-            hook = getattr(callback, NETWORK_HOOK, None)
-            if callable(hook):
-                hook(trainer, self)
+        if self.net is None:
+            self.net = self.build_network()
+            for callback in trainer.callbacks if trainer is not None else []:
+                hook = getattr(callback, NETWORK_HOOK, None)
+                if callable(hook):
+                    hook(trainer, self)
+        configure_scaling(self, self.net, trainer)
 
     def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Conditioning tensors for the network when sampling (none by default); override to add some.

@@ -262,6 +262,12 @@ class VDT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    @staticmethod
+    def block_classes() -> tuple[type[nn.Module], ...]:
+        """The block classes to wrap one by one for FSDP (and the units of activation checkpointing and
+        ``torch.compile``): :class:`VDTBlock`."""
+        return (VDTBlock,)
+
     @property
     def null_class(self) -> int | None:
         """Label index meaning "no class" (for classifier-free guidance), or None."""
