@@ -1,0 +1,573 @@
+"""Read OpenDriveLab/Vista checkpoints (Gao et al., 2024) into UNet-SVD names, and Vista's hand-made LoRA into
+peft LoRA adapters.
+
+Vista (https://github.com/OpenDriveLab/Vista, read at commit :data:`VISTA_COMMIT`) is a fork of sgm. Its UNet is
+sgm's ``VideoUNet`` (``vwm/modules/diffusionmodules/video_model.py``) with three additions, each read here into
+the layer vdiff has for it (:mod:`vdiff.models.unet_svd`):
+
+=============================================================  ==============================================
+Vista, under ``model.diffusion_model.``                         vdiff :class:`~vdiff.models.unet_svd.UNetSVD`
+=============================================================  ==============================================
+every sgm ``VideoUNet`` key (SVD-XT's)                          :func:`vdiff.weights.unet_svd.peer_names` (sgm)
+``cond_time_stack_embed.{0,2}.{weight,bias}``                   ``cond_time_embed.mlp.{0,2}.{weight,bias}``
+``<cross>.k_adapter_action_control.weight`` ``(D, 2432)``       ``<cross>.action_kv.weight`` rows ``[:D]``
+``<cross>.v_adapter_action_control.weight`` ``(D, 2432)``       ``<cross>.action_kv.weight`` rows ``[D:]``
+``<attn>.{q,k,v,out}_adapter_down.weight`` ``(r, in)``           a peft LoRA adapter's ``lora_A`` (below), or merged
+``<attn>.{q,k,v,out}_adapter_up.weight`` ``(out, r)``            its ``lora_B``
+=============================================================  ==============================================
+
+``<cross>`` is every cross-attention: ``transformer_blocks.0.attn2`` (spatial) and ``time_stack.0.attn2`` (temporal)
+of every ``SpatialVideoTransformer`` (``vwm/modules/attention.py``: ``MemoryEfficientCrossAttention`` with
+``action_control=True``; ``vwm/modules/video_attention.py`` passes it to both). ``cond_time_stack_embed`` is built
+unconditionally by Vista's ``VideoUNet``, so every Vista file has it. The action projections exist where the
+training config had ``action_control: True`` (phase 2 and the released ``vista.safetensors``, not phase 1).
+
+**LoRA.** With ``add_lora: True`` (``configs/training/vista_phase2_stage*.yaml``) every attention, spatial and
+temporal, self and cross (``attn1`` and ``attn2`` of ``transformer_blocks.0`` and ``time_stack.0`` of every
+transformer, the middle block's included), gets four rank-r adapters (``MemoryEfficientCrossAttention``)::
+
+    q = to_q(x) + q_adapter_up(q_adapter_down(x)) * lora_scale
+    k = to_k(c) + k_adapter_up(k_adapter_down(c)) * lora_scale        # c = context (x in self-attention)
+    v = to_v(c) + v_adapter_up(v_adapter_down(c)) * lora_scale
+    out = to_out(o) + out_adapter_up(out_adapter_down(o)) * lora_scale
+
+``lora_scale`` is 1.0 (the constructor default; no config sets it) and ``bin_to_st.py`` merges with
+``W += up @ down``. vdiff fuses self-attention q/k/v into ``qkv`` and cross-attention k/v into ``kv``, so the
+adapters become one peft LoRA per vdiff projection whose ``B @ A`` is exactly Vista's update, stacked:
+
+=============================  ====================================  ========================================
+vdiff module (peft target)      ``lora_A`` (rank x in)                 ``lora_B`` (out x rank), rank
+=============================  ====================================  ========================================
+``<attn1>.qkv``                 ``[q_down; k_down; v_down]``           ``blockdiag(q_up, k_up, v_up)``, 3r
+``<attn2>.q``                   ``q_down``                             ``q_up``, r
+``<attn2>.kv``                  ``[k_down; v_down]``                   ``blockdiag(k_up, v_up)``, 2r
+``<attn1|2>.proj``              ``out_down``                           ``out_up``, r
+=============================  ====================================  ========================================
+
+with ``lora_alpha = rank x lora_scale`` per module (peft's scaling ``alpha / rank`` is then ``lora_scale``); the
+per-module ranks are peft ``rank_pattern`` / ``alpha_pattern`` entries. The adapter is written in peft's format
+(``adapter_config.json`` + ``adapter_model.safetensors``, names ``base_model.model.<module>.lora_{A,B}.weight``), which
+:func:`vdiff.callbacks.lora.load_adapter` and the ``LoRA`` callback's ``path`` load.
+
+**Files.** The released ``vista.safetensors`` (LoRA merged, EMA copied in, prefixes removed by ``bin_to_st.py``), a
+Lightning ``.ckpt`` (``state_dict``), or a DeepSpeed ``pytorch_model.bin`` from ``zero_to_fp32.py`` (every key under
+``_forward_module.``, EMA under ``model_ema.`` as LitEma stores it: the model's parameter name without dots,
+e.g. ``model_ema.diffusion_modeltime_embed0weight``). Every key of the file is used or skipped by name:
+
+- ``model.diffusion_model.*``: the UNet (read); with ``weights="ema"`` they are skipped, the EMA values are read;
+- ``model_ema.*``: the EMA UNet (read with ``weights="ema"``, the default when present, as ``bin_to_st.py``
+  does; skipped with ``weights="trained"``), ``model_ema.decay`` / ``model_ema.num_updates`` skipped;
+- ``conditioner.*`` (the frozen OpenCLIP image tower, read by :mod:`vdiff.weights.clip`; the concat branch's
+  encoder copy) and ``first_stage_model.*`` (the autoencoder, read by :mod:`vdiff.weights.autoencoder`):
+  skipped; point a recipe's ``image_encoder`` / ``autoencoder`` paths at the same file;
+- anything else: an error naming the file and the keys (``skip_prefixes`` skips more on purpose).
+
+Missing, mis-shaped and unused tensors are raised together (:class:`~vdiff.weights.unet_svd.UNetSVDConversionError`).
+
+Entry points: :func:`read_vista` (state dict in our names + the LoRA adapter), :func:`load_vista_unet` (a built
+UNet, adapters merged), :func:`convert_vista` / ``python -m vdiff.weights.vista SRC OUT`` (a vdiff-layout UNet file
+that ``SVDModule``/``VistaModule`` ``net_weights`` reads, plus ``<OUT stem>_lora/default/`` when the file has
+adapters and ``--lora adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
+from vdiff.weights.safetensors_io import load_keys, load_state_dict, resolve_weights_path, save_state_dict
+from vdiff.weights.unet_svd import (
+    VDIFF_CONFIG_KEY,
+    UNetSVDConversionError,
+    expected_shapes,
+    peer_names,
+    without_vista,
+)
+
+VISTA_REPO = "OpenDriveLab/Vista"
+VISTA_COMMIT = "cc9821b4253ca7987c32757613d2fc2448fa9f5d"  # the Vista source these names were read from
+VISTA_ACTION_DIM = 19 * 128  # k/v_adapter_action_control: nn.Linear(128 * 19, inner_dim, bias=False)
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+EMA_MODEL = "diffusion_model"  # LitEma tracks the OpenAIWrapper's parameters: "diffusion_model.<name>" without dots
+EMA_EXTRA = ("model_ema.decay", "model_ema.num_updates")
+TRAINING_PREFIX = "_forward_module."  # DeepSpeed's zero_to_fp32 pytorch_model.bin
+SKIPPED_PARTS: dict[str, str] = {
+    "conditioner.": "conditioner (OpenCLIP image tower, read by vdiff.weights.clip; the concat encoder copy)",
+    "first_stage_model.": "autoencoder (read by vdiff.weights.autoencoder)",
+}
+LORA_SCALE = 1.0  # MemoryEfficientCrossAttention(lora_scale=1.0); bin_to_st.py merges up @ down unscaled
+PEFT_PREFIX = "base_model.model."
+LORA_ADAPTER = "default"
+# Every attention projection of UNet-SVD: self-attention qkv/proj, cross-attention q/kv/proj (spatial and temporal
+# blocks). The phase-2 recipes train a LoRA on the same modules.
+LORA_TARGETS = r".*\.attn1\.(qkv|proj)|.*\.attn2\.(q|kv|proj)"
+_COND_TIME = ("cond_time_embed.", "cond_time_stack_embed.")
+_ACTION_KV = ".action_kv.weight"
+_LORA_KEY = re.compile(r"^(.*\.)(q|k|v|out)_adapter_(down|up)\.weight$")
+_PROJECTIONS = ("q", "k", "v", "out")
+
+WeightsChoice = Literal["auto", "ema", "trained"]
+LoraChoice = Literal["adapter", "merge"]
+
+
+#################################################################################
+#                                  Name maps                                    #
+#################################################################################
+
+
+def vista_unet_config(**overrides: Any) -> UNetSVDConfig:
+    """Vista's UNet: SVD-XT with the conditioning-frame time MLP and 2432-d action projections (``overrides``
+    change fields, e.g. ``action_dim=0`` for a phase-1 file)."""
+    fields = {"cond_frame_time_embed": True, "action_dim": VISTA_ACTION_DIM, **overrides}
+    return UNetSVDConfig.from_name("svd-xt", **fields)
+
+
+def vista_names(key: str, config: UNetSVDConfig) -> list[str]:
+    """The Vista name(s) (without ``model.diffusion_model.``) of our UNet parameter ``key``; several names are
+    stacked on dim 0 into ours (fused projections, ``action_kv``)."""
+    if key.startswith(_COND_TIME[0]):
+        rest = key[len(_COND_TIME[0]) :]  # mlp.0.weight: time_embed's Linear-SiLU-Linear, sgm's Sequential 0 / 2
+        return [_COND_TIME[1] + rest.removeprefix("mlp.")]
+    if key.endswith(_ACTION_KV):
+        k, v = peer_names(key[: -len(_ACTION_KV)] + ".kv.weight", without_vista(config), "sgm")
+        return [k.replace("to_k.weight", "k_adapter_action_control.weight"),
+                v.replace("to_v.weight", "v_adapter_action_control.weight")]  # fmt: skip
+    return peer_names(key, without_vista(config), "sgm")
+
+
+def attention_modules(config: UNetSVDConfig) -> dict[str, str]:
+    """``{our attention module (e.g. 'down.0.attn.0.blocks.0.attn1'): its Vista name prefix (ending in '.')}`` for
+    every attention of the UNet, self (``attn1``) and cross (``attn2``), spatial and temporal."""
+    out = {}
+    for key in expected_shapes(without_vista(config)):
+        if key.endswith((".attn1.proj.weight", ".attn2.proj.weight")):
+            module = key[: -len(".proj.weight")]
+            (name,) = peer_names(key, without_vista(config), "sgm")
+            out[module] = name[: -len("to_out.0.weight")]
+    return out
+
+
+def lora_layout(module: str) -> dict[str, tuple[str, ...]]:
+    """``{vdiff projection under module: the Vista projections its adapter stacks}`` for one attention."""
+    if module.endswith("attn1"):
+        return {"qkv": ("q", "k", "v"), "proj": ("out",)}
+    return {"q": ("q",), "kv": ("k", "v"), "proj": ("out",)}
+
+
+def stack_lora(downs: Sequence[Tensor], ups: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """peft ``(lora_A, lora_B)`` of Vista adapters stacked on one fused projection: ``A = [down_1; ...; down_n]``,
+    ``B = blockdiag(up_1, ..., up_n)``, so ``B @ A = [up_1 @ down_1; ...; up_n @ down_n]``."""
+    return torch.cat(list(downs), dim=0), torch.block_diag(*ups)
+
+
+#################################################################################
+#                                   Reading                                     #
+#################################################################################
+
+
+@dataclass
+class VistaLoRA:
+    """Vista's hand-made LoRA as one peft adapter (see the module docstring).
+
+    state_dict: peft-format tensors ``base_model.model.<module>.lora_{A,B}.weight``; rank: Vista's r; scale: the
+    ``lora_scale`` the adapters are applied with; ranks: ``{module: rank}`` (3r on ``qkv``, 2r on ``kv``).
+    """
+
+    state_dict: dict[str, Tensor]
+    rank: int
+    scale: float
+    ranks: dict[str, int]
+
+    def peft_config(self):
+        """The peft ``LoraConfig`` of the adapter: ``LORA_TARGETS``, rank r (3r on ``attn1.qkv``, 2r on
+        ``attn2.kv``), ``lora_alpha = rank x scale`` (peft's scaling is then ``scale``), no dropout."""
+        from peft import LoraConfig
+
+        r, s = self.rank, self.scale
+        ranks = {r"attn1\.qkv": 3 * r, r"attn2\.kv": 2 * r}
+        return LoraConfig(r=r, lora_alpha=r * s, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                          rank_pattern=ranks, alpha_pattern={k: v * s for k, v in ranks.items()})  # fmt: skip
+
+    def delta(self, module: str) -> Tensor:
+        """``scale x B @ A`` of one adapted module (float32): what merging adds to its weight."""
+        a = self.state_dict[f"{PEFT_PREFIX}{module}.lora_A.weight"].float()
+        b = self.state_dict[f"{PEFT_PREFIX}{module}.lora_B.weight"].float()
+        return self.scale * (b @ a)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.peft_config().save_pretrained(str(folder))
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return folder
+
+
+@dataclass
+class VistaWeights:
+    """A Vista UNet read into our names.
+
+    state_dict: our UNet names (LoRA merged in when ``lora_merged``); config: the UNet's config; path: the file;
+    weights: ``ema`` or ``trained`` (which values were read); lora: the adapter (None when the file has none or
+    it was merged); lora_merged: whether adapters were folded into ``state_dict``; skipped: ``{reason: keys}``
+    of every key of the file that was not read.
+    """
+
+    state_dict: dict[str, Tensor]
+    config: UNetSVDConfig
+    path: Path
+    weights: str
+    lora: VistaLoRA | None = None
+    lora_merged: bool = False
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _Source:
+    """The tensors of a Vista file by their names without ``_forward_module.``: names first, tensors on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        raw = load_keys(path)
+        self._tensors: dict[str, Tensor] | None = None
+        self._handle = None  # the open safetensors file (header parsed once)
+        if path.suffix != ".safetensors":
+            self._tensors = load_state_dict(path)
+            raw = list(self._tensors)
+        self.raw: dict[str, str] = {}
+        clashes = []
+        for key in raw:
+            name = key[len(TRAINING_PREFIX) :] if key.startswith(TRAINING_PREFIX) else key
+            if name in self.raw:
+                clashes.append(f"{key} and {self.raw[name]}")
+            self.raw[name] = key
+        if clashes:
+            raise UNetSVDConversionError(
+                str(path), [], [], clashes, hint="keys given with and without _forward_module."
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.raw)
+
+    def get(self, name: str) -> Tensor:
+        key = self.raw[name]
+        return self._tensors[key] if self._tensors is not None else self._file().get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self.raw[name]
+        if self._tensors is not None:
+            return tuple(self._tensors[key].shape)
+        return tuple(self._file().get_slice(key).get_shape())
+
+    def _file(self):
+        if self._handle is None:
+            from safetensors import safe_open
+
+            self._handle = safe_open(str(self.path), framework="pt")
+        return self._handle
+
+
+def _config_from_file(names: Sequence[str], source: _Source) -> UNetSVDConfig:
+    """Vista's UNet (SVD-XT + the conditioning-frame MLP), with the action width the file's UNet tensors ``names``
+    hold (0 without action projections)."""
+    actions = sorted(n for n in names if re.search(r"k_adapter_action_control\.?weight$", n))
+    return vista_unet_config(action_dim=int(source.shape(actions[0])[1]) if actions else 0)
+
+
+def read_vista(
+    path: str | os.PathLike,
+    config: UNetSVDConfig | None = None,
+    weights: WeightsChoice = "auto",
+    lora: LoraChoice = "adapter",
+    lora_scale: float = LORA_SCALE,
+    skip_prefixes: Sequence[str] = (),
+) -> VistaWeights:
+    """Read a LOCAL Vista checkpoint's UNet into our names (see the module docstring for the mapping and the files).
+
+    Args:
+        path: ``vista.safetensors``, a Lightning ``.ckpt`` or a DeepSpeed ``pytorch_model.bin``; a relative path
+            that does not exist is also looked up under ``$VDIFF_WEIGHTS``.
+        config: the UNet architecture (default: :func:`vista_unet_config` with the file's action width, 0 when
+            the file has no action projections). Vista's layers must be on: every Vista file holds
+            ``cond_time_stack_embed``.
+        weights: ``ema`` (the ``model_ema.*`` values; an error when there are none), ``trained`` or ``auto``
+            (EMA when present, as ``bin_to_st.py``).
+        lora: for files with Vista's ``*_adapter_down/up``: ``adapter`` (a peft adapter, :class:`VistaLoRA`; the base
+            weights stay as stored) or ``merge`` (folded into the base weights, as ``bin_to_st.py``).
+        lora_scale: Vista's ``lora_scale`` (1.0 in every Vista config).
+        skip_prefixes: further key prefixes to skip on purpose (listed in ``VistaWeights.skipped``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a config without Vista's conditioning-frame MLP, ``weights="ema"`` without EMA tensors.
+        UNetSVDConversionError: missing, mis-shaped or unknown tensors, naming the file and the keys.
+    """
+    if weights not in ("auto", "ema", "trained"):
+        raise ValueError(f"read_vista: weights must be 'auto', 'ema' or 'trained', got {weights!r}")
+    if lora not in ("adapter", "merge"):
+        raise ValueError(f"read_vista: lora must be 'adapter' or 'merge', got {lora!r}")
+    resolved = resolve_weights_path(path, what="Vista checkpoint").absolute()
+    source = _Source(resolved)
+    where = f"Vista file {resolved}"
+    names = source.keys()
+
+    skipped: dict[str, list[str]] = {}
+    unet, ema, unknown = [], {}, []
+    for name in names:
+        if name.startswith(UNET_PREFIX):
+            unet.append(name)
+        elif name in EMA_EXTRA:
+            skipped.setdefault("EMA bookkeeping (decay, num_updates)", []).append(name)
+        elif name.startswith(EMA_PREFIX):
+            ema[name[len(EMA_PREFIX) :]] = name
+        elif part := next((p for p in SKIPPED_PARTS if name.startswith(p)), None):
+            skipped.setdefault(SKIPPED_PARTS[part], []).append(name)
+        elif part := next((p for p in skip_prefixes if name.startswith(p)), None):
+            skipped.setdefault(f"skip_prefixes {part!r}", []).append(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise UNetSVDConversionError(where, [], [], sorted(unknown), hint="keys of no known Vista part; "
+                                     "pass skip_prefixes to skip them on purpose")  # fmt: skip
+    if not unet and not ema:
+        raise UNetSVDConversionError(where, [f"{UNET_PREFIX}* (no UNet tensor in the file)"], [], [])
+    use_ema = bool(ema) if weights == "auto" else weights == "ema"
+    if use_ema and not ema:
+        raise ValueError(f"{where}: weights='ema' but the file has no {EMA_PREFIX}* tensors")
+
+    if use_ema:
+        skipped.setdefault(f"trained values ({UNET_PREFIX}*): the EMA values were read", []).extend(unet)
+
+        def lookup(name: str) -> str | None:
+            return ema.get(EMA_MODEL + name.replace(".", ""))
+
+        available = set(ema.values())
+    else:
+        if ema:
+            skipped.setdefault(f"EMA values ({EMA_PREFIX}*): weights='trained'", []).extend(ema.values())
+
+        def lookup(name: str) -> str | None:
+            return UNET_PREFIX + name if UNET_PREFIX + name in source.raw else None
+
+        available = set(unet)
+
+    config = config if config is not None else _config_from_file(sorted(available), source)
+    if not config.cond_frame_time_embed:
+        raise ValueError(
+            f"{where}: Vista's UNet always has cond_time_stack_embed (the conditioning frames' time MLP); read it with "
+            "a config that has cond_frame_time_embed=True (vdiff.weights.vista.vista_unet_config())"
+        )
+
+    used: set[str] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
+    ours: dict[str, Tensor] = {}
+    claimed: dict[str, str] = {}
+    for key, shape in expected_shapes(config).items():
+        parts_names = vista_names(key, config)
+        found = [lookup(n) for n in parts_names]
+        for n, f in zip(parts_names, found):
+            if f is None:
+                missing.append((EMA_PREFIX + EMA_MODEL + n.replace(".", "")) if use_ema else UNET_PREFIX + n)
+            elif f in claimed and claimed[f] != key:
+                raise UNetSVDConversionError(where, [], [], [f"{f} (read for both {claimed[f]} and {key})"],
+                                             hint="ambiguous EMA names")  # fmt: skip
+            else:
+                claimed[f] = key
+        if any(f is None for f in found):
+            continue
+        used.update(found)  # type: ignore[arg-type]
+        part_shape = (shape[0] // len(found), *shape[1:])
+        bad = [f"{f}: {source.shape(f)}, expected {part_shape}" for f in found if source.shape(f) != part_shape]
+        if bad:
+            mismatched.extend(bad)
+            continue
+        tensors = [source.get(f) for f in found]
+        ours[key] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+
+    adapter = _read_lora(config, lookup, source, lora_scale, used, missing, mismatched, use_ema)
+    unused = sorted(available - used)
+    if missing or mismatched or unused:
+        hint = (
+            ""
+            if config.action_dim or not any("action_control" in n for n in unused)
+            else ("the file has action projections: read it with action_dim > 0")
+        )
+        raise UNetSVDConversionError(where, sorted(missing), mismatched, unused, hint=hint)
+
+    merged = False
+    if adapter is not None and lora == "merge":
+        for module in adapter.ranks:
+            key = f"{module}.weight"
+            ours[key] = (ours[key].float() + adapter.delta(module)).to(ours[key].dtype)
+        adapter, merged = None, True
+    return VistaWeights(ours, config, resolved, "ema" if use_ema else "trained", adapter, merged, skipped)
+
+
+def _read_lora(
+    config: UNetSVDConfig,
+    lookup: Callable[[str], str | None],
+    source: _Source,
+    scale: float,
+    used: set[str],
+    missing: list[str],
+    mismatched: list[str],
+    use_ema: bool,
+) -> VistaLoRA | None:
+    """Vista's adapters as one peft adapter (None when the file has none); problems go to missing/mismatched."""
+    modules = attention_modules(config)
+    wanted = {
+        (module, proj, side): f"{prefix}{proj}_adapter_{side}.weight"
+        for module, prefix in modules.items()
+        for proj in _PROJECTIONS
+        for side in ("down", "up")
+    }
+    found = {k: lookup(n) for k, n in wanted.items()}
+    if not any(found.values()):
+        return None
+    for (module, proj, side), f in found.items():
+        if f is None:
+            n = wanted[(module, proj, side)]
+            missing.append((EMA_PREFIX + EMA_MODEL + n.replace(".", "")) if use_ema else UNET_PREFIX + n)
+    ranks = {source.shape(f)[0] for (_, _, side), f in found.items() if f is not None and side == "down"}
+    if len(ranks) != 1:
+        mismatched.append(f"LoRA ranks differ between adapters: {sorted(ranks)} (one lora_rank per Vista model)")
+        return None
+    (rank,) = ranks
+    shapes = expected_shapes(config)
+    state: dict[str, Tensor] = {}
+    module_ranks: dict[str, int] = {}
+    for module in modules:
+        for ours, projections in lora_layout(module).items():
+            weight = shapes[f"{module}.{ours}.weight"]  # (out, in) of the fused projection
+            out_part = weight[0] // len(projections)
+            names = [(found.get((module, p, "down")), found.get((module, p, "up"))) for p in projections]
+            if any(d is None or u is None for d, u in names):
+                continue
+            bad = [f"{d}: {source.shape(d)}, expected {(rank, weight[1])}" for d, _ in names
+                   if source.shape(d) != (rank, weight[1])]  # fmt: skip
+            bad += [f"{u}: {source.shape(u)}, expected {(out_part, rank)}" for _, u in names
+                    if source.shape(u) != (out_part, rank)]  # fmt: skip
+            if bad:
+                mismatched.extend(bad)
+                continue
+            used.update(n for pair in names for n in pair)
+            a, b = stack_lora([source.get(d) for d, _ in names], [source.get(u) for _, u in names])
+            state[f"{PEFT_PREFIX}{module}.{ours}.lora_A.weight"] = a
+            state[f"{PEFT_PREFIX}{module}.{ours}.lora_B.weight"] = b
+            module_ranks[f"{module}.{ours}"] = rank * len(projections)
+    return VistaLoRA(state, rank, float(scale), module_ranks)
+
+
+#################################################################################
+#                                Loading, converting                            #
+#################################################################################
+
+
+def load_vista_unet(
+    path: str | os.PathLike,
+    config: UNetSVDConfig | None = None,
+    weights: WeightsChoice = "auto",
+    lora_scale: float = LORA_SCALE,
+    dtype: torch.dtype | None = torch.float32,
+) -> UNetSVD:
+    """A :class:`UNetSVD` with a Vista checkpoint's UNet (adapters merged, as Vista samples), built on the meta
+    device and filled with the tensors (cast to ``dtype``; None keeps the file's)."""
+    read = read_vista(path, config=config, weights=weights, lora="merge", lora_scale=lora_scale)
+    with torch.device("meta"):
+        model = UNetSVD(read.config)
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in read.state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def adapter_folder(out: str | os.PathLike) -> Path:
+    """Where :func:`convert_vista` writes the adapter of ``OUT.safetensors``: ``OUT_lora/default/`` (the folder
+    ``vdiff export`` uses)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_lora") / LORA_ADAPTER
+
+
+def convert_vista(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    config: UNetSVDConfig | None = None,
+    weights: WeightsChoice = "auto",
+    lora: LoraChoice = "adapter",
+    lora_scale: float = LORA_SCALE,
+) -> list[Path]:
+    """Write a Vista checkpoint's UNet as a vdiff-layout ``.safetensors`` file (config in its metadata: what
+    ``net_weights`` of :class:`~vdiff.lit.vista.VistaModule` reads) and, for unmerged adapters, the peft adapter
+    folder :func:`adapter_folder`; returns the paths written."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"convert_vista: {out} should end in .safetensors")
+    read = read_vista(path, config=config, weights=weights, lora=lora, lora_scale=lora_scale)
+    metadata = {
+        VDIFF_CONFIG_KEY: json.dumps(read.config.to_dict()),
+        "vdiff_source": f"{VISTA_REPO} checkpoint {read.path.name}",
+        "vdiff_weights": read.weights,
+        "vdiff_lora": "merged" if read.lora_merged else ("separate" if read.lora is not None else "none"),
+    }
+    save_state_dict(read.state_dict, out, metadata=metadata)
+    written = [out]
+    if read.lora is not None:
+        written.append(read.lora.save(adapter_folder(out)))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vdiff.weights.vista SRC OUT [--weights ema|trained] [--lora adapter|merge]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vdiff.weights.vista",
+        description="Convert an OpenDriveLab/Vista checkpoint's UNet into a vdiff UNet-SVD file (VistaModule "
+        "net_weights); Vista's LoRA adapters go to OUT_lora/default/ in peft's format, or are merged.",
+    )
+    parser.add_argument("src", help="vista.safetensors, a Lightning .ckpt or a DeepSpeed pytorch_model.bin")
+    parser.add_argument("out", help="output .safetensors (vdiff layout, config in the metadata)")
+    parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
+                        help="EMA or trained values (auto: EMA when the file has them)")  # fmt: skip
+    parser.add_argument("--lora", choices=("adapter", "merge"), default="adapter",
+                        help="Vista's adapters (training checkpoints): a peft adapter folder, or merged")  # fmt: skip
+    parser.add_argument("--lora-scale", type=float, default=LORA_SCALE)
+    parser.add_argument("--action-dim", type=int, default=None,
+                        help="action width (default: the file's; 0 when it has no action projections)")  # fmt: skip
+    args = parser.parse_args(argv)
+    config = vista_unet_config(action_dim=args.action_dim) if args.action_dim is not None else None
+    for written in convert_vista(args.src, args.out, config, args.weights, args.lora, args.lora_scale):
+        print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "LORA_TARGETS",
+    "VISTA_ACTION_DIM",
+    "VISTA_COMMIT",
+    "VistaLoRA",
+    "VistaWeights",
+    "attention_modules",
+    "convert_vista",
+    "load_vista_unet",
+    "read_vista",
+    "stack_lora",
+    "vista_names",
+    "vista_unet_config",
+]
