@@ -30,6 +30,27 @@ frames per second, as SVD's script), ``grid.png`` and ``samples.json`` (every se
 
 Frame sides must be multiples of the autoencoder's spatial downsampling times the UNet's total
 downsampling (SVD: 8 x 8 = 64); other sizes are refused with that rule.
+
+**Vista long rollouts** (``--rounds N``, checkpoints of :class:`~vdiff.lit.vista.VistaModule`), through
+:meth:`~vdiff.lit.vista.VistaModule.rollout_rounds`: the first window of ``T`` frames (the training clip length, or
+``--num-frames``) is predicted from the input clip's first ``--given-frames`` frames (default: the module's
+evaluation protocol); each later window starts from the last ``--overlap`` (3) latents of the previous one,
+pasted at every step, with the image condition (CLIP embedding and concat latent) moved to the first of them (the
+third frame from the end); ``T + (T - overlap) (N - 1)`` frames in all (25 + 22 (N - 1) for Vista).
+``--triangle-guidance MIN MAX`` samples every window with Vista's triangle-wave CFG (Vista's rollouts: 1.0 2.5);
+otherwise the module's guidance. Actions condition each round: ``--actions FILE`` (JSON: a list with one entry per
+round, or one entry used for every round; an entry is a dict ``{action: value}`` in the shard json's layout, a
+value being one entry per frame of the window (``null`` = invalid) or a single value for every frame, e.g.
+``{"speed": 8.0, "steering": -90.0}``, or a list of per-frame dicts), else the actions recorded in the input shards
+over the frames each round covers (invalid past the recording), else none (unconditional). A file of the wrong
+length, an unknown action or a per-frame list of the wrong length is refused naming the file. All latents are
+decoded at the end in overlapping temporal chunks (``--decode-chunk``, ``--decode-overlap``; Vista: 14 and 3).
+``--uncertainty K`` prints Vista's uncertainty reward for the first window of every clip (the variance over an
+ensemble of K samples, :meth:`~vdiff.lit.vista.VistaModule.uncertainty`, and Vista's reward ``exp(-mean
+variance)`` over all frames as its ``reward.py`` computes it); without ``--rounds`` nothing else is sampled.
+
+    vdiff sample --ckpt vista.ckpt --input data/nuscenes/val --num-videos 2 --out out/ --rounds 4 --overlap 3 \\
+        --triangle-guidance 1 2.5 --actions turn_left.json --decode-chunk 14 --decode-overlap 3 --uncertainty 4
 """
 
 from __future__ import annotations
@@ -326,6 +347,270 @@ def image_to_video(
 
 
 # ----------------------------------------------------------------------------------------------
+# Vista long rollouts
+# ----------------------------------------------------------------------------------------------
+
+VISTA_OPTIONS = ("rounds", "triangle_guidance", "actions", "uncertainty")  # any of them selects a Vista run
+
+
+def vista_requested(args: argparse.Namespace) -> bool:
+    """Whether the command line asks for a Vista rollout or uncertainty (any of :data:`VISTA_OPTIONS`)."""
+    return any(getattr(args, name, None) is not None for name in VISTA_OPTIONS)
+
+
+def rollout_length(window: int, rounds: int, overlap: int) -> int:
+    """Frames of a rollout of ``rounds`` windows of ``window`` frames sharing ``overlap``: ``T + (T - o)(N - 1)``."""
+    return window + (window - overlap) * (rounds - 1)
+
+
+def _per_frame(key: str, value: Any, shape: tuple[int, ...], window: int, where: str) -> list[Any]:
+    """One action's value in an actions file: ``window`` per-frame entries (``null`` = invalid) or one value of the
+    action's shape for every frame."""
+    if isinstance(value, list) and len(value) == window:
+        try:
+            if all(v is None or np.ndim(v) == len(shape) for v in value):
+                return value
+        except ValueError:  # ragged entries: not per frame
+            pass
+    try:
+        constant = np.shape(value) == shape and value is not None
+    except ValueError:
+        constant = False
+    if constant:
+        return [value] * window
+    raise ValueError(
+        f"{where}: action {key!r} must be one value of shape {shape} for every frame, or a list of {window} per-frame "
+        f"values (null = invalid) for a window of {window} frames; got {json.dumps(value)[:80]}"
+    )
+
+
+def round_actions(entry: Any, window: int, where: str) -> dict[str, np.ndarray]:
+    """One round's actions from an actions file: a dict ``{action: per-frame list | one value}`` or a list of
+    ``window`` per-frame dicts -> per-frame arrays ``(T, *shape)`` and ``<action>_valid`` (the shard schema's)."""
+    from vdiff.data.schema import ACTION_SHAPES, SchemaError
+    from vdiff.data.transforms import clip_actions
+
+    if isinstance(entry, list):  # per-frame dicts
+        if len(entry) != window or not all(frame is None or isinstance(frame, dict) for frame in entry):
+            raise ValueError(
+                f"{where}: a list entry must hold {window} per-frame action dicts (one per frame of the window), "
+                f"got {len(entry)} items"
+            )
+        keys = sorted({key for frame in entry if frame for key in frame})
+        entry = {key: [(frame or {}).get(key) for frame in entry] for key in keys}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an entry must be a dict of actions or a list of per-frame dicts, got {entry!r}")
+    unknown = sorted(set(entry) - set(ACTION_SHAPES))
+    if unknown:
+        raise ValueError(f"{where}: unknown action(s) {unknown}; actions are {sorted(ACTION_SHAPES)}")
+    per_frame = {key: _per_frame(key, value, ACTION_SHAPES[key], window, where) for key, value in entry.items()}
+    try:
+        return clip_actions(per_frame, range(window))
+    except SchemaError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def load_actions_file(path: str | Path, rounds: int, window: int) -> list[dict[str, np.ndarray]]:
+    """``--actions FILE``: a JSON list with one entry per round, or a single entry (not in a list) for every round;
+    returns the per-round arrays (:func:`round_actions`). A list of another length than ``rounds`` is refused."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"vdiff sample: no actions file {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"vdiff sample: actions file {path} is not JSON ({error})") from None
+    if isinstance(data, list):
+        if len(data) != rounds:
+            raise ValueError(
+                f"vdiff sample: actions file {path} holds {len(data)} round(s) of actions but --rounds is {rounds}: "
+                "give one entry per round, or a single dict (not in a list) used for every round"
+            )
+        entries = data
+    else:
+        entries = [data] * rounds
+    return [
+        round_actions(entry, window, f"vdiff sample: actions file {path}, round {r}") for r, entry in enumerate(entries)
+    ]
+
+
+def recorded_round_actions(actions: dict[str, list], start: int, window: int) -> dict[str, np.ndarray]:
+    """The recorded per-frame actions (a shard json's ``actions``) of frames ``start .. start + window - 1``;
+    frames past the recording are invalid."""
+    from vdiff.data.transforms import clip_actions
+
+    padded = {key: list(values) + [None] * max(0, start + window - len(values)) for key, values in actions.items()}
+    return clip_actions(padded, range(start, start + window))
+
+
+def batch_actions(per_clip: list[dict[str, np.ndarray]], device: str | torch.device) -> dict[str, Tensor]:
+    """Per-clip action arrays -> the batch's action dict ``{key: (B, T, ...)}``."""
+    return {key: torch.from_numpy(np.stack([clip[key] for clip in per_clip])).to(device) for key in per_clip[0]}
+
+
+def _read_rollout_inputs(
+    spec: str, window: int, size: tuple[int, int], limit: int
+) -> tuple[list[str], list[np.ndarray], list[float], list[dict[str, list] | None]]:
+    """Up to ``limit`` clips of ``window`` frames at ``size`` from a video or shards, with the shards' recorded
+    actions (a json's per-frame lists; None for a video file)."""
+    from vdiff.data.shards import expand_shard_spec, iter_raw_samples
+    from vdiff.data.video_io import decode_clip, probe
+
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() != ".tar":
+        return [path.stem], [decode_clip(path, window, size=size)], [probe(path).fps], [None]
+    keys, clips, rates, recorded = [], [], [], []
+    for shard in expand_shard_spec(spec):
+        for key, files in iter_raw_samples(shard):
+            if VIDEO_EXT not in files:
+                continue
+            meta = VideoMeta.from_json(files[META_EXT]) if META_EXT in files else None
+            clips.append(decode_clip(files[VIDEO_EXT], window, size=size))
+            keys.append(key)
+            rates.append(meta.fps if meta is not None else probe(files[VIDEO_EXT]).fps)
+            recorded.append(dict(meta.actions) if meta is not None and meta.actions else None)
+            if len(clips) >= limit:
+                return keys, clips, rates, recorded
+    if not clips:
+        raise FileNotFoundError(f"vdiff sample: no video samples in {spec!r}")
+    return keys, clips, rates, recorded
+
+
+@contextmanager
+def vista_settings(module: Any, given_frames: int, sampler: Any, guidance: Any = None) -> Iterator[None]:
+    """Temporarily sample a Vista module with ``given_frames`` given in the first window, ``sampler`` and (when
+    not None) ``guidance``."""
+    saved = module.evaluation, module.sampler, module.guidance
+    try:
+        module.evaluation = dataclasses.replace(module.evaluation, given_frames=int(given_frames))
+        module.sampler = sampler
+        if guidance is not None:
+            module.guidance = guidance
+        yield
+    finally:
+        module.evaluation, module.sampler, module.guidance = saved
+
+
+@contextmanager
+def recorded_decoding(module: Any, chunk: int | None, overlap: int) -> Iterator[list[Tensor]]:
+    """Within the block the module decodes latents with :func:`decode_chunked` (``chunk``, ``overlap``) and the
+    scaled latents of every decode are appended to the list yielded (a rollout decodes each window once)."""
+    latents: list[Tensor] = []
+
+    def decode(scaled: Tensor) -> Tensor:
+        latents.append(scaled)
+        return decode_chunked(module, scaled, chunk, overlap)
+
+    module.decode_latents = decode  # an instance attribute: shadows the method for the block only
+    try:
+        yield latents
+    finally:
+        del module.decode_latents
+
+
+def vista_reward(uncertainty: Tensor, window: int, given_frames: int) -> Tensor:
+    """Vista's reward (``reward.py``): ``exp(-variance)`` with the variance averaged over ALL frames of the window,
+    given ones included (their variance is 0), from the variance over the generated frames only."""
+    return torch.exp(-uncertainty * (window - given_frames) / window)
+
+
+def _run_vista(
+    args: argparse.Namespace, module: Any, ckpt_path: Path, num_frames: int | None, size: tuple[int, int] | None
+) -> int:
+    from vdiff.data.video_io import encode_video
+    from vdiff.diffusion.guidance import TriangleCFG
+
+    if not (hasattr(module, "rollout_rounds") and hasattr(module, "uncertainty")):
+        raise ValueError(
+            "vdiff sample: --rounds, --triangle-guidance, --actions and --uncertainty need a Vista checkpoint "
+            f"(VistaModule); {ckpt_path} holds a {type(module).__name__}"
+        )
+    if args.image is None and args.input is None:
+        raise ValueError("vdiff sample: a rollout starts from --input (a video or shards) or --image FILE")
+    if num_frames is None or size is None:
+        raise ValueError(
+            f"vdiff sample: {ckpt_path} does not record the training clip length/size; pass --num-frames and --size"
+        )
+    window, overlap = int(num_frames), int(args.overlap)
+    rounds = 1 if args.rounds is None else int(args.rounds)
+    given = int(args.given_frames or module.evaluation.given_frames)
+    if rounds < 1:
+        raise ValueError(f"vdiff sample: --rounds must be >= 1, got {rounds}")
+    if not 0 <= overlap < window:
+        raise ValueError(
+            f"vdiff sample: --overlap must be in [0, {window}) for windows of {window} frames, got {overlap}"
+        )
+    if not 1 <= given < window:
+        raise ValueError(f"vdiff sample: --given-frames must be in [1, {window}), got {given}")
+    if args.uncertainty is not None and args.uncertainty < 2:
+        raise ValueError(f"vdiff sample: --uncertainty needs an ensemble of at least 2 samples, got {args.uncertainty}")
+    if args.decode_chunk is not None and args.decode_chunk < 1:
+        raise ValueError(f"vdiff sample: --decode-chunk must be >= 1, got {args.decode_chunk}")
+    check_size(module, size)
+
+    if args.image is not None:
+        image = read_image(args.image, size)  # (3, H, W)
+        keys, rates, recorded = [Path(args.image).stem], [float(module.action_encoder.default_fps)], [None]
+        video = image[None, None].expand(1, window, *image.shape).clone()  # the image at every frame (Vista's IMG)
+    else:
+        keys, clips, rates, recorded = _read_rollout_inputs(args.input, window, size, args.num_videos)
+        video = torch.stack([_to_video(c) for c in clips])  # (B, T, 3, H, W)
+    video = video.to(args.device)
+    if args.actions is not None:
+        per_round_np = load_actions_file(args.actions, rounds, window)
+        actions = [batch_actions([r] * len(keys), args.device) for r in per_round_np]
+        actions_source = f"file {args.actions}"
+    elif any(r is not None for r in recorded):
+        step = window - overlap
+        actions = [
+            batch_actions([recorded_round_actions(r or {}, i * step, window) for r in recorded], args.device)
+            for i in range(rounds)
+        ]
+        actions_source = "recorded in the input shards"
+    else:
+        actions, actions_source = None, "none (unconditional)"
+    batch: dict[str, Any] = {"video": video, "fps": torch.tensor(rates, dtype=torch.float32), "key": keys}
+    if actions is not None:
+        batch["actions"] = actions[0]
+
+    guidance = TriangleCFG(*args.triangle_guidance) if args.triangle_guidance is not None else None
+    sampler = module.sampler_with(args.sampler, args.steps)
+    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "keys": keys, "window": window, "given_frames": given,
+                               "actions": actions_source, "sampler": sampler.describe(), "seed": args.seed}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with vista_settings(module, given, sampler, guidance):
+        summary["guidance"] = repr(module.guidance)
+        if args.rounds is not None:
+            generator = torch.Generator(device=args.device).manual_seed(args.seed)
+            with recorded_decoding(module, args.decode_chunk, args.decode_overlap) as latents:
+                module.rollout_rounds(batch, rounds, overlap, actions=actions, generator=generator, progress=True)
+            full = torch.cat([latents[0], *(part[:, overlap:] for part in latents[1:])], dim=1)  # (B, N', c, h, w)
+            sample = decode_chunked(module, full, args.decode_chunk, args.decode_overlap)  # (B, N', 3, H, W)
+            for i, key in enumerate(keys):
+                (out / f"{key}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=rates[i]))
+            marks = torch.zeros(sample.shape[:2], dtype=torch.bool)
+            marks[:, :given] = True
+            write_grid(out / "grid.png", sample, marks)
+            summary.update(frames=int(sample.shape[1]), rounds=rounds, overlap=overlap,
+                           decode_chunk=args.decode_chunk, decode_overlap=args.decode_overlap)  # fmt: skip
+            print(f"wrote {len(keys)} rollouts of {sample.shape[1]} frames ({rounds} rounds of {window}, overlap "
+                  f"{overlap}) to {out}")  # fmt: skip
+        if args.uncertainty is not None:
+            values = module.uncertainty(batch, num_samples=args.uncertainty, seed=args.seed).cpu()  # (B,)
+            rewards = vista_reward(values, window, given)
+            print(f"Vista uncertainty: variance over an ensemble of {args.uncertainty} samples of the first window "
+                  f"({given} given, {window - given} generated frames; latent space, mean over generated elements); "
+                  "reward = exp(-variance averaged over all frames), as Vista's reward.py")  # fmt: skip
+            for key, value, reward in zip(keys, values.tolist(), rewards.tolist()):
+                print(f"  {key}: uncertainty {value:.6g}  reward {reward:.6g}")
+            summary["uncertainty"] = {"ensemble": args.uncertainty, "values": dict(zip(keys, values.tolist())),
+                                      "reward": dict(zip(keys, rewards.tolist()))}  # fmt: skip
+    (out / "samples.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -392,6 +677,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     svd.add_argument(
         "--decode-overlap", type=int, default=0, help="frames shared by consecutive decode chunks (cross-faded)"
     )
+    vista = parser.add_argument_group("long rollouts (Vista checkpoints; --decode-chunk/--decode-overlap apply too)")
+    vista.add_argument("--rounds", type=int, default=None, help="windows of T frames: T + (T - overlap)(N - 1) frames")
+    vista.add_argument("--overlap", type=int, default=3, help="latents carried from one window to the next (Vista: 3)")
+    vista.add_argument("--triangle-guidance", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                       help="Vista's triangle-wave CFG in every window (Vista's rollouts: 1.0 2.5)")  # fmt: skip
+    vista.add_argument("--actions", default=None,
+                       help="JSON file of actions: one entry per round, or one for every round (module docstring)")  # fmt: skip
+    vista.add_argument("--uncertainty", type=int, default=None, metavar="K",
+                       help="print Vista's uncertainty reward from an ensemble of K samples of the first window")  # fmt: skip
 
 
 def _training_setting(ckpt: dict, key: str):
@@ -405,6 +699,8 @@ def run(args: argparse.Namespace) -> int:
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"vdiff sample: no checkpoint at {ckpt_path}")
     image_mode = args.image is not None or args.frame is not None
+    if vista_requested(args) and args.frame is not None:
+        raise ValueError("vdiff sample: --frame is for image-to-video; a rollout starts from --input or --image")
     if args.image is not None and args.input is not None:
         raise ValueError("vdiff sample: give --image FILE or --input VIDEO --frame N, not both")
     if args.frame is not None and args.input is None:
@@ -423,6 +719,8 @@ def run(args: argparse.Namespace) -> int:
             else tuple(trained_size) * (2 // len(trained_size))
         )
     module = load_module(str(ckpt_path), map_location=args.device, use_ema=not args.no_ema)
+    if vista_requested(args):
+        return _run_vista(args, module, ckpt_path, args.num_frames or trained_frames, size or trained_size)
     if image_mode:
         return _run_image(args, module, ckpt_path, args.num_frames or trained_frames, size or trained_size)
     return _run_clips(args, module, ckpt_path, args.num_frames or trained_frames, size or trained_size)
