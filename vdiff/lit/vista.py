@@ -64,6 +64,9 @@ class VistaModule(SVDModule):
         prior_weights: ``{k: weight}``: the first k frames given in training (Vista: 1:2:4:8 for 0..3).
         action_drop: per-action-type CFG dropout in training (Vista: 0.15).
         one_action_type: keep one valid action type per training clip (Vista).
+        sample_actions: condition samples (validation, test, rollouts, ``generate``) on the batch's actions; False
+            samples action-free (zero action features, as Vista's "free" mode: its FID/FVD protocol) while training
+            still reads them.
         dynamics_loss, dynamics_weight, structure_loss, structure_weight: Vista's extra losses.
         Other arguments: as :class:`SVDModule`; the defaults are Vista's (EDM with ``ln sigma ~ N(1.0, 1.6)``,
         offset noise 0.02 per frame, the evaluation task predicts from 3 given frames).
@@ -76,6 +79,7 @@ class VistaModule(SVDModule):
         prior_weights: dict[int, float] | None = None,
         action_drop: float = VISTA_CFG_DROP,
         one_action_type: bool = True,
+        sample_actions: bool = True,
         dynamics_loss: bool = True,
         dynamics_weight: float = 1.0,
         structure_loss: bool = True,
@@ -116,6 +120,7 @@ class VistaModule(SVDModule):
             raise ValueError(f"VistaModule: action_drop must be in [0, 1], got {action_drop}")
         self.action_drop = float(action_drop)
         self.one_action_type = one_action_type
+        self.sample_actions = sample_actions
         self.extra_losses = dict(dynamics=dynamics_loss, dynamics_weight=float(dynamics_weight),
                                  structure=structure_loss, structure_weight=float(structure_weight))
 
@@ -128,7 +133,7 @@ class VistaModule(SVDModule):
     def _action_features(self, batch: dict[str, Any], training: bool) -> Tensor:
         batch_size = self._frame(batch).shape[0]
         actions = batch.get(B.ACTIONS)
-        if not actions:  # action-free data (e.g. YouTube driving): unconditional
+        if not actions or not (training or self.sample_actions):  # action-free data or sampling: unconditional
             return torch.zeros(batch_size, self.action_encoder.action_dim, device=self.device)
         fps = batch.get(B.FPS)
         if training:
