@@ -17,6 +17,7 @@ from tests.lit.helpers import quiet_trainer, tiny_synthetic_data
 from vdiff.cli import main
 from vdiff.data.datamodule import VideoDataModule
 from vdiff.data.synthetic import ensure_synthetic_splits
+from vdiff.data.synthetic_datamodule import SyntheticDrivingDataModule
 from vdiff.lit.cli import RecipeError
 from vdiff.weights.vista import LORA_TARGETS
 
@@ -96,6 +97,8 @@ def test_data_blocks_swap_in(block, capsys):
             assert data["init_args"][key] == value, key
     if data["class_path"] == "vdiff.data.datamodule.VideoDataModule":
         VideoDataModule(**data["init_args"])  # the merged block constructs (e.g. no frame_stride + target_fps)
+    else:  # the recipe's VideoDataModule arguments do not leak into the synthetic block (it chooses train/val)
+        SyntheticDrivingDataModule(**data["init_args"])
 
 
 @pytest.mark.parametrize("recipe", VISTA_RECIPES)
@@ -112,14 +115,16 @@ def test_missing_weights_fail_before_training_naming_the_file(recipe, tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
-def tiny_args(recipe: str, tmp_path: Path) -> list[str]:
+def tiny_args(recipe: str, tmp_path: Path, recipe_weights: bool = False, tiny_actions: bool = True) -> list[str]:
+    """The recipe with a tiny network (random, or ``recipe_weights``: the recipe's own net_weights path) and tiny
+    action features (or, without ``tiny_actions``, Vista's 2432-d ones), trained 2 steps on CPU."""
     return [
         "fit", "-c", str(RECIPES / recipe),
         "--model.init_args.net", json.dumps(TINY_NET),
-        "--model.init_args.net_weights", "null",
+        *([] if recipe_weights else ["--model.init_args.net_weights", "null"]),
         "--model.init_args.autoencoder", "null",
         "--model.init_args.image_encoder", json.dumps(TINY_CLIP),
-        "--model.init_args.action_encoder", json.dumps(TINY_ACTIONS),
+        *(["--model.init_args.action_encoder", json.dumps(TINY_ACTIONS)] if tiny_actions else []),
         "--model.init_args.sampler.steps", "2",
         "--model.init_args.warmup_steps", "0",
         "--trainer.callbacks+", json.dumps({"class_path": "tests.lit.test_vista_recipes.Snapshot"}),
@@ -163,22 +168,21 @@ def test_phase1_trains_two_steps_with_a_tiny_network(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before if ".spatial." in n)
 
 
-def tiny_vista_net():
+def tiny_vista_net(tiny_actions: bool = True):
     from vdiff.models.actions import ActionEncoder
     from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 
-    config = UNetSVDConfig.from_dict(TINY_NET).replace(
-        cond_frame_time_embed=True, action_dim=ActionEncoder(**TINY_ACTIONS["init_args"]).action_dim
-    )
+    encoder = ActionEncoder(**TINY_ACTIONS["init_args"]) if tiny_actions else ActionEncoder()
+    config = UNetSVDConfig.from_dict(TINY_NET).replace(cond_frame_time_embed=True, action_dim=encoder.action_dim)
     return UNetSVD(config)
 
 
-def phase1_weights(path: Path) -> Path:
+def phase1_weights(path: Path, tiny_actions: bool = True) -> Path:
     """A trained-looking tiny phase-1 UNet (every weight random but the zero-initialised action projections), in
     the vdiff layout ``vdiff export`` writes: the start of phase 2."""
     from vdiff.weights.unet_svd import save_unet_svd
 
-    net = tiny_vista_net()
+    net = tiny_vista_net(tiny_actions)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in net.named_parameters():
@@ -230,3 +234,29 @@ def test_phase2_trains_only_adapters_and_action_layers(recipe, tmp_path, monkeyp
         for name, value in saved.items():
             module = name.removeprefix("base_model.model.").replace(".weight", ".default.weight")
             assert torch.equal(before[module], value), module
+
+
+def test_phase2_export_starts_the_hires_stage_at_the_recipes_paths(tmp_path, monkeypatch):
+    """phase 2 -> `vdiff export --ema` to the paths vista_phase2_hires.yaml names -> the hires stage starts from the
+    exported UNet and EMA adapter (Vista's 2432-d actions: checkpoints rebuild the default encoder)."""
+    from safetensors.torch import load_file
+
+    SNAPSHOTS.clear()
+    monkeypatch.chdir(tmp_path)
+    start = phase1_weights(tmp_path / "phase1.safetensors", tiny_actions=False)
+    main([*tiny_args("vista_phase2.yaml", tmp_path / "p2", tiny_actions=False), *mixed_block(tmp_path),
+          "--model.init_args.net_weights", str(start)])  # fmt: skip
+    (checkpoint,) = (tmp_path / "p2" / "runs").rglob("last.ckpt")
+    assert main(["export", "--ema", str(checkpoint), "weights/vista_phase2_unet.safetensors"]) == 0
+    adapter = load_file(str(tmp_path / "weights" / "vista_phase2_unet_lora" / "default" / "adapter_model.safetensors"))
+    ema = torch.load(checkpoint, map_location="cpu", weights_only=False)["ema_state_dict"]
+    SNAPSHOTS.clear()
+    main([*tiny_args("vista_phase2_hires.yaml", tmp_path / "hires", recipe_weights=True, tiny_actions=False),
+          *mixed_block(tmp_path)])  # fmt: skip
+    before = SNAPSHOTS["before"]
+    for name, value in adapter.items():
+        module = name.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        assert torch.equal(before[module], value), module
+        assert torch.equal(value, ema[f"net.{module}"]), module  # the EMA adapter
+    actions = [n for n in before if n.endswith(".action_kv.weight")]
+    assert actions and all(torch.equal(before[n], ema[f"net.{n}"]) for n in actions)
