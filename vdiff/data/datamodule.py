@@ -63,7 +63,13 @@ from vdiff.data.video_io import DECODE_ERROR_REASONS
 
 # Why a sample was skipped, the columns of VideoDataModule.skips: the decoder's reasons plus the pipeline's own.
 SKIP_REASONS: tuple[str, ...] = (
-    *DECODE_ERROR_REASONS, MISSING_VIDEO, MISSING_JSON, BAD_JSON, TOO_SMALL, BAD_SHARD, TRUNCATED_SHARD
+    *DECODE_ERROR_REASONS,
+    MISSING_VIDEO,
+    MISSING_JSON,
+    BAD_JSON,
+    TOO_SMALL,
+    BAD_SHARD,
+    TRUNCATED_SHARD,
 )
 
 
@@ -361,9 +367,15 @@ class VideoDataModule(LightningDataModule):
         return self._eval_loader("predict")
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Turn a uint8 ``video`` into float in [-1, 1] on the device (see ``float_on_device``)."""
+        """Turn a uint8 ``video`` into float in [-1, 1] on the device (see ``float_on_device``), in the dtype the
+        trainer's precision feeds the model (bfloat16 under ``bf16-true``; Lightning converts floating inputs
+        before the transfer, when this video was still uint8)."""
         if isinstance(batch, dict) and B.VIDEO in batch:
-            batch[B.VIDEO] = normalize_video(batch[B.VIDEO])
+            video = normalize_video(batch[B.VIDEO])
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                video = trainer.precision_plugin.convert_input(video)
+            batch[B.VIDEO] = video
         return batch
 
     # -- bad input and state -------------------------------------------------------------------

@@ -401,6 +401,14 @@ class BlockFSDPStrategy(FSDPStrategy):
             )
         return set(classes)
 
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cpu":  # FSDP1 itself needs an accelerator; fail before any process group
+            raise ValueError(
+                "BlockFSDPStrategy (Lightning's FSDPStrategy, FSDP1) needs GPUs; to shard on CPU use "
+                "ModelParallelStrategy (recipes/strategy/model_parallel_cpu.yaml), which vdiff shards with FSDP2"
+            )
+        super().setup_environment()
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
