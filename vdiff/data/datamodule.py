@@ -39,6 +39,7 @@ tars, read by :func:`vdiff.data.shards.iter_raw_samples`.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
@@ -73,6 +74,22 @@ SKIP_REASONS: tuple[str, ...] = (
 )
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def auto_num_workers() -> int:
+    """``num_workers: auto``: 0 without a CUDA device; else the CPU cores this process may use divided by the
+    GPUs of the node (one rank per GPU), less one for the rank itself, between 1 and :data:`MAX_AUTO_WORKERS`."""
+    if not torch.cuda.is_available():
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    per_rank = cores // max(1, torch.cuda.device_count())
+    return max(1, min(MAX_AUTO_WORKERS, per_rank - 1))
+
+
 class VideoDataModule(LightningDataModule):
     """Video clips from webdataset shards, mixed from weighted sources, for any vdiff model.
 
@@ -99,7 +116,10 @@ class VideoDataModule(LightningDataModule):
             driving is not mirror-symmetric, e.g. which side of the road traffic keeps to).
         batch_size: training clips per batch and rank.
         val_batch_size: clips per batch in validation, test and predict (default: ``batch_size``).
-        num_workers: DataLoader worker processes per rank.
+        num_workers: DataLoader worker processes per rank, or ``"auto"``: none without a CUDA device (on CPU,
+            decoding in the main process beats workers competing with torch's threads), else one per CPU core
+            available to each GPU's rank, less one for the rank itself, at most 8 (:func:`auto_num_workers`).
+            A GPU needs workers: decoding in the training process leaves it idle between steps.
         shuffle_buffer: training samples (compressed, per source and worker) held for shuffling;
             memory is about ``shuffle_buffer`` x mean sample size per source and worker.
         seed: seed of every random choice of the training pipeline.
@@ -114,6 +134,9 @@ class VideoDataModule(LightningDataModule):
             processes and to the accelerator) and convert it to float in ``on_after_batch_transfer``;
             False converts in the workers, so the loaders alone yield contract batches.
         pin_memory: pin batches for faster host-to-GPU copies (default: when CUDA is available).
+        prefetch_factor: batches each worker prepares ahead (None = torch's default, 2; only with workers).
+            Workers are not persistent: the loader hands each epoch's stream to fresh workers, so an epoch
+            (and a resume) always starts from its own seed.
         worker_start_method: how DataLoader workers start (default: the platform's, fork on Linux);
             ``spawn``/``forkserver`` where forking is unsafe, at the cost of workers importing torch.
 
@@ -143,7 +166,7 @@ class VideoDataModule(LightningDataModule):
         flip: bool = False,
         batch_size: int = 4,
         val_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | Literal["auto"] = 2,
         shuffle_buffer: int = 64,
         seed: int = 0,
         epoch_length: int | None = None,
@@ -152,6 +175,7 @@ class VideoDataModule(LightningDataModule):
         eval_num_frames: int | None = None,
         float_on_device: bool = True,
         pin_memory: bool | None = None,
+        prefetch_factor: int | None = None,
         worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
     ):
         super().__init__()
@@ -174,6 +198,10 @@ class VideoDataModule(LightningDataModule):
             raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
+        if isinstance(num_workers, str):
+            if num_workers != "auto":
+                raise ValueError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
+            num_workers = auto_num_workers()
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
@@ -184,6 +212,8 @@ class VideoDataModule(LightningDataModule):
         ):
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if prefetch_factor is not None and (int(prefetch_factor) != prefetch_factor or prefetch_factor < 1):
+            raise ValueError(f"prefetch_factor must be an integer >= 1 or None, got {prefetch_factor!r}")
         if val_batch_size is not None and val_batch_size < 1:
             raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
         if epoch_length is not None and epoch_length < 1:
@@ -215,6 +245,7 @@ class VideoDataModule(LightningDataModule):
         self.val_clips_per_video = val_clips_per_video
         self.float_on_device = float_on_device
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
         self.worker_start_method = worker_start_method
         # Rows: per stage, the main process and each worker (see ClipStreamBase).
         self.skips = SkipCounter(self.skip_reasons, num_slots=len(STAGES) * (num_workers + 1))
@@ -307,6 +338,7 @@ class VideoDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             drop_last=False,
             multiprocessing_context=self.worker_start_method if self.num_workers > 0 else None,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
         )
         return loader
 
