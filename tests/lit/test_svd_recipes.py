@@ -61,3 +61,18 @@ def test_recipe_trains_two_steps_with_a_tiny_network(recipe, tmp_path):
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2 and state["vdiff_module"] == "vdiff.lit.svd.SVDModule"
     assert state["ema_state_dict"]  # the recipe's EMA callback ran
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml") if p.name.startswith(("svd", "vista"))))
+def test_unet_norm_epsilons_match_the_weights_layout(recipe):
+    """A diffusers unet/ folder loads only into norm_eps: diffusers (its GroupNorm epsilons differ from sgm's)."""
+    import yaml
+
+    model = yaml.safe_load((RECIPES / recipe).read_text()).get("model", {}).get("init_args", {})
+    weights, layout = model.get("net_weights"), model.get("net_weights_layout", "auto")
+    if not weights or layout == "sd21-image":
+        return
+    net = model.get("net") or {}
+    norm_eps = net.get("norm_eps", "sgm") if isinstance(net, dict) else "sgm"
+    is_file = weights.endswith((".safetensors", ".ckpt", ".pt", ".bin"))
+    assert norm_eps == ("sgm" if is_file else "diffusers"), (recipe, weights, norm_eps)
