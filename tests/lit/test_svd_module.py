@@ -245,3 +245,23 @@ def test_vdiff_export_writes_the_unet_in_the_sgm_layout(tmp_path):
         trainer.fit(vdt, train_dataloaders=torch.utils.data.DataLoader([clip_batch()], batch_size=None))
         trainer.save_checkpoint(tmp_path / "vdt.ckpt")
         export(tmp_path / "vdt.ckpt", tmp_path / "vdt_folder", layout="diffusers")
+
+
+def test_validation_decodes_in_overlapping_temporal_chunks():
+    from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+
+    ae = VideoAutoencoder(AutoencoderConfig.from_name("tiny-svd")).eval()
+    with torch.no_grad():  # random temporal layers, so that what a chunk sees matters
+        g = torch.Generator().manual_seed(1)
+        for p in ae.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    net = NET.replace(in_channels=8, out_channels=4, concat_channels=4)
+    module = SVDModule(net=net, image_encoder=CLIPImageEmbedder("tiny"), autoencoder=ae, decode_chunk=2,
+                       decode_overlap=1)
+    latents = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    chunked = ae.decode(latents / module.latent_scale, chunk_size=2, overlap=1).clamp(-1, 1)
+    torch.testing.assert_close(module.decode_latents(latents), chunked)
+    whole = ae.decode(latents / module.latent_scale).clamp(-1, 1)
+    assert not torch.allclose(chunked, whole)  # the temporal decoder sees only its chunk: chunking is real
+    with pytest.raises(ValueError, match="decode_overlap"):
+        SVDModule(net=net, image_encoder=CLIPImageEmbedder("tiny"), autoencoder=ae, decode_chunk=2, decode_overlap=2)

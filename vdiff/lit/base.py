@@ -141,6 +141,8 @@ class VideoDiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.net: nn.Module | None = None
         self.guidance: Guidance | None = None  # classifier-free guidance schedule at sampling (families set it)
+        self.decode_chunk: int | None = None  # decode latents in temporal chunks of this many frames (None = all)
+        self.decode_overlap = 0  # frames shared by consecutive chunks, cross-faded
         self.test_results: dict[str, float] = {}
         self._test_totals = ScoreTotals()
 
@@ -204,8 +206,13 @@ class VideoDiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1] (clamped)."""
-        video = self.autoencoder.decode(latents / self.latent_scale + self.latent_shift)
+        """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1] (clamped); in temporal
+        chunks of ``decode_chunk`` frames overlapping by ``decode_overlap`` when set (SVD: 14 and 3)."""
+        unscaled = latents / self.latent_scale + self.latent_shift
+        if self.decode_chunk is not None:
+            video = self.autoencoder.decode(unscaled, chunk_size=self.decode_chunk, overlap=self.decode_overlap)
+        else:
+            video = self.autoencoder.decode(unscaled)
         return video.clamp(-1.0, 1.0)
 
     def batch_latents(self, batch: dict[str, Any], sample: bool = True) -> Tensor:

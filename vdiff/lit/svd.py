@@ -122,6 +122,9 @@ class SVDModule(VideoDiffusionModule):
         mask_task: a mask mode given clean in training and at sampling beside the image conditioning
             (e.g. ``interpolation`` for SVD's frame interpolation); None = image-to-video only.
         mask_params: parameters of ``mask_task`` (e.g. ``{"step": 4}``).
+        decode_chunk, decode_overlap: decode latents in temporal chunks of ``decode_chunk`` frames overlapping by
+            ``decode_overlap`` (validation, sampling; SVD decodes 14 at a time, Vista 14 with 3 overlapping);
+            None decodes every frame at once.
         diffusion: None = SVD's EDM (V-scaling, log-normal sigma 0.7 / 1.6, V weighting).
         sampler: None = Euler, 25 steps, sigma_max 700, SVD's initial-noise scale.
         evaluation: None = prediction from 1 given frame (the conditioning frame).
@@ -141,6 +144,8 @@ class SVDModule(VideoDiffusionModule):
         paste_cond_frame: bool = False,
         mask_task: str | None = None,
         mask_params: dict[str, Any] | None = None,
+        decode_chunk: int | None = None,
+        decode_overlap: int = 0,
         diffusion: EDMDiffusion | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
@@ -173,6 +178,9 @@ class SVDModule(VideoDiffusionModule):
         self.train_part = train
         self.spatial_lr_scale = float(spatial_lr_scale)
         self.paste_cond_frame = paste_cond_frame
+        if decode_chunk is not None and not 0 <= decode_overlap < decode_chunk:
+            raise ValueError(f"SVDModule: need 0 <= decode_overlap < decode_chunk, got {decode_overlap}, {decode_chunk}")
+        self.decode_chunk, self.decode_overlap = decode_chunk, int(decode_overlap)
         self.mask_task = mask_task
         self.mask_params = dict(mask_params or {})
         if mask_task is not None:
