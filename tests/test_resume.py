@@ -344,3 +344,21 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+def test_sharded_checkpoint_folders_are_resumable(tmp_path):
+    """Sharded strategies save a torch.distributed.checkpoint folder named like the file (with .metadata)."""
+    from vdiff.lit.checkpointing import ResumeError, last_checkpoints_in, resume_plan
+
+    checkpoints = tmp_path / "runs" / "demo" / "version_0" / "checkpoints"
+    sharded = checkpoints / "last.ckpt"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(b"")
+    (sharded / "__0_0.distcp").write_bytes(b"")
+    assert last_checkpoints_in(checkpoints) == [sharded]
+    (checkpoints / "last-v1.ckpt").mkdir()  # a folder without .metadata is not a checkpoint
+    assert last_checkpoints_in(checkpoints) == [sharded]
+    plan = resume_plan(str(sharded), str(tmp_path / "runs" / "demo"), None, None)
+    assert plan.ckpt_path == str(sharded)
+    with pytest.raises(ResumeError, match="no such checkpoint file"):
+        resume_plan(str(checkpoints / "last-v1.ckpt"), str(tmp_path / "runs" / "demo"), None, None)

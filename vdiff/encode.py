@@ -173,7 +173,7 @@ class ShardEncoder:
     """Cuts clips out of video samples, encodes them in batches and writes latent samples.
 
     Args:
-        autoencoder: keeps the contract of DESIGN.md §3 (``encode(video) -> posterior`` with mean and std).
+        autoencoder: keeps the autoencoder contract (docs/architecture.md, "Contracts") (``encode(video) -> posterior`` with mean and std).
         info: :func:`autoencoder_info` of it (stored in every sample's json).
         clip_frames: frames per clip; None = the whole video as one sample.
         clip_stride: frames between clip starts (default ``clip_frames``: non-overlapping); the tail shorter

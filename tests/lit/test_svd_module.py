@@ -265,3 +265,32 @@ def test_validation_decodes_in_overlapping_temporal_chunks():
     assert not torch.allclose(chunked, whole)  # the temporal decoder sees only its chunk: chunking is real
     with pytest.raises(ValueError, match="decode_overlap"):
         SVDModule(net=net, image_encoder=CLIPImageEmbedder("tiny"), autoencoder=ae, decode_chunk=2, decode_overlap=2)
+
+
+def test_a_moved_image_encoder_is_found_under_vdiff_weights(tmp_path, monkeypatch):
+    import shutil
+
+    from vdiff.weights.clip import PretrainedCLIPImageEmbedder
+
+    pytest.importorskip("transformers")
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPImageEmbedderConfig.from_name("tiny")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        projection_dim=cfg.embed_dim, hidden_act=cfg.act, layer_norm_eps=cfg.norm_eps,
+    )).save_pretrained(tmp_path / "image_encoder")
+    module = tiny_svd(image_encoder=PretrainedCLIPImageEmbedder(str(tmp_path / "image_encoder")))
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    shutil.move(str(tmp_path / "image_encoder"), str(tmp_path / "elsewhere"))
+    fresh = SVDModule(net=NET, image_encoder=None)
+    fresh.configure_model()
+    monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="image encoder weights"):
+        fresh.on_load_checkpoint(dict(checkpoint))
+    monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path / "elsewhere"))
+    fresh.on_load_checkpoint(checkpoint)
+    frame = clip_batch()["video"][:, 0]
+    torch.testing.assert_close(fresh.image_encoder(frame), module.image_encoder(frame))

@@ -158,19 +158,21 @@ class SampleVideos(L.Callback):
             batch = to_device(self._batch, pl_module.device)
             generated = pl_module.generate(batch, generator=generator, **self.generate_options)
         video = panel(generated).cpu()  # (B, T, 3, H, W') in [0, 1]
+        # trainer.log_dir broadcasts from rank 0 under DDP/FSDP: every rank must ask, not only rank 0.
+        log_dir = trainer.log_dir if self.save_mp4 else None
         if trainer.is_global_zero:
-            self._log(trainer, video)
+            self._log(trainer, video, log_dir)
 
-    def _log(self, trainer: L.Trainer, video: Tensor) -> None:
+    def _log(self, trainer: L.Trainer, video: Tensor, log_dir: str | None) -> None:
         tag = "samples"
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_video"):  # TensorBoard (needs moviepy<2 to write anything)
                 experiment.add_video(tag, video, global_step=trainer.global_step, fps=self.fps)
-        if self.save_mp4 and trainer.log_dir:
+        if self.save_mp4 and log_dir:
             from vdiff.data.video_io import encode_video
 
-            folder = Path(trainer.log_dir) / "samples"
+            folder = Path(log_dir) / "samples"
             folder.mkdir(parents=True, exist_ok=True)
             grid = torch.cat(list(video), dim=-2)  # stack clips vertically: (T, 3, B*H, W')
             frames = (grid.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()

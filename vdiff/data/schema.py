@@ -21,7 +21,7 @@ file name at its first dot: ``<key>.<ext>``). Two sample types exist:
                                    (:data:`IMAGE_EMBED_INFO_KEYS`: class, file path, sha256, layout, config,
                                    embedding width); the latent set's manifest records the same.
 
-Actions follow DESIGN.md's one schema (SI units, + = left): per frame ``speed`` (m/s), ``yaw_rate``
+Actions follow the one schema of docs/architecture.md (SI units, + = left): per frame ``speed`` (m/s), ``yaw_rate``
 (rad/s), ``steering`` (steering-wheel degrees), ``command`` (0 left, 1 straight, 2 right, 3 stop),
 ``trajectory`` (4 future positions at +0.5 s steps, metres, ego frame, x forward, y left) and
 ``goal`` (future position in the image, normalised pixel coordinates (x, y) in [0, 1]). In the json

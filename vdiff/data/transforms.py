@@ -1,7 +1,7 @@
 """Per-sample transforms of video clips and their actions: resize/crop planning, goal points that
 follow the crop, horizontal flip with mirrored actions, per-frame action arrays, and collation.
 
-Conventions (DESIGN.md, contract 4): ``goal`` is a point in the image in normalised pixel
+Conventions (docs/architecture.md, "Actions"): ``goal`` is a point in the image in normalised pixel
 coordinates ``(x, y)``, 0 at the left/top edge and 1 at the right/bottom edge. Resizing keeps
 normalised coordinates; cropping moves them: ``x_out = (x * W_resized - left) / W_out``. **A goal
 that falls outside the crop is marked invalid** (and zeroed, like every invalid action entry), so

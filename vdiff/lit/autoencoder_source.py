@@ -57,7 +57,7 @@ def restore_autoencoder(entry: dict[str, Any], current: nn.Module) -> VideoAutoe
     from vdiff.weights.autoencoder import AutoencoderConfigError, read_autoencoder
     from vdiff.weights.safetensors_io import file_sha256
 
-    path = _find_weights(entry)
+    path = find_recorded_weights(entry)
     actual = file_sha256(path)
     if actual != sha256:
         raise ValueError(
@@ -74,9 +74,10 @@ def restore_autoencoder(entry: dict[str, Any], current: nn.Module) -> VideoAutoe
     return autoencoder
 
 
-def _find_weights(entry: dict[str, Any]) -> str:
+def find_recorded_weights(entry: dict[str, Any]) -> str:
     """The recorded weights file, or the file of the same name under ``$VDIFF_WEIGHTS`` (a checkpoint
-    moved to another machine); the sha256 check that follows makes sure it is the same file."""
+    moved to another machine); the caller's sha256 check makes sure it is the same file. Used for every
+    frozen, file-backed part a checkpoint records (autoencoder, image encoder)."""
     from vdiff.weights.safetensors_io import WEIGHTS_ENV
 
     path = entry["path"]
@@ -84,14 +85,14 @@ def _find_weights(entry: dict[str, Any]) -> str:
         return path
     tried = [path]
     root = os.environ.get(WEIGHTS_ENV)
-    for name in filter(None, (entry.get("given_path"), os.path.basename(path))):
-        if root and not os.path.isabs(name):
-            candidate = os.path.join(os.path.expanduser(root), name)
-            if os.path.isfile(candidate):
-                return candidate
-            tried.append(candidate)
+    if root:
+        candidate = os.path.join(os.path.expanduser(root), os.path.basename(path))
+        if os.path.isfile(candidate):
+            return candidate
+        tried.append(candidate)
     raise FileNotFoundError(
-        f"this checkpoint's autoencoder weights are not stored in it but read from {path}, which does not exist "
+        f"this checkpoint's {entry.get('what', 'autoencoder')} weights are not stored in it but read from {path}, "
+        "which does not exist "
         f"(tried: {', '.join(tried)}; ${WEIGHTS_ENV} {'is ' + root if root else 'is not set'}); put that file back "
         "(same sha256) or set $VDIFF_WEIGHTS to the folder holding it"
     )

@@ -293,12 +293,18 @@ class RNGState(L.Callback):
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_sharded(path: Path) -> bool:
+    """A torch.distributed.checkpoint folder (what sharded strategies save): it holds a ``.metadata`` file."""
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
 def last_checkpoints_in(folder: str | os.PathLike) -> list[Path]:
     """``last.ckpt`` / ``last-vN.ckpt`` files in ``folder`` (not ``.tmp`` leftovers), newest mtime first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _LAST_PATTERN.match(p.name) and p.is_file()]
+    # A sharded checkpoint (ModelParallelStrategy, FSDP) is a folder named like the file.
+    found = [p for p in folder.iterdir() if _LAST_PATTERN.match(p.name) and (p.is_file() or _is_sharded(p))]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -388,9 +394,9 @@ def resume_plan(
                 + ". Start a new run without --ckpt_path, or give a checkpoint file: --ckpt_path PATH."
             )
         ckpt_path = str(found_path)
-    elif not Path(ckpt_path).is_file():
+    elif not (Path(ckpt_path).is_file() or _is_sharded(Path(ckpt_path))):
         if _is_local(ckpt_path):
-            raise ResumeError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            raise ResumeError(f"--ckpt_path {ckpt_path}: no such checkpoint file (or sharded checkpoint folder)")
         return ResumePlan(ckpt_path, None, None)
     # Continue in the checkpoint's version folder when it lies in this logger's tree.
     version: int | str | None = None

@@ -159,6 +159,8 @@ class SVDModule(VideoDiffusionModule):
     ) -> None:
         if evaluation is None:
             evaluation = EvalProtocol(task="prediction", given_frames=1)
+        if sampler is None:
+            sampler = self.svd_sampler()
         super().__init__(autoencoder, diffusion, sampler, evaluation, lr, weight_decay, betas, warmup_steps, optimizer,
                          lr_decay)
         self.save_hyperparameters(ignore=["autoencoder", "image_encoder", "optimizer"])
@@ -417,9 +419,11 @@ class SVDModule(VideoDiffusionModule):
         sha256 = entry.get("sha256")
         if current is None:
             if sha256:
+                from vdiff.lit.autoencoder_source import find_recorded_weights
                 from vdiff.weights.clip import PretrainedCLIPImageEmbedder
 
-                current = PretrainedCLIPImageEmbedder(entry["path"], layout=entry["layout"],
+                path = find_recorded_weights({**entry, "what": "image encoder"})  # also under $VDIFF_WEIGHTS
+                current = PretrainedCLIPImageEmbedder(path, layout=entry["layout"],
                                                       config=CLIPImageEmbedderConfig.from_dict(entry["config"]))
                 if current.weights_sha256 != sha256:
                     raise ValueError(f"{entry['path']}: the image-encoder weights file changed since the checkpoint "
