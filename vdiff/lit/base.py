@@ -47,6 +47,7 @@ from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, fo
 from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
 from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
 
+
 def allow_config_objects_in_checkpoints(*classes: type) -> None:
     """Let ``torch.load(weights_only=True)`` (Lightning's default when resuming) read checkpoints of modules
     built in Python, whose hyperparameters hold vdiff config objects rather than the CLI's plain dicts.
