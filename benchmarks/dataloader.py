@@ -14,6 +14,23 @@ on CPU time, which other processes on a shared machine do not disturb.
 Peak RSS per worker (VmHWM of each DataLoader worker process) is measured in a fresh process for
 a shard set of small shards and one of large shards; it must not grow with shard size, since
 samples stream from the tar one at a time.
+
+``--workers 1 4 8`` sets the worker counts measured (default 0 1 2; the num_workers=0 row is always
+measured, it is the one compared with raw PyAV). On a machine with fewer cores than workers the extra
+workers only compete for the same cores.
+
+``--latents`` measures latent-shard training instead (what ``vdiff encode`` writes and
+``LatentDataModule`` reads), at the VDT Cityscapes setup: 30-frame samples of 4x16x16 latents (fp16
+posterior mean and std, 128x128 first-frame PNG), 16-frame training clips, batch 8. It reports samples/s per
+worker count beside what a VDT-L/2 training step consumes (``--step-ms`` per ``--step-batch`` clips; default
+157 ms per 8 clips: vdiff's VDT-L/2 bf16 step on an H200, measured 2026-11-29, 151-163 ms), i.e. how many
+times over the loader could feed that GPU (target >= 10x).
+
+No model runs here, so there are no FLOPs or MFU: the figure that matters for an accelerator is the
+loader's samples/s against the step's consumption. ``--json PATH`` writes the figures as JSON.
+
+    python benchmarks/dataloader.py --latents --workers 0 1 2
+    python benchmarks/dataloader.py --workers 1 4 8 --json dataloader.json      # GPU machine (benchmarks/gpu_suite.sh)
 """
 
 from __future__ import annotations
@@ -184,6 +201,80 @@ def peak_rss_in_fresh_process(spec: str, num_workers: int, batch_size: int, num_
 
 
 # ----------------------------------------------------------------------------------------------
+# Latent shards (LatentDataModule) against a training step's consumption
+# ----------------------------------------------------------------------------------------------
+
+LATENT_FRAMES, LATENT_SIZE, LATENT_CHANNELS, LATENT_CLIP = 30, 16, 4, 16  # VDT Cityscapes: 128x128 frames, SD-VAE 8x
+
+
+def write_latent_shards(folder: Path, num_samples: int, per_shard: int = 64) -> str:
+    """Latent shards as ``vdiff encode`` writes them, with random posteriors (reading cost does not depend on
+    the values)."""
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, max_count=per_shard, sample_type="latent") as writer:
+        for i in range(num_samples):
+            shape = (LATENT_FRAMES, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+            mean = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+            std = torch.from_numpy(rng.uniform(0.01, 0.2, shape).astype(np.float32))
+            side = 8 * LATENT_SIZE
+            first = source_video(i, 1, side)[0]  # a camera-like first frame: PNG costs what a real one costs
+            meta = VideoMeta(fps=17, width=side, height=side, num_frames=LATENT_FRAMES, source="bench")
+            writer.write_latent(f"l{i:05d}", mean, std, first, meta)
+    return str(folder)
+
+
+def latent_throughput(spec: str, num_workers: int, batch_size: int, num_batches: int) -> dict:
+    from vdiff.data.latent_datamodule import LatentDataModule
+
+    dm = LatentDataModule(train=spec, num_frames=LATENT_CLIP, batch_size=batch_size, num_workers=num_workers,
+                          epoch_length=num_batches + 2 * max(1, num_workers) + 2, shuffle_buffer=64)  # fmt: skip
+    dm.setup("fit")
+    iterator = iter(dm.train_dataloader())
+    for _ in range(max(1, 2 * num_workers)):  # worker start-up is not throughput
+        next(iterator)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(num_batches):
+        batch = next(iterator)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    shape = tuple(batch["latents"].shape)
+    del iterator
+    return {"samples": num_batches * batch_size, "wall": wall, "cpu": cpu, "shape": shape}
+
+
+def latent_main(args: argparse.Namespace, out: Path, workers_list: list[int]) -> int:
+    num_samples, num_batches = (128, 16) if args.quick else (512, 60)
+    start = time.perf_counter()
+    spec = write_latent_shards(out / "latents", num_samples)
+    print(f"wrote {num_samples} latent samples ({LATENT_FRAMES} x {LATENT_CHANNELS} x {LATENT_SIZE} x {LATENT_SIZE}, "
+          f"{8 * LATENT_SIZE}px first frame) in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    consumed = args.step_batch / (args.step_ms / 1e3)
+    batch = args.step_batch
+    rows = {}
+    for workers in workers_list:
+        r = latent_throughput(spec, workers, batch, num_batches)
+        rows[workers] = r
+    print()
+    print(f"LatentDataModule train loader: {LATENT_CLIP}-frame clips, batch {batch} {rows[0]['shape']}; "
+          f"{num_batches} batches timed per row; machine cores: {os.cpu_count()}")  # fmt: skip
+    print(f"a training step consumes {consumed:.1f} samples/s ({batch} clips per {args.step_ms:.0f} ms)")
+    print(f"{'workers':>7} {'samples/s':>10} {'samples/s CPU':>14} {'x step consumption':>19}")
+    table = {}
+    for workers, r in rows.items():
+        rate = r["samples"] / r["wall"]
+        cpu_rate = r["samples"] / r["cpu"] if workers == 0 else float("nan")
+        cpu_text = f"{cpu_rate:14.1f}" if cpu_rate == cpu_rate else f"{'-':>14}"
+        print(f"{workers:>7} {rate:10.1f} {cpu_text} {rate / consumed:18.1f}x")
+        table[str(workers)] = {"samples_per_s": rate, "times_consumption": rate / consumed}
+    best = max(v["times_consumption"] for v in table.values())
+    print(f"best: {best:.1f}x a step's consumption (target >= 10x)")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "dataloader", "mode": "latents", "cores": os.cpu_count(),
+                                         "step_ms": args.step_ms, "step_batch": batch, "consumed_per_s": consumed,
+                                         "workers": table}, indent=1))  # fmt: skip
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
 
@@ -194,17 +285,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the generated shards (default: temporary)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rss-child", nargs=4, metavar=("SPEC", "WORKERS", "BATCH", "BATCHES"), help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to measure")
+    parser.add_argument(
+        "--latents", action="store_true", help="latent-shard training (LatentDataModule) instead of video"
+    )
+    parser.add_argument("--step-ms", type=float, default=157.0, help="--latents: training step time to feed (ms)")
+    parser.add_argument("--step-batch", type=int, default=8, help="--latents: clips per training step")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    workers_list = sorted({0, *args.workers})
 
     if args.rss_child:
         spec, workers, batch, batches = args.rss_child
         print(json.dumps(worker_peak_rss(spec, int(workers), int(batch), int(batches))))
         return 0
 
+    out = args.out or Path(tempfile.mkdtemp(prefix="vdiff-bench-"))
+    if args.latents:
+        return latent_main(args, out, workers_list)
     num_videos, num_frames, num_batches = (8, 40, 8) if args.quick else (32, 48, 40)
     small_copies, large_copies = (1, 16) if args.quick else (1, 8)
-    out = args.out or Path(tempfile.mkdtemp(prefix="vdiff-bench-"))
     print(f"encoding {num_videos} source videos of {num_frames} frames at {SOURCE_SIZE}x{SOURCE_SIZE}, {FPS} fps ...")
     start = time.perf_counter()
     videos = [encode_video(source_video(seed, num_frames), fps=FPS) for seed in range(num_videos)]
@@ -218,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     results = {}
-    for workers in (0, 1, 2):
+    for workers in workers_list:
         results[workers] = loader_throughput(small, workers, args.batch_size, num_batches)
         if workers == 0:
             # the raw limit on the clips the loader delivered, measured right before and after it
@@ -235,18 +336,35 @@ def main(argv: list[str] | None = None) -> int:
     for workers, r in results.items():
         n = len(r["clips"])
         ratio = (n / r["wall"]) / raw_rate
-        rows.append(("VideoDataModule", str(workers), n / r["wall"], n / r["cpu"] if workers == 0 else float("nan"), f"{ratio:.2f}"))
+        rows.append(
+            (
+                "VideoDataModule",
+                str(workers),
+                n / r["wall"],
+                n / r["cpu"] if workers == 0 else float("nan"),
+                f"{ratio:.2f}",
+            )
+        )
     cpu_ratio = (n0 / results[0]["cpu"]) / (n0 / raw["cpu"])
 
     print()
-    print(f"clips of {CLIP_FRAMES} frames at {CLIP_SIZE}x{CLIP_SIZE} from {SOURCE_SIZE}x{SOURCE_SIZE} sources; "
-          f"batch {args.batch_size}; {n0} clips timed per row; torch threads 1; decode threads 1")
+    print(
+        f"clips of {CLIP_FRAMES} frames at {CLIP_SIZE}x{CLIP_SIZE} from {SOURCE_SIZE}x{SOURCE_SIZE} sources; "
+        f"batch {args.batch_size}; {n0} clips timed per row; torch threads 1; decode threads 1"
+    )
     print(f"{'pipeline':<26} {'workers':>7} {'clips/s':>9} {'frames/s':>9} {'clips/s CPU':>12} {'vs raw':>7}")
     for name, workers, rate, cpu_rate, ratio in rows:
         cpu_text = f"{cpu_rate:12.1f}" if cpu_rate == cpu_rate else f"{'-':>12}"
         print(f"{name:<26} {workers:>7} {rate:9.1f} {rate * CLIP_FRAMES:9.0f} {cpu_text} {ratio:>7}")
-    print(f"num_workers=0 / raw: {(n0 / results[0]['wall']) / raw_rate:.2f} wall clock, {cpu_ratio:.2f} CPU time "
-          f"(target >= 0.9); machine cores: {os.cpu_count()}")
+    print(
+        f"num_workers=0 / raw: {(n0 / results[0]['wall']) / raw_rate:.2f} wall clock, {cpu_ratio:.2f} CPU time "
+        f"(target >= 0.9); machine cores: {os.cpu_count()}"
+    )
+    if args.json:
+        rates = {str(w): len(r["clips"]) / r["wall"] for w, r in results.items()}
+        args.json.write_text(json.dumps({"benchmark": "dataloader", "mode": "video", "cores": os.cpu_count(),
+                                         "clips_per_s": rates, "raw_clips_per_s": raw_rate, "clip_frames": CLIP_FRAMES,
+                                         "clip_size": CLIP_SIZE, "cpu_ratio_workers0": cpu_ratio}, indent=1))  # fmt: skip
 
     print()
     rss_batches = 4 if args.quick else 12

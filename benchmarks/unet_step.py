@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import statistics
 import threading
 import time
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--skip-check", action="store_true", help="do not compare the two models' outputs first")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -300,9 +302,19 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for t in (ours, peer):
+    rows = {}
+    for key, t in (("ours", ours), ("peer", peer)):
         median = statistics.median(t.times)
         mfu = 3 * flops[t.name] / median / rate
+        rows[key] = {
+            "name": t.name,
+            "params": t.params,
+            "fwd_flops": flops[t.name],
+            "median_ms": 1e3 * median,
+            "cpu_ms": 1e3 * statistics.median(t.cpu_times),
+            "peak_mib": memory[t.name] / 2**20,
+            "mfu": mfu,
+        }
         print(
             f"{t.name:<46} {t.params / 1e6:>8.2f}M {flops[t.name] / 1e9:>10.2f} {1e3 * median:>10.1f} "
             f"{1e3 * statistics.mean(t.times):>9.1f} {1e3 * statistics.median(t.cpu_times):>8.1f} "
@@ -312,6 +324,14 @@ def main() -> None:
     cpu_ratio = statistics.median(peer.cpu_times) / statistics.median(ours.cpu_times)
     print(f"step time ratio diffusers/ours (median): {ratio:.2f} wall, {cpu_ratio:.2f} CPU time  (target >= 1.0)")
     print(f"peak memory ratio diffusers/ours: {memory[peer.name] / max(memory[ours.name], 1):.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "unet_step", "device": where, "dtype": args.dtype, "model": name,
+                       "checkpointing": args.checkpointing,
+                       "input": [work.batch, work.frames, config.in_channels - config.concat_channels, work.height, work.width],
+                       "matmul_tflops": rate / 1e12, "check": check, "ours": rows["ours"], "peer": rows["peer"],
+                       "time_ratio": ratio, "cpu_time_ratio": cpu_ratio,
+                       "memory_ratio": memory[peer.name] / max(memory[ours.name], 1)}, f, indent=1)  # fmt: skip
     if args.quick:
         print(
             "(--quick is a smoke run: at this size per-op overhead, not FLOPs, sets the time; compare ratios from a full run)"

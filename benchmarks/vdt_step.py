@@ -13,8 +13,16 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step minus t
 (weights, gradients and optimizer state excluded, so it measures activations and workspace); on CPU the
 same quantity from resident-set size, sampled every millisecond by a thread, after ``malloc_trim``.
 
+FLOPs and MFU: a training step counts as 3x the counted forward FLOPs; MFU = step FLOPs / median step time /
+the matmul rate measured in the same run (a square matmul in the run's dtype: 8192^3 on CUDA, 1024^3 on CPU).
+On CPU the process CPU time per step is printed too (steadier than wall time on a shared machine).
+``--compile`` compiles every transformer block of both models in place (vdiff: ``vdiff.lit.scaling.compile_blocks``,
+what ``Scaling(compile=True)`` does; Latte: its spatial and temporal blocks); warm-up steps absorb compilation.
+``--json PATH`` also writes the figures as JSON (``benchmarks/gpu_suite.sh`` collects them).
+
     python benchmarks/vdt_step.py --device cpu --quick
     python benchmarks/vdt_step.py --device cuda --dtype bfloat16 --model VDT-B/2
+    python benchmarks/vdt_step.py --device cuda --dtype bfloat16 --model VDT-L/2 --batch 8 --frames 16 --size 16  # Cityscapes
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import statistics
 import threading
 import time
@@ -31,6 +40,7 @@ import psutil
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from unet_step import matmul_rate  # benchmarks/ is the script's folder, hence on sys.path
 
 from vdiff.models.vdt import VDT, VDT_CONFIGS, VDTConfig
 
@@ -90,7 +100,9 @@ def make_inputs(work: Workload, device: torch.device) -> dict[str, torch.Tensor]
         "x": torch.randn(shape, generator=gen).to(device),  # (B, T, C, H, W)
         "t": torch.randint(0, 1000, (work.batch,), generator=gen).to(device),  # (B,)
         "caption": torch.randn(work.batch, 1, CAPTION_CHANNELS, generator=gen).to(device),
-        "target": torch.randn((work.batch, work.frames, 2 * work.channels, work.size, work.size), generator=gen).to(device),
+        "target": torch.randn((work.batch, work.frames, 2 * work.channels, work.size, work.size), generator=gen).to(
+            device
+        ),
     }
 
 
@@ -99,7 +111,12 @@ def run_ours(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def run_latte(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(inputs["x"].permute(0, 2, 1, 3, 4), timestep=inputs["t"], encoder_hidden_states=inputs["caption"], return_dict=False)[0]
+    out = model(
+        inputs["x"].permute(0, 2, 1, 3, 4),
+        timestep=inputs["t"],
+        encoder_hidden_states=inputs["caption"],
+        return_dict=False,
+    )[0]
     return out.permute(0, 2, 1, 3, 4)  # (B, T, 2C, H, W)
 
 
@@ -135,7 +152,9 @@ def match_latte(args: argparse.Namespace, work: Workload, target: int) -> tuple[
 
     found = candidates([(h, head_dim) for h in range(max(1, args.heads // 2), 2 * args.heads + 1)])
     if not any(c[0] <= 0.05 for c in found):
-        found += candidates([(args.heads, d) for d in range(max(2, head_dim // 2), 2 * head_dim + 1, 2) if d != head_dim])
+        found += candidates(
+            [(args.heads, d) for d in range(max(2, head_dim // 2), 2 * head_dim + 1, 2) if d != head_dim]
+        )
     close = [c for c in found if c[0] <= 0.05]
     best = min(close, key=lambda c: (c[1], c[0])) if close else min(found)
     return best[2], best[3], best[4], best[5]
@@ -175,16 +194,19 @@ class PeakRss:
 class Trainer:
     """One model, its AdamW and a timed training step."""
 
-    def __init__(self, name: str, model: nn.Module, runner, inputs: dict, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, name: str, model: nn.Module, runner, inputs: dict, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.name, self.model, self.runner, self.inputs = name, model.to(device).train(), runner, inputs
         self.device, self.dtype = device, dtype
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)  # same fused kernel for both
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # process CPU time: robust to other load on a shared CPU machine
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def step(self) -> float:
         synchronize(self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.runner(self.model, self.inputs)  # (B, T, 2C, H, W)
         loss = (out.float() - self.inputs["target"]).square().mean()
@@ -192,6 +214,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         synchronize(self.device)
+        self.last_cpu_time = time.process_time() - cpu_start
         return time.perf_counter() - start
 
     def peak_memory(self) -> int:
@@ -218,13 +241,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model (default 5 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model and input, 3 steps: a smoke run")
-    parser.add_argument("--model", choices=["small", "VDT-S/2", "VDT-B/2", "VDT-L/2"], default=None, help="default: small on CPU, VDT-B/2 on CUDA")
+    parser.add_argument(
+        "--model",
+        choices=["small", "VDT-S/2", "VDT-B/2", "VDT-L/2"],
+        default=None,
+        help="default: small on CPU, VDT-B/2 on CUDA",
+    )
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--size", type=int, default=None, help="latent side length")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block of both models (in place)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -234,11 +264,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     # The named sizes are vdiff's own (VDT_CONFIGS); "tiny" and "small" are benchmark-only CPU sizes.
-    presets = {"tiny": VDTConfig(hidden_size=64, depth=2, num_heads=2), "small": VDTConfig(hidden_size=192, depth=6, num_heads=3),
-               **VDT_CONFIGS}
+    presets = {
+        "tiny": VDTConfig(hidden_size=64, depth=2, num_heads=2),
+        "small": VDTConfig(hidden_size=192, depth=6, num_heads=3),
+        **VDT_CONFIGS,
+    }
     name = "tiny" if args.quick else (args.model or ("small" if device.type == "cpu" else "VDT-B/2"))
     preset = presets[name]
-    args.hidden, args.depth, args.heads, args.patch = preset.hidden_size, preset.depth, preset.num_heads, preset.patch_size
+    args.hidden, args.depth, args.heads, args.patch = (
+        preset.hidden_size,
+        preset.depth,
+        preset.num_heads,
+        preset.patch_size,
+    )
     cpu_defaults = (1, 4, 8) if args.quick else (2, 8, 16)
     batch, frames, size = cpu_defaults if device.type == "cpu" or args.quick else (4, 16, 32)
     work = Workload(args.batch or batch, args.frames or frames, args.channels, args.size or size)
@@ -248,35 +286,105 @@ def main() -> None:
     heads, head_dim, layers, latte_flops = match_latte(args, work, our_flops)
     torch.manual_seed(0)
     inputs = make_inputs(work, device)
-    ours = Trainer(f"vdiff VDT ({name}: D={args.hidden}, depth {args.depth}, {args.heads} heads)", build_ours(args, work), run_ours, inputs, device, dtype)
+    our_model, peer_model = build_ours(args, work), build_latte(args, work, heads, layers, head_dim)
+    if args.compile:
+        from vdiff.lit.scaling import compile_blocks
+
+        compile_blocks(our_model)
+        for block in [*peer_model.transformer_blocks, *peer_model.temporal_transformer_blocks]:
+            block.compile()
+    ours = Trainer(
+        f"vdiff VDT ({name}: D={args.hidden}, depth {args.depth}, {args.heads} heads)",
+        our_model,
+        run_ours,
+        inputs,
+        device,
+        dtype,
+    )
     peer = Trainer(
         f"diffusers Latte (D={heads * head_dim}, {layers} layers x 2 blocks, {heads} heads)",
-        build_latte(args, work, heads, layers, head_dim), run_latte, inputs, device, dtype,
+        peer_model,
+        run_latte,
+        inputs,
+        device,
+        dtype,
     )
+    rate = matmul_rate(device, dtype)
 
     for _ in range(args.warmup):
         ours.step(), peer.step()
     for _ in range(steps):  # alternate, so machine load drifts hit both alike
-        ours.times.append(ours.step())
-        peer.times.append(peer.step())
+        for t in (ours, peer):
+            t.times.append(t.step())
+            t.cpu_times.append(t.last_cpu_time)
     memory = {t.name: t.peak_memory() for t in (ours, peer)}
+    flops = {ours.name: our_flops, peer.name: latte_flops}
 
     print(
-        f"device {args.device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else f"device {torch.cuda.get_device_name(device)}",
+        f"device {args.device} ({torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else f"device {torch.cuda.get_device_name(device)}",
         f"| dtype {args.dtype} | input (B, T, C, H, W) = ({work.batch}, {work.frames}, {work.channels}, {work.size}, {work.size}), patch {args.patch}"
-        f" | {steps} timed steps after {args.warmup} warm-up | checkpointing {args.checkpointing}",
+        f" | {steps} timed steps after {args.warmup} warm-up | checkpointing {args.checkpointing} | compile {args.compile}",
     )
-    print(f"forward FLOPs: ours {our_flops / 1e9:.3f} G, Latte {latte_flops / 1e9:.3f} G (Latte/ours {latte_flops / our_flops:.3f})")
-    header = f"{'model':<62} {'params':>9} {'median ms':>10} {'mean ms':>9} {'peak MiB':>9}"
+    print(
+        f"forward FLOPs: ours {our_flops / 1e9:.3f} G, Latte {latte_flops / 1e9:.3f} G (Latte/ours {latte_flops / our_flops:.3f})"
+    )
+    print(f"matmul rate measured: {rate / 1e12:.3f} TFLOP/s ({args.dtype}); a step counts 3x the forward FLOPs")
+    header = f"{'model':<62} {'params':>9} {'median ms':>10} {'mean ms':>9} {'CPU ms':>8} {'peak MiB':>9} {'TFLOP/s':>8} {'MFU':>6}"
     print(header)
     print("-" * len(header))
-    for t in (ours, peer):
-        print(f"{t.name:<62} {t.params / 1e6:>8.2f}M {1e3 * statistics.median(t.times):>10.1f} {1e3 * statistics.mean(t.times):>9.1f} {memory[t.name] / 2**20:>9.1f}")
+    rows = {}
+    for key, t in (("ours", ours), ("peer", peer)):
+        median = statistics.median(t.times)
+        achieved = 3 * flops[t.name] / median
+        rows[key] = {
+            "name": t.name,
+            "params": t.params,
+            "fwd_flops": flops[t.name],
+            "median_ms": 1e3 * median,
+            "mean_ms": 1e3 * statistics.mean(t.times),
+            "cpu_ms": 1e3 * statistics.median(t.cpu_times),
+            "peak_mib": memory[t.name] / 2**20,
+            "tflops": achieved / 1e12,
+            "mfu": achieved / rate,
+        }
+        r = rows[key]
+        print(
+            f"{t.name:<62} {t.params / 1e6:>8.2f}M {r['median_ms']:>10.1f} {r['mean_ms']:>9.1f} {r['cpu_ms']:>8.1f} {r['peak_mib']:>9.1f} "
+            f"{r['tflops']:>8.3f} {100 * r['mfu']:>5.1f}%"
+        )
     ratio = statistics.median(peer.times) / statistics.median(ours.times)
-    print(f"step time ratio Latte/ours (median): {ratio:.2f}  (target >= 1.0 on CPU, >= 1.3 in bf16 on GPU)")
+    cpu_ratio = statistics.median(peer.cpu_times) / statistics.median(ours.cpu_times)
+    print(
+        f"step time ratio Latte/ours (median): {ratio:.2f} wall, {cpu_ratio:.2f} CPU time  (target >= 1.0 on CPU, >= 1.3 in bf16 on GPU)"
+    )
     print(f"peak memory ratio Latte/ours: {memory[peer.name] / max(memory[ours.name], 1):.2f}")
+    if args.json:
+        where = (
+            f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else torch.cuda.get_device_name(device)
+        )
+        payload = {
+            "benchmark": "vdt_step",
+            "device": where,
+            "dtype": args.dtype,
+            "model": name,
+            "compile": args.compile,
+            "checkpointing": args.checkpointing,
+            "input": [work.batch, work.frames, work.channels, work.size, work.size],
+            "matmul_tflops": rate / 1e12,
+            "ours": rows["ours"],
+            "peer": rows["peer"],
+            "time_ratio": ratio,
+            "cpu_time_ratio": cpu_ratio,
+            "memory_ratio": memory[peer.name] / max(memory[ours.name], 1),
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
     if args.quick:
-        print("(--quick is a smoke run: at this size per-op overhead, not FLOPs, sets the time; compare ratios from a full run)")
+        print(
+            "(--quick is a smoke run: at this size per-op overhead, not FLOPs, sets the time; compare ratios from a full run)"
+        )
 
 
 if __name__ == "__main__":
