@@ -88,11 +88,15 @@ def train(model: torch.nn.Module, args: argparse.Namespace, rank: int, world: in
 
 def _rank(rank: int, kind: str, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    world = 1 if kind == "single" else 2
+    if world > 1:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        dist.init_process_group("gloo", rank=rank, world_size=world)
     base = psutil.Process().memory_info().rss
     model = build(args)
-    if kind == "ddp":
+    if kind == "single":
+        pass
+    elif kind == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     else:
         from torch.distributed.device_mesh import init_device_mesh
@@ -103,10 +107,11 @@ def _rank(rank: int, kind: str, port: int, args: argparse.Namespace, out: str) -
         holder = torch.nn.Module()
         holder.net = model
         shard_module(holder, model, mesh)
-    result = train(model, args, rank, 2)
+    result = train(model, args, rank, world)
     result["peak_rss_mib"] -= base / 2**20
     Path(out, f"{kind}{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -125,18 +130,21 @@ def main() -> None:
     args.hidden, args.depth, args.heads = (64, 2, 2) if args.quick else (192, 6, 3)
     args.batch, args.frames, args.size = (2, 4, 8) if args.quick else (4, 8, 16)
     torch.set_num_threads(1)
+    # Warm up in the parent (kernels, allocator, lazily loaded libraries) so that every forked run starts alike.
+    warm = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+    train(build(warm), warm, 0, 1)
     rows = {}
-    base = psutil.Process().memory_info().rss
-    single = train(build(args), args, 0, 1)
-    single["peak_rss_mib"] -= base / 2**20
-    rows["1 process, whole batch"] = single
     out = tempfile.mkdtemp(prefix="vdiff-strategies-")
-    for kind in ("ddp", "fsdp2"):
-        mp.start_processes(_rank, args=(kind, free_port(), args, out), nprocs=2, start_method="fork")
-        ranks = [json.loads(Path(out, f"{kind}{r}.json").read_text()) for r in range(2)]
-        rows[f"2 processes, {'DDP' if kind == 'ddp' else 'FSDP2 fully_shard per block'}"] = {
-            k: max(r[k] for r in ranks) for k in ranks[0]
-        }
+    names = {
+        "single": "1 process, whole batch",
+        "ddp": "2 processes, DDP",
+        "fsdp2": "2 processes, FSDP2 fully_shard per block",
+    }
+    for kind in ("single", "ddp", "fsdp2"):
+        nprocs = 1 if kind == "single" else 2
+        mp.start_processes(_rank, args=(kind, free_port(), args, out), nprocs=nprocs, start_method="fork")
+        ranks = [json.loads(Path(out, f"{kind}{r}.json").read_text()) for r in range(nprocs)]
+        rows[names[kind]] = {k: max(r[k] for r in ranks) for k in ranks[0]}
     print(f"VDT D={args.hidden}, {args.depth} blocks; global batch ({args.batch}, {args.frames}, 4, {args.size}, {args.size}); "
           f"AdamW fp32; 1 torch thread per process; {os.cpu_count()} cores; max over ranks")  # fmt: skip
     print(f"{'run':<40} {'step ms':>8} {'CPU ms':>8} {'model state MiB':>16} {'peak RSS MiB':>13}")
