@@ -108,3 +108,28 @@ def test_consolidate_refuses_what_is_not_a_sharded_folder(tmp_path, capsys):
             vdiff_main(["consolidate", str(tmp_path / source), str(tmp_path / "out.ckpt")])
         assert "vdiff consolidate:" in str(err.value)
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_consolidate_reads_fsdp1_folders_and_names_optimizer_parameters(tmp_path):
+    """FSDPStrategy's sharded layout (``model`` + ``optimizer_0`` keyed by parameter name) becomes the same
+    single file: weights under state_dict, the optimizer state numbered in group order."""
+    import torch.distributed.checkpoint as dcp
+
+    from vdiff.lit.scaling import load_sharded_checkpoint
+
+    weights = {"net.a": torch.arange(6.0).view(2, 3), "net.b": torch.ones(3)}
+    optimizer = {
+        "state": {"net.b": {"exp_avg": torch.full((3,), 2.0)}, "net.a": {"exp_avg": torch.zeros(2, 3)}},
+        "param_groups": [{"lr": 0.1, "params": ["net.a"]}, {"lr": 0.2, "params": ["net.b"]}],
+    }
+    folder = tmp_path / "fsdp1.ckpt"
+    dcp.save({"model": weights, "optimizer_0": optimizer}, checkpoint_id=folder, no_dist=True)
+    torch.save({"global_step": 7, "vdiff_module": "x.Y"}, folder / "meta.pt")
+    checkpoint = load_sharded_checkpoint(folder)
+    assert checkpoint["global_step"] == 7 and checkpoint["vdiff_module"] == "x.Y"
+    assert all(torch.equal(checkpoint["state_dict"][k], v) for k, v in weights.items())
+    (state,) = checkpoint["optimizer_states"]
+    assert [g["params"] for g in state["param_groups"]] == [[0], [1]]
+    assert [g["lr"] for g in state["param_groups"]] == [0.1, 0.2]
+    assert torch.equal(state["state"][1]["exp_avg"], torch.full((3,), 2.0))
+    assert "optimizer_states" not in load_sharded_checkpoint(folder, optimizer=False)

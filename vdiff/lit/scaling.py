@@ -332,13 +332,13 @@ def load_sharded_checkpoint(
     meta = folder / META_FILE
     checkpoint: dict[str, Any] = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
     optimizers: dict[int, Any] = {}
-    if "state_dict" in tensors:  # Lightning's layout: state_dict, optimizer_0, optimizer_1, ...
-        checkpoint["state_dict"] = tensors.pop("state_dict")
-        optimizers = {int(m.group(1)): v for k, v in tensors.items() if (m := OPTIMIZER_KEY.match(k))}
-    elif "model" in tensors:  # Fabric's layout
-        checkpoint["state_dict"] = tensors.pop("model")
-    else:
+    # ModelParallelStrategy: state_dict, optimizer_0, ...; FSDPStrategy (and Fabric): model, optimizer_0, ...
+    model_key = next((k for k in ("state_dict", "model") if k in tensors), None)
+    if model_key is None:  # not Lightning's layout: keep the tensors as they are
         checkpoint["state_dict"] = tensors
+    else:
+        checkpoint["state_dict"] = tensors.pop(model_key)
+        optimizers = {int(m.group(1)): v for k, v in tensors.items() if (m := OPTIMIZER_KEY.match(k))}
     if optimizer and optimizers:
         checkpoint["optimizer_states"] = [optimizer_state_by_position(optimizers[i]) for i in sorted(optimizers)]
     else:
