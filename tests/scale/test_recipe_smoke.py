@@ -4,9 +4,8 @@ model_parallel_cpu.yaml on 2 processes) and every precision a recipe declares (3
 bf16-true); a sharded run's checkpoint folder consolidates into a file load_module reads. fsdp.yaml and
 model_parallel.yaml need GPUs (they only parse here: tests/scale/test_scaling_options.py).
 
-Callbacks: the strategy runs keep EMA and drop SampleVideos, whose rank-0-only ``trainer.log_dir`` (a
-collective) deadlocks any multi-process run, and EvaluateCheckpoint, which cannot read a sharded folder
-(both reported; not this suite's files)."""
+Callbacks: the strategy runs keep the recipe's EMA and SampleVideos (every rank samples: a sharded network's
+forward needs them all) and drop EvaluateCheckpoint, which cannot read a sharded checkpoint folder."""
 
 from __future__ import annotations
 
@@ -25,6 +24,10 @@ from vdiff.cli import main
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
 EMA_ONLY = '[{"class_path": "vdiff.callbacks.EMA", "init_args": {"decay": 0.9}}]'
+EMA_AND_SAMPLES = (
+    '[{"class_path": "vdiff.callbacks.EMA", "init_args": {"decay": 0.9}}, '
+    '{"class_path": "vdiff.callbacks.SampleVideos", "init_args": {"num_videos": 2, "fps": 10}}]'
+)
 
 
 def tiny_args(root: Path) -> list[str]:
@@ -94,8 +97,9 @@ MATRIX = [
 def test_strategy_blocks_train_two_steps_on_two_cpu_processes(tmp_path, strategy, precision):
     block = str(REPO / "recipes" / "strategy" / f"{strategy}.yaml")
     result = run_vdiff(tmp_path, "-c", block, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                       "--trainer.precision", precision, "--trainer.callbacks", EMA_ONLY)  # fmt: skip
+                       "--trainer.precision", precision, "--trainer.callbacks", EMA_AND_SAMPLES)  # fmt: skip
     assert "Starting with 2 processes" in result.stderr + result.stdout
+    assert list(tmp_path.glob("runs/quickstart/version_*/samples/*.mp4"))  # rank 0 wrote the validation samples
     path = last_checkpoint(tmp_path)
     if strategy == "ddp":
         checkpoint = torch.load(path, weights_only=False)
