@@ -141,3 +141,17 @@ def test_checkpoints_of_python_built_modules_load_with_weights_only(tmp_path):
     path, _ = fit_and_save(module, tmp_path, [EMA(decay=0.9)])
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["net"].hidden_size == 32
+
+
+def test_sharded_checkpoints_keep_the_autoencoder_state(tmp_path, vae_file):
+    """torch.distributed.checkpoint loads against the module's full state: sharded saves are not lean."""
+    from types import SimpleNamespace
+
+    module = latent_module(vae_file)
+    module.configure_model()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(_device_mesh=object()), datamodule=None)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert any(k.startswith("autoencoder.") for k in checkpoint["state_dict"])
+    assert checkpoint["vdiff_autoencoder"]["sha256"] == module.autoencoder.weights_sha256
+    module.on_load_checkpoint({k: v for k, v in checkpoint.items() if k != "state_dict"})  # DCP: no state_dict here

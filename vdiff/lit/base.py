@@ -509,10 +509,18 @@ class VideoDiffusionModule(L.LightningModule):
 
             entry = describe_autoencoder(self.autoencoder)
             checkpoint[AUTOENCODER_KEY] = entry
-            if "sha256" in entry:  # file-backed: reloaded from the file, not stored (SD-VAE: 335 MB)
-                state = checkpoint["state_dict"]
+            # File-backed: reloaded from the file, not stored (SD-VAE: 335 MB). Sharded checkpoints
+            # (torch.distributed.checkpoint) load against the module's full state, so they keep it.
+            state = checkpoint.get("state_dict")
+            if "sha256" in entry and isinstance(state, dict) and not self.sharded_checkpoints():
                 for key in [k for k in state if k.startswith(AUTOENCODER_PREFIX)]:
                     del state[key]
+
+    def sharded_checkpoints(self) -> bool:
+        """Whether the strategy saves sharded checkpoints (a device mesh: ModelParallelStrategy, FSDP2)."""
+        trainer = self._trainer
+        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+        return getattr(strategy, "_device_mesh", None) is not None or type(strategy).__name__.endswith("FSDPStrategy")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the autoencoder recorded in the checkpoint: rebuild it when this module was
@@ -527,8 +535,8 @@ class VideoDiffusionModule(L.LightningModule):
         if rebuilt is not None:
             self.autoencoder = rebuilt.to(self.device).eval().requires_grad_(False)
             self.autoencoder_replaced()
-        if "sha256" in entry:
-            state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if "sha256" in entry and isinstance(state, dict):
             for key, value in self.autoencoder.state_dict().items():
                 state.setdefault(AUTOENCODER_PREFIX + key, value)
 
