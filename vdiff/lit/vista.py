@@ -22,6 +22,7 @@ Vista specialises SVD for driving; this module adds to :class:`~vdiff.lit.svd.SV
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -60,7 +61,8 @@ class VistaModule(SVDModule):
     Args:
         net: as :class:`SVDModule` (``svd-xt`` for Vista); ``cond_frame_time_embed`` and ``action_dim`` are set
             here (the UNet gets the conditioning-frame MLP and the action projections).
-        action_encoder: the :class:`ActionEncoder` (its normalisation and future times); None = Vista's.
+        action_encoder: the :class:`ActionEncoder` (its normalisation and future times), or its arguments as a dict
+            (how checkpoints store it: ``load_from_checkpoint`` rebuilds the same encoder); None = Vista's.
         prior_weights: ``{k: weight}``: the first k frames given in training (Vista: 1:2:4:8 for 0..3).
         action_drop: per-action-type CFG dropout in training (Vista: 0.15).
         one_action_type: keep one valid action type per training clip (Vista).
@@ -75,7 +77,7 @@ class VistaModule(SVDModule):
     def __init__(
         self,
         net: UNetSVDConfig | str = "svd-xt",
-        action_encoder: ActionEncoder | None = None,
+        action_encoder: ActionEncoder | dict[str, Any] | None = None,
         prior_weights: dict[int, float] | None = None,
         action_drop: float = VISTA_CFG_DROP,
         one_action_type: bool = True,
@@ -102,6 +104,8 @@ class VistaModule(SVDModule):
         optimizer: OptimizerCallable | None = None,
         lr_decay: Literal["constant", "cosine"] = "constant",
     ) -> None:
+        if isinstance(action_encoder, Mapping):  # a checkpoint's hyperparameters (on_save_checkpoint)
+            action_encoder = ActionEncoder(**action_encoder)
         encoder = action_encoder if action_encoder is not None else ActionEncoder()
         config = UNetSVDConfig.from_name(net) if isinstance(net, str) else net
         config = config.replace(cond_frame_time_embed=True, action_dim=encoder.action_dim)
@@ -123,6 +127,13 @@ class VistaModule(SVDModule):
         self.sample_actions = sample_actions
         self.extra_losses = dict(dynamics=dynamics_loss, dynamics_weight=float(dynamics_weight),
                                  structure=structure_loss, structure_weight=float(structure_weight))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """As SVD's, and the action encoder's arguments into the hyperparameters (the network's action width follows
+        them, so a checkpoint must rebuild the same encoder)."""
+        super().on_save_checkpoint(checkpoint)
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"]["action_encoder"] = self.action_encoder.to_dict()
 
     def default_diffusion(self) -> EDMDiffusion:
         return EDMDiffusion(VScalingPrecond(), LogNormalSigma(1.0, 1.6), loss_weighting="v", offset_noise=0.02,

@@ -241,6 +241,13 @@ class ActionEncoder(nn.Module):
         valid = drop_actions(valid, drop, generator)
         return self.embed(scalars, valid)
 
+    def to_dict(self) -> dict[str, float | int | list[float]]:
+        """The constructor arguments (plain numbers and a list): ``ActionEncoder(**encoder.to_dict())`` rebuilds it
+        (checkpoints store this)."""
+        return dict(embed_dim=self.embed_dim, max_period=self.max_period, reference_frame=self.reference_frame,
+                    future_seconds=list(self.future_seconds), default_fps=self.default_fps,
+                    **{f"{key}_scale": value for key, value in self.scales.items()})
+
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, action_dim={self.action_dim}, reference_frame={self.reference_frame}, "
