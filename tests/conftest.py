@@ -7,7 +7,19 @@ load). ``VDIFF_TEST_THREADS`` overrides the count.
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("VDIFF_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test leaves os.environ as it found it: Lightning's launchers set RANK/LOCAL_RANK/MASTER_PORT...
+    in the parent process, and a later test's `vdiff` subprocess would believe it is a rank of a job."""
+    saved = dict(os.environ)
+    yield
+    for name in [k for k in os.environ if k not in saved]:
+        del os.environ[name]
+    os.environ.update(saved)
