@@ -1,7 +1,9 @@
-"""README command (a): the quickstart recipe end to end, as a user runs it (slow: about 5 minutes).
+"""README command (a): the quickstart recipe end to end (slow: about 5 minutes on a free 2-core machine).
 
-Its wall time is a benchmark figure (``benchmarks/quickstart.py``), not a test assertion: training is
-time-budgeted by the recipe, and a loaded machine is slower without anything being wrong."""
+The recipe's training is time-budgeted, so what it learns depends on how loaded the machine is (under load
+4, ~150 steps fit and it does not yet beat copy-last). This test trains a FIXED number of steps instead (600,
+about what the budget gives on a free 2-core machine), so its result does not depend on the load; the wall
+time is a benchmark figure (``benchmarks/quickstart.py``)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def test_quickstart_beats_copy_last_by_3_db(tmp_path):
     env.pop("OMP_NUM_THREADS", None)  # the user's default threads, not the test suite's
     vdiff = Path(sys.executable).with_name("vdiff")
     result = subprocess.run(
-        [str(vdiff), "fit", "-c", str(REPO / "recipes" / "quickstart.yaml")],
+        [str(vdiff), "fit", "-c", str(REPO / "recipes" / "quickstart.yaml"),
+         "--trainer.max_time", "null", "--trainer.max_steps", "600"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
