@@ -111,6 +111,52 @@ def test_steering_sign_moves_the_horizon_the_way_a_turn_looks(steering):
     assert measured == pytest.approx(expected, rel=0.3), (measured, expected)
 
 
+
+# Open ground under a mountain skyline (the Vista quickstart's scene): no road, world-fixed ground texture.
+OPEN = dict(BARE, road=False, ground_texture=2.0, hill_height=3.0, hill_haze=0.0)
+
+
+@pytest.mark.parametrize("steering", [150.0, -150.0])
+def test_skyline_moves_with_the_yaw_alone_on_open_ground(steering):
+    """The tall, dark skyline moves right in a left turn at f * yaw_rate / fps, and not at all driving straight."""
+    frames, actions = render_drive(12, 64, seed=2, speed=5.0, steering=steering, fov_deg=60.0, horizon=0.45, **OPEN)
+    camera = Camera.from_config(DriveConfig(size=64, fov_deg=60.0, horizon=0.45))
+    expected = camera.focal * np.mean(actions["yaw_rate"]) / 10.0
+    assert _hill_band_shift(frames, camera, gap=2) == pytest.approx(expected, rel=0.3)
+    straight, _ = render_drive(12, 64, seed=2, speed=5.0, steering=0.0, fov_deg=60.0, horizon=0.45, **OPEN)
+    assert abs(_hill_band_shift(straight, camera, gap=2)) < 0.1
+
+
+def test_open_ground_has_no_road_and_a_textured_ground_that_streams_with_the_speed():
+    options = dict(fov_deg=60.0, horizon=0.45, steering=0.0)
+    road, _ = render_drive(6, 32, seed=3, speed=5.0, **options, **BARE)
+    open_moving, _ = render_drive(6, 32, seed=3, speed=5.0, **options, **OPEN)
+    open_parked, _ = render_drive(6, 32, seed=3, speed=0.0, **options, **OPEN)
+    ground = slice(20, 32)  # rows below the horizon
+    # the asphalt and its white lines are gone: the road scene's ground is greyer and brighter in the middle
+    assert not np.array_equal(road[:, ground], open_moving[:, ground])
+    texture = _gray(open_moving[0, ground]).std(axis=1).mean()
+    assert texture > 2.0  # the texture varies across every ground row (plain grass would not)
+    moved = np.abs(np.diff(_gray(open_moving[:, ground]), axis=0)).mean()
+    parked = np.abs(np.diff(_gray(open_parked[:, ground]), axis=0)).mean()
+    assert moved > 1.0 and parked < 1e-6  # world-fixed: it streams only when the car moves
+
+
+def test_skyline_options_shape_the_hills():
+    low, _ = render_drive(2, 32, seed=5, **BARE)
+    tall, _ = render_drive(2, 32, seed=5, hill_height=3.0, hill_haze=0.0, **BARE)
+    sky = slice(0, 12)  # rows above the horizon (0.4 * 32)
+    def lateral_contrast(frame):  # what a sideways shift can be read from: variation along each row
+        return _gray(frame[sky]).std(axis=1).mean()
+
+    assert lateral_contrast(tall[0]) > 3 * lateral_contrast(low[0])  # taller, darker ridges
+    with pytest.raises(ValueError, match="hill_height"):
+        DriveConfig(hill_height=0.0).validate()
+    with pytest.raises(ValueError, match="hill_haze"):
+        DriveConfig(hill_haze=1.5).validate()
+    with pytest.raises(ValueError, match="ground_texture"):
+        DriveConfig(ground_texture=-1.0).validate()
+
 def test_road_bends_toward_the_steering_side():
     """Far ahead the road (asphalt) lies left of where it lies for right steering, and vice versa."""
     camera = Camera.from_config(DriveConfig(size=64))

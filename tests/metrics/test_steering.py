@@ -101,3 +101,20 @@ def test_on_synthetic_drives_a_left_turn_moves_the_horizon_band_right(steering):
     kappa = math.tan(math.radians(abs(steering)) / 15.0) / 2.7
     expected = 16.0 / math.tan(math.radians(45.0)) * 6.0 * kappa / 10.0
     assert abs(shift) == pytest.approx(expected, rel=0.25)
+
+
+@pytest.mark.parametrize("steering", [200.0, -200.0, 60.0, -60.0])
+def test_on_open_ground_the_skyline_band_reads_the_turn_from_one_frame_pair(steering):
+    """The Vista quickstart's measurement: open ground under a tall skyline, 5 fps, ONE pair of 32x32 frames (its
+    clips are a given frame and a generated one), the band of rows from 10% of the height to the horizon."""
+    from vdiff.data.synthetic import render_drive
+
+    options = dict(road=False, ground_texture=2.0, hill_height=3.0, hill_haze=0.0, num_cars=0, num_bouncers=0,
+                   post_spacing=0.0, tree_spacing=0.0, fov_deg=60.0, horizon=0.45)
+    for seed in range(4):
+        frames, _ = render_drive(2, 32, seed=seed, fps=5.0, speed=4.5, steering=steering, **options)
+        video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 127.5 - 1
+        shift = float(lateral_shift(video, rows=(0.1, 0.45)))
+        assert math.copysign(1.0, shift) == math.copysign(1.0, steering), (seed, shift)
+        if abs(steering) == 200.0:  # f * yaw per frame: 27.7 px * tan(200/15 deg)/2.7 m * 0.9 m
+            assert abs(shift) == pytest.approx(27.7 * math.tan(math.radians(200.0 / 15.0)) / 2.7 * 0.9, rel=0.3)

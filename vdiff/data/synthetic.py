@@ -45,6 +45,16 @@ same time. Tests measure both on the rendered frames.
 Speed is visible as the dashes, posts and trees streaming toward the bottom of the picture by
 ``speed / fps`` metres of ground per frame; the hills, at infinity, move only with yaw.
 
+Open ground
+-----------
+The road is the car's own path, so a picture of the road ahead shows where the car will drive: the future steering
+can be read off the first frame. ``road=False`` leaves the road and its markings out (open grass, e.g. off-road
+driving; set ``num_cars``, ``num_bouncers``, ``post_spacing`` and ``tree_spacing`` to 0 too, since they line the
+path), and ``ground_texture`` > 0 paints world-fixed texture on the ground (plane waves of about that wavelength in
+metres), so the ground streams toward the camera with the speed and sweeps sideways with the yaw. Then nothing in a
+frame tells which way the car will steer: an action-conditioned model must read the steering. Both are off by
+default (the pictures of every other setting are unchanged).
+
 Shard sets
 ----------
 :func:`write_synthetic_shards` renders, encodes (:func:`vdiff.data.video_io.encode_video`) and
@@ -128,6 +138,10 @@ class DriveConfig:
     num_bouncers: int = 1  # boxes bouncing beside the road
     post_spacing: float = 12.0  # m between posts on the right verge (0: none)
     tree_spacing: float = 18.0  # m between trees on the left (0: none)
+    road: bool = True  # False: no road and no markings, open ground (see "Open ground" in the module docstring)
+    ground_texture: float = 0.0  # m: wavelength of world-fixed ground texture (0: plain grass)
+    hill_height: float = 1.0  # scales the hills' elevation above the horizon (1: low hills, about 4 degrees)
+    hill_haze: float = 0.4  # fraction of haze colour in the hills (0.4: faint, distant; 0: dark, sharp ridges)
 
     def validate(self) -> DriveConfig:
         def fail(name: str, why: str) -> None:
@@ -166,9 +180,13 @@ class DriveConfig:
         for name in ("num_cars", "num_bouncers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 fail(name, "must be a non-negative integer")
-        for name in ("post_spacing", "tree_spacing", "curve_ramp_m"):
+        for name in ("post_spacing", "tree_spacing", "curve_ramp_m", "ground_texture"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
+        if not 0.0 < self.hill_height <= 8.0:
+            fail("hill_height", "must be within (0, 8]")
+        if not 0.0 <= self.hill_haze <= 1.0:
+            fail("hill_haze", "must be within [0, 1]")
         return self
 
 
@@ -409,6 +427,7 @@ class _Scene:
     hill_terms: np.ndarray  # (M, 3): frequency (integer), amplitude (rad), phase
     hill_base: float
     boxes: list[dict[str, Any]]  # see _scene_boxes
+    ground_terms: np.ndarray | None = None  # (M, 4): wavelength (m), direction (rad), phase, amplitude
 
 
 def _make_scene(cfg: DriveConfig, rng: np.random.Generator, drive: Drive) -> _Scene:
@@ -465,6 +484,11 @@ def _make_scene(cfg: DriveConfig, rng: np.random.Generator, drive: Drive) -> _Sc
                                     height=height * rng.uniform(0.85, 1.15), color=jitter(color, 0.04),
                                     window=False, bounce=None))
             s += spacing * rng.uniform(0.8, 1.2)
+    if cfg.ground_texture > 0:  # drawn last: every other choice of a seed stays what it was without texture
+        count = 4
+        scene.ground_terms = np.stack([cfg.ground_texture * rng.uniform(1.0, 2.5, count),
+                                       rng.uniform(0, np.pi, count), rng.uniform(0, 2 * np.pi, count),
+                                       rng.uniform(0.5, 1.0, count) / count], axis=1)
     return scene
 
 
@@ -480,12 +504,12 @@ def _render_sky(cfg: DriveConfig, camera: Camera, scene: _Scene, heading: np.nda
     cols = np.arange(size, dtype=np.float64) + 0.5
     azimuth = heading[:, None] + np.arctan((camera.cx - cols[None, :]) / camera.focal)  # (T, S), + = left
     freq, amp, phase = scene.hill_terms.T
-    elevation = scene.hill_base + np.sum(amp * np.sin(azimuth[..., None] * freq + phase), axis=-1)
+    elevation = cfg.hill_height * (scene.hill_base + np.sum(amp * np.sin(azimuth[..., None] * freq + phase), axis=-1))
     top = (camera.cy - camera.focal * np.tan(np.maximum(elevation, 0.005))).astype(np.float32)  # (T, S) ridge row
     r0, r1 = max(int(top.min()), 0), min(int(math.ceil(camera.cy)), size)  # only the hill band changes
     band_rows = rows[r0:r1, None]
     coverage = _cover(top[:, None, :], np.float32(camera.cy), band_rows[None])[..., None]  # (T, rows, S, 1)
-    hills = (0.6 * scene.hills + 0.4 * scene.haze).astype(np.float32)  # distant: mostly haze-coloured
+    hills = ((1 - cfg.hill_haze) * scene.hills + cfg.hill_haze * scene.haze).astype(np.float32)  # distant: hazy
     band = frames[:, r0:r1]
     frames[:, r0:r1] = band + coverage * (hills - band)
     return frames
@@ -564,11 +588,14 @@ def _render_ground(cfg: DriveConfig, camera: Camera, scene: _Scene, drive: Drive
         hi = cx - (center - half_width)[..., None] * scale
         return _cover(lo, hi, cols)
 
-    line = np.float32(0.1) / cos_rel  # lines are 0.2 m wide
-    road = band(lat, np.float32(cfg.lane_width) / cos_rel) * on_road[..., None]
-    edge_offset = np.float32(cfg.lane_width - 0.25) / cos_rel
-    paint = np.minimum(band(lat + edge_offset, line) + band(lat - edge_offset, line)
-                       + band(lat, line) * dash_cov[..., None], 1) * on_road[..., None]
+    if cfg.road:
+        line = np.float32(0.1) / cos_rel  # lines are 0.2 m wide
+        road = band(lat, np.float32(cfg.lane_width) / cos_rel) * on_road[..., None]
+        edge_offset = np.float32(cfg.lane_width - 0.25) / cos_rel
+        paint = np.minimum(band(lat + edge_offset, line) + band(lat - edge_offset, line)
+                           + band(lat, line) * dash_cov[..., None], 1) * on_road[..., None]
+    else:  # open ground: grass everywhere
+        road = paint = np.zeros((len(s_now), r, size), dtype=np.float32)
     # Mix four colours with per-pixel weights that sum to one, one colour channel at a time
     # (contiguous planes with scalar factors are about twice as fast as (..., 3)-broadcasting or a GEMM).
     fog = np.exp(-d_mid / (0.35 * cfg.draw_distance)).astype(np.float32)[None, :, None]  # (1, R, 1)
@@ -578,8 +605,9 @@ def _render_ground(cfg: DriveConfig, camera: Camera, scene: _Scene, drive: Drive
     w_paint = fog * paint
     w_haze = 1 - fog
     color = np.empty((*paint.shape, 3), dtype=np.float32)  # (T, R, S, 3)
+    grass = _ground_shade(camera, scene, pose, d_mid, size) if scene.ground_terms is not None else None
     for ch in range(3):
-        plane = w_grass * scene.grass[ch]
+        plane = w_grass * (scene.grass[ch] if grass is None else grass * scene.grass[ch])
         plane += w_asphalt * scene.asphalt[ch]
         plane += w_paint * scene.paint[ch]
         plane += w_haze * scene.haze[ch]
@@ -589,6 +617,26 @@ def _render_ground(cfg: DriveConfig, camera: Camera, scene: _Scene, drive: Drive
         frames[:, first + 1:] = color[:, 1:]
     else:
         frames[:, first:] = color
+
+
+def _ground_shade(camera: Camera, scene: _Scene, pose, depths: np.ndarray, size: int) -> np.ndarray:
+    """World-fixed ground texture: a brightness factor ``(T, R, S)`` around 1 for the ground seen at each row's
+    depth ``depths`` (R,) and each column, from the car's poses (T,). The texture is a sum of plane waves fixed in
+    the world (``scene.ground_terms``); each wave fades where a pixel's footprint on the ground nears half its
+    wavelength (a built-in low-pass, so the far ground does not alias)."""
+    ex, ey, eh = (np.asarray(a, dtype=np.float64)[:, None, None] for a in pose)  # (T, 1, 1)
+    d = depths[None, :, None]  # (1, R, 1)
+    cols = np.arange(size, dtype=np.float64)[None, None, :] + 0.5
+    lateral = (camera.cx - cols) * d / camera.focal  # (1, R, S): metres to the left at that depth
+    wx = ex + np.cos(eh) * d - np.sin(eh) * lateral  # (T, R, S) world position of the ground seen there
+    wy = ey + np.sin(eh) * d + np.cos(eh) * lateral
+    footprint = np.maximum(d * d / (camera.focal * camera.height), d / camera.focal)  # (1, R, 1): m per pixel
+    shade = np.ones(wx.shape, dtype=np.float64)
+    for wavelength, direction, phase, amplitude in scene.ground_terms:
+        fade = np.clip(1.0 - 2.0 * footprint / wavelength, 0.0, 1.0)
+        along = wx * np.cos(direction) + wy * np.sin(direction)
+        shade += amplitude * fade * np.sin(2 * np.pi * along / wavelength + phase)
+    return shade.astype(np.float32)
 
 
 def _render_boxes(cfg: DriveConfig, camera: Camera, scene: _Scene, drive: Drive, pose, frames) -> None:
