@@ -41,10 +41,11 @@ def test_recipe_records_vistas_protocol(capsys):
     assert model["conditioning"]["cond_aug"] == 0.0 and model["conditioning"]["fps_id"] == 9
     assert data["val"] == "data/nuscenes/val" and data["size"] == [576, 1024] and data["num_frames"] == 25
     assert data["target_fps"] == 10.0 and data["val_clips_per_video"] == 36
-    first, second = (c["init_args"] for c in config["trainer"]["callbacks"])
+    first, second, steering = (c["init_args"] for c in config["trainer"]["callbacks"])
     assert first["fvd"]["num_frames"] == 25 and first["fvd"]["num_real"] == 5369 and first["fvd"]["cov_divisor"] == "N"
     assert first["fid"]["backend"] == "clean-fid" and first["fid"]["num_real"] == 5369 * 25
     assert second["fvd"]["num_frames"] == 16 and second["fid_weights"] is None
+    assert steering["run_on"] == ["validate"] and steering["steering"] == 90.0 and steering["rows"] == [0.3, 0.6]
 
 
 def test_missing_weights_are_named(tmp_path, monkeypatch):
@@ -94,6 +95,7 @@ def test_validate_prints_the_protocol_with_stub_networks(tmp_path, monkeypatch, 
     assert len(rows) == 3 and all("4 real / 4 generated clips" in r or "100 real / 100 generated frames" in r
                                   for r in rows)  # fmt: skip
     assert all("not comparable with numbers at that N" in r for r in rows)  # 4 clips, not Vista's 5369
+    assert "Steering test on 4 held-out clips" in printed and "LEFT +90 deg / RIGHT -90 deg" in printed
 
 
 def write_stub_i3d_at(path: Path) -> Path:

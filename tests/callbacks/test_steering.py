@@ -3,12 +3,16 @@ min_agreement check, and a run on a real (tiny) VistaModule checkpoint."""
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger, Logger
+from torch.utils.data import DataLoader
 
 from tests.lit.test_vista_module import NET, driving_batch
 from tests.metrics.test_steering import shifted, smooth_image
@@ -137,3 +141,166 @@ def test_runs_on_a_vista_checkpoint_whose_action_encoder_comes_back(tmp_path):
     results = test.evaluate(loaded, [batch])
     assert results["clips"] == 2 and math.isfinite(results["mean_shift_left"])
     assert "Steering test on 2 held-out clips" in test.table()
+
+
+# ---------------------------------------------------------------- the validate / test entry points
+
+
+class StubLitModule(L.LightningModule):
+    """A LightningModule whose ``generate`` is :class:`StubWorldModel`'s; records the train/eval mode of every call."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.world = StubWorldModel(gain)
+        self.evaluation = self.world.evaluation
+        self.modes: list[bool] = []
+
+    def generate(self, batch, generator=None) -> Generated:
+        self.modes.append(self.training)
+        return self.world.generate(batch, generator)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(torch.ones(1, 1)).sum()
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class HeldOut(L.LightningDataModule):
+    def val_dataloader(self):
+        return DataLoader(clip_batches(2), batch_size=None)  # 6 clips
+
+    def test_dataloader(self):
+        return DataLoader(clip_batches(1), batch_size=None)  # 3 clips
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[dict, int | None]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((dict(metrics), step))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def tiny_trainer(callbacks, logger=False, **kwargs) -> L.Trainer:
+    options = dict(accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(callbacks=callbacks, logger=logger, limit_val_batches=1, limit_test_batches=1, **options, **kwargs)
+
+
+def steering_metrics(calls) -> list[dict]:
+    return [metrics for metrics, _ in calls if any(k.startswith("steering/") for k in metrics)]
+
+
+def test_validate_entry_point_tests_the_module_in_memory_and_logs(tmp_path, capsys):
+    module = StubLitModule(gain=0.01)  # 150 deg -> 1.5 px a frame: obeys
+    selected = SteeringTest(run_on=["validate"], steering=150.0, max_shift=3, min_agreement=0.9)
+    default = SteeringTest(steering=150.0, max_shift=3)  # run_on ("fit",): validate does nothing
+    logger = CSVLogger(tmp_path, name="steer")
+    tiny_trainer([selected, default], logger=logger).validate(module, datamodule=HeldOut())
+    printed = capsys.readouterr().out
+    assert printed.count("Steering test on") == 1 and "Steering test on 6 held-out clips" in printed
+    assert "tested: weights in memory" in printed and "agreement (both commands obeyed): 6/6 (100%)" in printed
+    # its own max_batches (all 6 clips), not the trainer's limit_val_batches
+    assert selected.results["clips"] == 6 and selected.results["agreement"] == 1.0
+    assert module.modes == [False] * 4 and module.training  # sampled in eval mode, left as it was
+    assert default.results == {}
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("steering/agreement")]
+    assert len(rows) == 1 and float(rows[0]["steering/agreement"]) == 1.0
+    assert float(rows[0]["steering/left_obeyed_frac"]) == 1.0 and float(rows[0]["steering/right_obeyed_frac"]) == 1.0
+
+
+def test_test_entry_point_uses_the_test_loader_logs_then_checks(capsys):
+    module = StubLitModule(gain=0.0)  # ignores the command: every clip scrolls the recorded way (left)
+    test = SteeringTest(run_on=("test",), steering=150.0, max_shift=3, min_agreement=0.5)
+    logger = RecordingLogger()
+    trainer = tiny_trainer([test], logger=logger)
+    with pytest.raises(RuntimeError, match="below min_agreement 0.5"):
+        trainer.test(module, dataloaders=DataLoader(clip_batches(1), batch_size=None))  # no datamodule: the loader
+    assert test.results["clips"] == 3 and test.results["agreement"] == 0.0
+    assert steering_metrics(logger.calls) == [
+        {"steering/agreement": 0.0, "steering/left_obeyed_frac": 1.0, "steering/right_obeyed_frac": 0.0}
+    ]  # logged before the check raised
+    assert "Steering test on 3 held-out clips" in capsys.readouterr().out
+
+
+def test_fits_periodic_validation_and_sanity_check_do_not_run_it(capsys):
+    module = StubLitModule(gain=0.01)
+    test = SteeringTest(run_on=["validate", "test"], steering=150.0, max_shift=3)  # not "fit"
+    logger = RecordingLogger()
+    trainer = tiny_trainer([test], logger=logger, max_steps=2, val_check_interval=1, num_sanity_val_steps=1)
+    val = DataLoader(clip_batches(1), batch_size=None)
+    trainer.fit(module, train_dataloaders=DataLoader([torch.zeros(1)] * 2, batch_size=None), val_dataloaders=val)
+    assert module.world.commands == [] and test.results == {} and not steering_metrics(logger.calls)
+    assert "Steering test" not in capsys.readouterr().out
+    trainer.validate(module, dataloaders=val)  # the same trainer's validate entry point: runs (trainer's loader)
+    assert test.results["clips"] == 3 and module.modes == [False, False]
+    assert [step for metrics, step in logger.calls if "steering/agreement" in metrics] == [2]  # trainer.global_step
+
+
+def test_run_on_names_known_stages():
+    assert SteeringTest(run_on="validate").run_on == ("validate",)
+    assert SteeringTest().run_on == ("fit",)
+    with pytest.raises(ValueError, match="run_on"):
+        SteeringTest(run_on=["validate", "predict"])
+
+
+def test_an_action_free_vista_samples_the_forced_steering_with_actions():
+    from tests.lit.test_vista_module import tiny_vista
+
+    module = tiny_vista(sample_actions=False).eval()
+    batch = driving_batch(batch=1, frames=6, size=16)
+
+    def sample(degrees: float) -> torch.Tensor:
+        return module.generate(with_steering(batch, degrees), generator=torch.Generator().manual_seed(0)).video
+
+    assert torch.equal(sample(90.0), sample(-90.0))  # action-free: the command is not used (the recipe's metrics)
+    videos, generate = [], module.generate
+
+    def recording(batch, generator=None):
+        out = generate(batch, generator=generator)
+        videos.append((module.sample_actions, out.video))
+        return out
+
+    module.generate = recording
+    SteeringTest(steering=90.0, max_shift=2).evaluate(module, [batch])
+    (left_actions, left), (right_actions, right) = videos
+    assert left_actions and right_actions and not torch.allclose(left, right)  # the test sampled WITH actions
+    assert module.sample_actions is False  # and switched them off again
+
+
+def test_default_still_runs_at_the_end_of_fit_on_the_saved_checkpoint(tmp_path, capsys):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.lit.test_vista_module import tiny_vista
+
+    batch = driving_batch(batch=2, frames=6, size=16)
+    test = SteeringTest(steering=100.0, max_shift=2)  # run_on ("fit",)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=1, callbacks=[ModelCheckpoint(tmp_path, save_last=True), test],
+    )  # fmt: skip
+    loader = DataLoader([batch], batch_size=None)
+    trainer.fit(tiny_vista(sample_actions=False), train_dataloaders=loader, val_dataloaders=loader)
+    printed = capsys.readouterr().out
+    assert "Steering test on 2 held-out clips" in printed and "last.ckpt (trained weights)" in printed
+    assert test.results["clips"] == 2

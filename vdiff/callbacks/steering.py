@@ -1,6 +1,7 @@
 """The steering test: does the saved world model turn where it is told?
 
-After ``fit``, :class:`SteeringTest` reloads the checkpoint Lightning just wrote (as
+After ``fit`` (by default; ``run_on`` adds ``vdiff validate`` / ``vdiff test``, where the module in memory is tested
+on the stage's own held-out loader), :class:`SteeringTest` reloads the checkpoint Lightning just wrote (as
 :class:`~vdiff.callbacks.checkpoint_eval.EvaluateCheckpoint` does: what is tested is what a user gets from disk, EMA
 weights included when present), takes the given frames of the held-out clips, and samples each clip twice with the
 same noise: once with the steering forced to ``+steering`` degrees (LEFT, vdiff's + = left) and once to
@@ -14,12 +15,16 @@ table is printed:
 * the clips whose left rollout lies left of their right one (``shift_left > shift_right``);
 * for reference, the same measurement on the recorded clips against their own steering (how well the measurement
   reads real turns on this data; clips driving nearly straight are left out).
+
+The forced commands are always sampled WITH actions: a module sampling action-free (``VistaModule(sample_actions=
+False)``, as an action-free FID/FVD protocol) has them switched on for the test by its ``actions_sampled`` context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -30,6 +35,7 @@ from vdiff.metrics.steering import lateral_shift
 
 STEERING = "steering"
 STRAIGHT_DEG = 10.0  # recorded clips with |mean steering| below this count as straight (left out of the reference)
+STAGES = ("fit", "validate", "test")  # the entry points of ``run_on`` (Lightning's TrainerFn values)
 
 
 def with_steering(batch: dict[str, Any], degrees: float) -> dict[str, Any]:
@@ -43,8 +49,8 @@ def with_steering(batch: dict[str, Any], degrees: float) -> dict[str, Any]:
 
 
 class SteeringTest(L.Callback):
-    """At the end of ``fit``, roll the checkpoint out with steering forced left and right and print whether the
-    generated frames turn the commanded way (module docstring).
+    """At the end of ``fit`` (and/or ``validate`` / ``test``, see ``run_on``), roll the world model out with steering
+    forced left and right and print whether the generated frames turn the commanded way (module docstring).
 
     Args:
         steering: the commanded steering-wheel angle in degrees (+steering = left, -steering = right); keep it
@@ -52,10 +58,19 @@ class SteeringTest(L.Callback):
         rows: the band of rows measured, ``(top, bottom)`` fractions of the height (e.g. around the horizon, where
             the yaw moves everything alike); None = the whole frame.
         max_batches: held-out batches to test (None = all).
-        use_ema: test the EMA weights when the checkpoint has them.
+        use_ema: test the EMA weights when the checkpoint has them (``"fit"`` only).
         seed: the noise seed of batch ``b`` is ``seed + b``; both commands of a clip share it.
         max_shift: the largest shift searched, pixels per frame (None: a frame width / 8).
         min_agreement: if set, raise when fewer than this fraction of the clips obey both commands.
+        run_on: the trainer entry points that run the test, any of ``"fit"``, ``"validate"``, ``"test"`` (default
+            ``("fit",)``). ``"fit"``: at the end of ``fit``, on the checkpoint Lightning just wrote, reloaded (EMA
+            weights per ``use_ema``), over the val loader. ``"validate"`` / ``"test"``: at the end of
+            ``trainer.validate`` / ``trainer.test`` (never during fit's periodic validation or its sanity check), on
+            the module as it is in memory (eval mode, under the trainer's precision; ``use_ema`` does not apply: the
+            weights in the module when this hook runs; an ``EMA`` callback listed before this one has swapped its
+            weights out again), over the val / test loader; the numbers are also written to the trainer's loggers as
+            ``steering/agreement``, ``steering/left_obeyed_frac`` and ``steering/right_obeyed_frac``. The loader is
+            the datamodule's, else the one given to the trainer.
     """
 
     def __init__(
@@ -67,12 +82,17 @@ class SteeringTest(L.Callback):
         seed: int = 0,
         max_shift: float | None = None,
         min_agreement: float | None = None,
+        run_on: Sequence[Literal["fit", "validate", "test"]] = ("fit",),
     ) -> None:
         super().__init__()
+        run_on = (run_on,) if isinstance(run_on, str) else tuple(run_on)
+        if unknown := [stage for stage in run_on if stage not in STAGES]:
+            raise ValueError(f"SteeringTest: run_on must name stages among {STAGES}, got {unknown}")
         if not steering > 0:
             raise ValueError(f"SteeringTest: steering must be a positive angle, got {steering}")
         if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"SteeringTest: min_agreement must be in [0, 1], got {min_agreement}")
+        self.run_on = run_on
         self.steering = float(steering)
         self.rows = tuple(rows) if rows is not None else None
         self.max_batches = max_batches
@@ -91,26 +111,29 @@ class SteeringTest(L.Callback):
     def evaluate(self, module: Any, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Run the test with ``module`` (anything with ``generate(batch, generator=...) -> Generated`` and an
         ``evaluation.given_frames``) on ``batches`` (on the module's device); fills :attr:`results` and
-        :attr:`shifts` (per clip: ``left``, ``right``, ``recorded``, ``recorded_steering``) and returns the results."""
+        :attr:`shifts` (per clip: ``left``, ``right``, ``recorded``, ``recorded_steering``) and returns the results.
+        A module with ``actions_sampled`` (``VistaModule``) samples inside ``module.actions_sampled(True)``."""
         given = self.given_frames = int(module.evaluation.given_frames)
         generated = slice(given - 1, None)  # from the last given frame: the first generated frame's move counts
         left, right, recorded, recorded_steering = [], [], [], []
         device = getattr(module, "device", torch.device("cpu"))
-        for index, batch in enumerate(batches):
-            if self.max_batches is not None and index >= self.max_batches:
-                break
-            if B.ACTIONS not in batch or STEERING not in batch[B.ACTIONS]:
-                raise KeyError("SteeringTest: the held-out batches carry no steering actions")
-            for sign, out in ((1.0, left), (-1.0, right)):
-                generator = torch.Generator(device=device).manual_seed(self.seed + index)
-                video = module.generate(with_steering(batch, sign * self.steering), generator=generator).video
-                out.append(lateral_shift(video, self.rows, generated, self.max_shift).float().cpu())
-                self.num_frames = int(video.shape[1])
-            if B.VIDEO in batch:
-                recorded.append(lateral_shift(batch[B.VIDEO], self.rows, generated, self.max_shift).float().cpu())
-                steering = batch[B.ACTIONS][STEERING][:, given:].float()
-                valid = batch[B.ACTIONS][B.valid_key(STEERING)][:, given:].all(dim=1)
-                recorded_steering.append(torch.where(valid, steering.mean(dim=1), torch.nan).cpu())
+        with_actions = getattr(module, "actions_sampled", None)  # VistaModule: forced steering sampled WITH actions
+        with with_actions(True) if with_actions is not None else nullcontext():
+            for index, batch in enumerate(batches):
+                if self.max_batches is not None and index >= self.max_batches:
+                    break
+                if B.ACTIONS not in batch or STEERING not in batch[B.ACTIONS]:
+                    raise KeyError("SteeringTest: the held-out batches carry no steering actions")
+                for sign, out in ((1.0, left), (-1.0, right)):
+                    generator = torch.Generator(device=device).manual_seed(self.seed + index)
+                    video = module.generate(with_steering(batch, sign * self.steering), generator=generator).video
+                    out.append(lateral_shift(video, self.rows, generated, self.max_shift).float().cpu())
+                    self.num_frames = int(video.shape[1])
+                if B.VIDEO in batch:
+                    recorded.append(lateral_shift(batch[B.VIDEO], self.rows, generated, self.max_shift).float().cpu())
+                    steering = batch[B.ACTIONS][STEERING][:, given:].float()
+                    valid = batch[B.ACTIONS][B.valid_key(STEERING)][:, given:].all(dim=1)
+                    recorded_steering.append(torch.where(valid, steering.mean(dim=1), torch.nan).cpu())
         if not left:
             raise RuntimeError("SteeringTest: the held-out loader gave no clips")
         self.shifts = {"left": torch.cat(left), "right": torch.cat(right)}
@@ -127,27 +150,51 @@ class SteeringTest(L.Callback):
             self.results, self.steering, self.rows, int(self.given_frames or 0), self.num_frames, checkpoint, weights
         )
 
-    # ---------------------------------------------------------------- Lightning hook
+    # ---------------------------------------------------------------- Lightning hooks
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from vdiff.callbacks.checkpoint_eval import _has_ema, load_module
 
+        if "fit" not in self.run_on:
+            return
         callback = trainer.checkpoint_callback
         path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         if not path:
             raise RuntimeError("SteeringTest needs a ModelCheckpoint that saved a checkpoint (save_last: true)")
         module = load_module(path, map_location=pl_module.device, use_ema=self.use_ema)
-        datamodule = trainer.datamodule
-
-        def batches():
-            for batch in datamodule.val_dataloader():
-                batch = datamodule.transfer_batch_to_device(batch, pl_module.device, 0)
-                yield datamodule.on_after_batch_transfer(batch, 0)
-
-        self.evaluate(module, batches())
+        self.evaluate(module, held_out(trainer, "validate", pl_module.device))
         if trainer.is_global_zero:
             weights = "EMA weights" if self.use_ema and _has_ema(path) else "trained weights"
             print(self.table(path, weights))
+        self.check()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_in_memory(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_in_memory(trainer, pl_module, "test")
+
+    def _run_in_memory(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The ``validate`` / ``test`` entry point: the module in memory, the stage's loader, table, loggers, check."""
+        if stage not in self.run_on or trainer.state.fn != stage or trainer.sanity_checking:
+            return  # not selected, or fit's periodic validation / sanity check
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                self.evaluate(pl_module, held_out(trainer, stage, pl_module.device))
+        finally:
+            pl_module.train(was_training)
+        if trainer.is_global_zero:
+            print(self.table(trainer.ckpt_path, "weights in memory"))
+            clips = max(self.results["clips"], 1.0)
+            metrics = {
+                "steering/agreement": self.results["agreement"],
+                "steering/left_obeyed_frac": self.results["left_obeyed"] / clips,
+                "steering/right_obeyed_frac": self.results["right_obeyed"] / clips,
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
         self.check()
 
     def check(self) -> None:
@@ -158,6 +205,24 @@ class SteeringTest(L.Callback):
                 f"SteeringTest: {agreement:.2f} of the clips turn both ways as commanded, below min_agreement "
                 f"{self.min_agreement}"
             )
+
+
+def held_out(trainer: L.Trainer, stage: str, device: torch.device) -> Iterator[dict[str, Any]]:
+    """The batches of the trainer's held-out loader for ``stage`` (``"test"``: the test loader, else the val loader),
+    on ``device``: the datamodule's loader and batch hooks, or without a datamodule the loaders given to the trainer
+    and the module's hooks."""
+    test = stage == "test"
+    if (datamodule := trainer.datamodule) is not None:
+        hooks, loaders = datamodule, datamodule.test_dataloader() if test else datamodule.val_dataloader()
+    else:
+        hooks, loaders = trainer.lightning_module, trainer.test_dataloaders if test else trainer.val_dataloaders
+    if loaders is None:
+        raise RuntimeError(f"SteeringTest: the trainer has no {'test' if test else 'validation'} loader")
+    for index, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
+        for batch in loader:
+            batch = hooks.on_before_batch_transfer(batch, index)
+            batch = hooks.transfer_batch_to_device(batch, device, index)
+            yield hooks.on_after_batch_transfer(batch, index)
 
 
 def summarize(shifts: Mapping[str, Tensor]) -> dict[str, float]:
@@ -211,6 +276,8 @@ def format_table(
     ]
     if checkpoint:
         lines.append(f"  checkpoint: {checkpoint}" + (f" ({weights})" if weights else ""))
+    elif weights:
+        lines.append(f"  tested: {weights}")
     lines += [
         f"  {'command':<18}{'mean shift':>12}   moves the commanded way",
         f"  {'left  +' + format(steering, 'g'):<18}{results['mean_shift_left']:>+12.3f}   {frac('left_obeyed')}",

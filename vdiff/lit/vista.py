@@ -22,7 +22,8 @@ Vista specialises SVD for driving; this module adds to :class:`~vdiff.lit.svd.SV
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -68,7 +69,7 @@ class VistaModule(SVDModule):
         one_action_type: keep one valid action type per training clip (Vista).
         sample_actions: condition samples (validation, test, rollouts, ``generate``) on the batch's actions; False
             samples action-free (zero action features, as Vista's "free" mode: its FID/FVD protocol) while training
-            still reads them.
+            still reads them. :meth:`actions_sampled` overrides it for a block (the steering test does).
         dynamics_loss, dynamics_weight, structure_loss, structure_weight: Vista's extra losses.
         Other arguments: as :class:`SVDModule`; the defaults are Vista's (EDM with ``ln sigma ~ N(1.0, 1.6)``,
         offset noise 0.02 per frame, the evaluation task predicts from 3 given frames).
@@ -140,6 +141,18 @@ class VistaModule(SVDModule):
                             offset_noise_scope="frame")
 
     # ---------------------------------------------------------------- conditioning
+
+    @contextmanager
+    def actions_sampled(self, enabled: bool = True) -> Iterator[None]:
+        """Inside the block, samples are conditioned on the batch's actions (``enabled``) or action-free (not), whatever
+        ``sample_actions`` says; restored on exit. :class:`~vdiff.callbacks.steering.SteeringTest` samples its forced
+        steering this way, so it means something in a recipe whose own samples are action-free (FID/FVD protocol)."""
+        saved = self.sample_actions
+        self.sample_actions = bool(enabled)
+        try:
+            yield
+        finally:
+            self.sample_actions = saved
 
     def _action_features(self, batch: dict[str, Any], training: bool) -> Tensor:
         batch_size = self._frame(batch).shape[0]
