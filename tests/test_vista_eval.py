@@ -46,6 +46,7 @@ def test_recipe_records_vistas_protocol(capsys):
     assert first["fid"]["backend"] == "clean-fid" and first["fid"]["num_real"] == 5369 * 25
     assert second["fvd"]["num_frames"] == 16 and second["fid_weights"] is None
     assert steering["run_on"] == ["validate"] and steering["steering"] == 90.0 and steering["rows"] == [0.3, 0.6]
+    assert steering["keep_actions"] == ["speed"]
 
 
 def test_missing_weights_are_named(tmp_path, monkeypatch):

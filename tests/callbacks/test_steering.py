@@ -73,6 +73,35 @@ def test_with_steering_forces_every_frame_and_keeps_the_rest():
     assert not batch["actions"]["steering_valid"][0, 2]  # the batch itself is untouched
 
 
+
+def test_keep_actions_marks_the_other_recorded_actions_absent():
+    """On real data the recorded trajectory/command/goal describe the recorded path: the test can keep speed alone
+    (Vista's steering mode), so nothing but the command says where to turn."""
+    from vdiff.models.actions import ActionEncoder
+
+    batch = clip_batches(1)[0]
+    frames = batch["video"].shape[1]
+    batch["actions"].update(
+        trajectory=torch.ones(3, frames, 4, 2), trajectory_valid=torch.ones(3, frames, dtype=torch.bool),
+        command=torch.zeros(3, frames, dtype=torch.long), command_valid=torch.ones(3, frames, dtype=torch.bool),
+        goal=torch.full((3, frames, 2), 0.3), goal_valid=torch.ones(3, frames, dtype=torch.bool),
+    )
+    forced = with_steering(batch, 150.0, keep=("speed",))["actions"]
+    assert forced["speed_valid"].all() and forced["steering_valid"].all()
+    assert not forced["trajectory_valid"].any() and not forced["command_valid"].any() and not forced["goal_valid"].any()
+    assert batch["actions"]["trajectory_valid"].all()  # the batch itself is untouched
+    encoder = ActionEncoder(future_seconds=(0.1, 0.2, 0.3, 0.4))
+    _, valid = encoder.values(forced, batch["fps"])
+    assert valid["speed"].all() and valid["steering"].all()
+    assert not (valid["trajectory"] | valid["command"] | valid["goal"]).any()
+
+    model = StubWorldModel(gain=0.01)
+    seen = []
+    generate = model.generate
+    model.generate = lambda b, generator=None: seen.append(b["actions"]) or generate(b, generator)
+    SteeringTest(steering=150.0, max_shift=3, keep_actions=["speed"], max_batches=1).evaluate(model, [batch])
+    assert len(seen) == 2 and all(not a["trajectory_valid"].any() and a["speed_valid"].all() for a in seen)
+
 def test_a_model_that_obeys_agrees_on_every_clip_and_prints_the_table():
     model = StubWorldModel(gain=0.01)  # 150 deg -> 1.5 px a frame
     test = SteeringTest(steering=150.0, max_shift=3)

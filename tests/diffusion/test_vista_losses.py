@@ -232,3 +232,17 @@ def test_add_losses_on_edm_training_losses():
     by_hand = weight * ((e * (1 + a) + 0.1 * highpass(d - x0) ** 2) * gen).sum((1, 2, 3, 4)) / gen.sum((1, 2, 3, 4))
     torch.testing.assert_close(total["loss"].detach(), by_hand.mean(), atol=1e-6, rtol=1e-5)
     total["loss"].backward()  # the gradient reaches the network through denoised
+
+
+def test_a_mask_first_built_under_inference_mode_still_trains():
+    """Lightning validates (and sanity-checks) under torch.inference_mode before training: the cached mask must not
+    be an inference tensor, or every later training step fails in backward."""
+    from vdiff.diffusion.vista_losses import _highpass_mask_cached, highpass
+
+    _highpass_mask_cached.cache_clear()
+    with torch.inference_mode():
+        highpass(torch.randn(1, 2, 7, 5))  # a size no other test uses: the first call caches it here
+    assert not highpass_mask(7, 5).is_inference()
+    x = torch.randn(1, 2, 7, 5, requires_grad=True)
+    highpass(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

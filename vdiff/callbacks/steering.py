@@ -38,13 +38,18 @@ STRAIGHT_DEG = 10.0  # recorded clips with |mean steering| below this count as s
 STAGES = ("fit", "validate", "test")  # the entry points of ``run_on`` (Lightning's TrainerFn values)
 
 
-def with_steering(batch: dict[str, Any], degrees: float) -> dict[str, Any]:
-    """A shallow copy of ``batch`` whose steering is ``degrees`` on every frame of every clip, marked valid (the
-    other actions are kept)."""
+def with_steering(batch: dict[str, Any], degrees: float, keep: Sequence[str] | None = None) -> dict[str, Any]:
+    """A shallow copy of ``batch`` whose steering is ``degrees`` on every frame of every clip, marked valid. The
+    other recorded actions are kept (``keep=None``), or only those named in ``keep`` (e.g. ``("speed",)``): the rest
+    are marked invalid, i.e. absent (so a recorded trajectory, command or goal cannot contradict the command)."""
     actions = dict(batch[B.ACTIONS])
     steering = actions[STEERING]
     actions[STEERING] = torch.full_like(steering, float(degrees))
     actions[B.valid_key(STEERING)] = torch.ones_like(actions[B.valid_key(STEERING)], dtype=torch.bool)
+    if keep is not None:
+        for key in list(actions):
+            if key != STEERING and key not in keep and B.valid_key(key) in actions:
+                actions[B.valid_key(key)] = torch.zeros_like(actions[B.valid_key(key)], dtype=torch.bool)
     return {**batch, B.ACTIONS: actions}
 
 
@@ -71,6 +76,9 @@ class SteeringTest(L.Callback):
             weights out again), over the val / test loader; the numbers are also written to the trainer's loggers as
             ``steering/agreement``, ``steering/left_obeyed_frac`` and ``steering/right_obeyed_frac``. The loader is
             the datamodule's, else the one given to the trainer.
+        keep_actions: the recorded actions kept beside the forced steering (None: all of them); the others are
+            marked invalid (absent). Vista pairs steering with speed alone (``["speed"]``): on real data a recorded
+            trajectory, command or goal describes the recorded path and would contradict the command.
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class SteeringTest(L.Callback):
         max_shift: float | None = None,
         min_agreement: float | None = None,
         run_on: Sequence[Literal["fit", "validate", "test"]] = ("fit",),
+        keep_actions: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         run_on = (run_on,) if isinstance(run_on, str) else tuple(run_on)
@@ -93,6 +102,7 @@ class SteeringTest(L.Callback):
         if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"SteeringTest: min_agreement must be in [0, 1], got {min_agreement}")
         self.run_on = run_on
+        self.keep_actions = tuple(keep_actions) if keep_actions is not None else None
         self.steering = float(steering)
         self.rows = tuple(rows) if rows is not None else None
         self.max_batches = max_batches
@@ -126,7 +136,8 @@ class SteeringTest(L.Callback):
                     raise KeyError("SteeringTest: the held-out batches carry no steering actions")
                 for sign, out in ((1.0, left), (-1.0, right)):
                     generator = torch.Generator(device=device).manual_seed(self.seed + index)
-                    video = module.generate(with_steering(batch, sign * self.steering), generator=generator).video
+                    video = module.generate(with_steering(batch, sign * self.steering, self.keep_actions),
+                                            generator=generator).video
                     out.append(lateral_shift(video, self.rows, generated, self.max_shift).float().cpu())
                     self.num_frames = int(video.shape[1])
                 if B.VIDEO in batch:

@@ -65,11 +65,14 @@ NORM_EPS = 1e-12  # F.normalize's eps
 
 @functools.lru_cache(maxsize=32)
 def _highpass_mask_cached(height: int, width: int, d_s: float, device: torch.device) -> Tensor:
-    # float64 on the CPU: the same arithmetic as Vista's Python floats, so the disc's edge falls on the same bins
-    h = 2.0 * torch.arange(height, dtype=torch.float64) / height - 1.0  # (H,)
-    w = 2.0 * torch.arange(width, dtype=torch.float64) / width - 1.0  # (W,)
-    shifted = (h[:, None] ** 2 + w[None, :] ** 2 > 2.0 * d_s).to(torch.float32)  # (H, W), fftshifted layout
-    return torch.fft.ifftshift(shifted).to(device)  # (H, W), fft2's layout
+    # A normal tensor even when first asked for under torch.inference_mode (Lightning's validation): a cached inference
+    # tensor would make every later training step fail in backward.
+    with torch.inference_mode(False):
+        # float64 on the CPU: the same arithmetic as Vista's Python floats, so the disc's edge falls on the same bins
+        h = 2.0 * torch.arange(height, dtype=torch.float64) / height - 1.0  # (H,)
+        w = 2.0 * torch.arange(width, dtype=torch.float64) / width - 1.0  # (W,)
+        shifted = (h[:, None] ** 2 + w[None, :] ** 2 > 2.0 * d_s).to(torch.float32)  # (H, W), fftshifted layout
+        return torch.fft.ifftshift(shifted).to(device)  # (H, W), fft2's layout
 
 
 def highpass_mask(
