@@ -53,7 +53,9 @@ driving; set ``num_cars``, ``num_bouncers``, ``post_spacing`` and ``tree_spacing
 path), and ``ground_texture`` > 0 paints world-fixed texture on the ground (plane waves of about that wavelength in
 metres), so the ground streams toward the camera with the speed and sweeps sideways with the yaw. Then nothing in a
 frame tells which way the car will steer: an action-conditioned model must read the steering. Both are off by
-default (the pictures of every other setting are unchanged).
+default (the pictures of every other setting are unchanged). ``hill_height`` (x the default elevation) and
+``hill_haze`` (0: dark ridges) turn the faint hills into a tall skyline: at infinity it slides sideways with the yaw
+alone, by ``focal * yaw`` pixels, which is what the Vista quickstart's steering test reads.
 
 Shard sets
 ----------
