@@ -85,8 +85,9 @@ def export(
 
         return [save_autoencoder(load_autoencoder_from_checkpoint(ckpt, use_ema=ema), out, layout=layout)]
 
-    is_svd = _is_svd_module(class_path)
-    if layout != "vdiff" and not is_svd:
+    from vdiff.lit.svd import SVDModule
+
+    if layout != "vdiff" and not issubclass(cls, SVDModule):  # SVD's UNet, also in VistaModule or a user's subclass
         raise ValueError(f"vdiff export: {class_name}'s network has no {layout} layout; use --layout vdiff")
     if layout != "vdiff":  # UNet-SVD: diffusers folder or sgm single file (vdiff.weights.unet_svd)
         return _export_unet_svd(ckpt, out, ema, merge_lora, lora, layout)
@@ -128,15 +129,3 @@ def _export_unet_svd(ckpt: Path, out: Path, ema: bool, merge_lora: bool, lora: b
         unload_adapters(module.net, merge=True)
     return [save_unet_svd(module.net, out, layout=layout)]
 
-
-def _is_svd_module(class_path: str) -> bool:
-    """Whether the checkpoint's module is an SVDModule (or a subclass: VistaModule, a user's)."""
-    import importlib
-
-    from vdiff.lit.svd import SVDModule
-
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        return issubclass(getattr(importlib.import_module(module_name), class_name), SVDModule)
-    except (ImportError, AttributeError):
-        return False

@@ -477,35 +477,23 @@ def _read_rollout_inputs(
 
 
 @contextmanager
-def vista_settings(module: Any, given_frames: int, sampler: Any, guidance: Any = None) -> Iterator[None]:
-    """Temporarily sample a Vista module with ``given_frames`` given in the first window, ``sampler`` and (when
-    not None) ``guidance``."""
-    saved = module.evaluation, module.sampler, module.guidance
+def vista_settings(
+    module: Any, given_frames: int, sampler: Any, guidance: Any = None, decode_chunk: int | None = None,
+    decode_overlap: int = 0,
+) -> Iterator[None]:
+    """Temporarily sample a Vista module with ``given_frames`` given in the first window, ``sampler``, (when not
+    None) ``guidance``, and its windows decoded in chunks of ``decode_chunk`` frames overlapping by
+    ``decode_overlap``."""
+    saved = module.evaluation, module.sampler, module.guidance, module.decode_chunk, module.decode_overlap
     try:
         module.evaluation = dataclasses.replace(module.evaluation, given_frames=int(given_frames))
         module.sampler = sampler
         if guidance is not None:
             module.guidance = guidance
+        module.decode_chunk, module.decode_overlap = decode_chunk, int(decode_overlap)
         yield
     finally:
-        module.evaluation, module.sampler, module.guidance = saved
-
-
-@contextmanager
-def recorded_decoding(module: Any, chunk: int | None, overlap: int) -> Iterator[list[Tensor]]:
-    """Within the block the module decodes latents with :func:`decode_chunked` (``chunk``, ``overlap``) and the
-    scaled latents of every decode are appended to the list yielded (a rollout decodes each window once)."""
-    latents: list[Tensor] = []
-
-    def decode(scaled: Tensor) -> Tensor:
-        latents.append(scaled)
-        return decode_chunked(module, scaled, chunk, overlap)
-
-    module.decode_latents = decode  # an instance attribute: shadows the method for the block only
-    try:
-        yield latents
-    finally:
-        del module.decode_latents
+        module.evaluation, module.sampler, module.guidance, module.decode_chunk, module.decode_overlap = saved
 
 
 def vista_reward(uncertainty: Tensor, window: int, given_frames: int) -> Tensor:
@@ -579,14 +567,14 @@ def _run_vista(
                                "actions": actions_source, "sampler": sampler.describe(), "seed": args.seed}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with vista_settings(module, given, sampler, guidance):
+    with vista_settings(module, given, sampler, guidance, args.decode_chunk, args.decode_overlap):
         summary["guidance"] = repr(module.guidance)
         if args.rounds is not None:
             generator = torch.Generator(device=args.device).manual_seed(args.seed)
-            with recorded_decoding(module, args.decode_chunk, args.decode_overlap) as latents:
-                module.rollout_rounds(batch, rounds, overlap, actions=actions, generator=generator, progress=True)
-            full = torch.cat([latents[0], *(part[:, overlap:] for part in latents[1:])], dim=1)  # (B, N', c, h, w)
-            sample = decode_chunked(module, full, args.decode_chunk, args.decode_overlap)  # (B, N', 3, H, W)
+            _, latents = module.rollout_rounds(batch, rounds, overlap, actions=actions, generator=generator,
+                                               progress=True, return_latents=True)  # fmt: skip
+            # the whole rollout decoded at once, in overlapping chunks across the windows' seams (as Vista does)
+            sample = module.decode_latents(latents)  # (B, N', 3, H, W)
             for i, key in enumerate(keys):
                 (out / f"{key}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=rates[i]))
             marks = torch.zeros(sample.shape[:2], dtype=torch.bool)

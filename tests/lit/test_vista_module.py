@@ -108,6 +108,10 @@ def test_rollout_length_and_continuity(rounds):
     video = module.rollout_rounds(batch, rounds=rounds, overlap=3, generator=torch.Generator().manual_seed(0))
     assert video.shape[1] == 6 + (6 - 3) * (rounds - 1)
     assert torch.equal(video[:, :3], module.decode_latents(module.batch_latents(batch, sample=False))[:, :3])
+    again, latents = module.rollout_rounds(batch, rounds=rounds, overlap=3, generator=torch.Generator().manual_seed(0),
+                                           return_latents=True)
+    assert torch.equal(again, video) and latents.shape[:2] == video.shape[:2]
+    assert torch.equal(module.decode_latents(latents), video)  # the latents of exactly those frames, seams included
     with pytest.raises(ValueError, match="action sets"):
         module.rollout_rounds(batch, rounds=2, actions=[batch["actions"]])
 

@@ -5,7 +5,8 @@ on the stage's own held-out loader), :class:`SteeringTest` reloads the checkpoin
 :class:`~vdiff.callbacks.checkpoint_eval.EvaluateCheckpoint` does: what is tested is what a user gets from disk, EMA
 weights included when present), takes the given frames of the held-out clips, and samples each clip twice with the
 same noise: once with the steering forced to ``+steering`` degrees (LEFT, vdiff's + = left) and once to
-``-steering`` (RIGHT), on every frame and valid; every other action (speed, ...) stays as the clip recorded it. The
+``-steering`` (RIGHT), on every frame and valid; the other actions stay as the clip recorded them (or only those
+named in ``keep_actions``, e.g. speed, the rest marked absent). The
 lateral scroll of the generated frames is measured with :func:`vdiff.metrics.steering.lateral_shift` (pixels per
 frame, + = the picture moves right = the car turns left) over a band of rows, from the last given frame on, and a
 table is printed:

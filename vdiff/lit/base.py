@@ -210,11 +210,9 @@ class VideoDiffusionModule(L.LightningModule):
         """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1] (clamped); in temporal
         chunks of ``decode_chunk`` frames overlapping by ``decode_overlap`` when set (SVD: 14 and 3)."""
         unscaled = latents / self.latent_scale + self.latent_shift
-        if self.decode_chunk is not None:
-            video = self.autoencoder.decode(unscaled, chunk_size=self.decode_chunk, overlap=self.decode_overlap)
-        else:
-            video = self.autoencoder.decode(unscaled)
-        return video.clamp(-1.0, 1.0)
+        if self.decode_chunk is None:  # the autoencoder contract is decode(latents); chunk_size is an extra
+            return self.autoencoder.decode(unscaled).clamp(-1.0, 1.0)
+        return self.autoencoder.decode(unscaled, chunk_size=self.decode_chunk, overlap=self.decode_overlap).clamp(-1, 1)
 
     def batch_latents(self, batch: dict[str, Any], sample: bool = True) -> Tensor:
         """Scaled latents of a batch from video shards (encoded here) or latent shards (stored)."""
@@ -509,18 +507,33 @@ class VideoDiffusionModule(L.LightningModule):
 
             entry = describe_autoencoder(self.autoencoder)
             checkpoint[AUTOENCODER_KEY] = entry
-            # File-backed: reloaded from the file, not stored (SD-VAE: 335 MB). Sharded checkpoints
-            # (torch.distributed.checkpoint) load against the module's full state, so they keep it.
-            state = checkpoint.get("state_dict")
-            if "sha256" in entry and isinstance(state, dict) and not self.sharded_checkpoints():
-                for key in [k for k in state if k.startswith(AUTOENCODER_PREFIX)]:
-                    del state[key]
+            if "sha256" in entry:  # file-backed: reloaded from the file, not stored (SD-VAE: 335 MB)
+                self.drop_file_backed_state(checkpoint, AUTOENCODER_PREFIX)
 
     def sharded_checkpoints(self) -> bool:
-        """Whether the strategy saves sharded checkpoints (a device mesh: ModelParallelStrategy, FSDP2)."""
-        trainer = self._trainer
-        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-        return getattr(strategy, "_device_mesh", None) is not None or type(strategy).__name__.endswith("FSDPStrategy")
+        """Whether the strategy saves sharded checkpoints (ModelParallelStrategy's device mesh, FSDP)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        return getattr(strategy, "_device_mesh", None) is not None or isinstance(strategy, FSDPStrategy)
+
+    def drop_file_backed_state(self, checkpoint: dict[str, Any], prefix: str) -> None:
+        """Leave the state of a frozen, file-backed part (keys starting with ``prefix``) out of a lean checkpoint:
+        it is recorded by path and sha256 and reloaded from the file. Sharded checkpoints
+        (torch.distributed.checkpoint) load against the module's full state, so they keep it."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and not self.sharded_checkpoints():
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+
+    @staticmethod
+    def refill_file_backed_state(checkpoint: dict[str, Any], prefix: str, part: nn.Module) -> None:
+        """Put the weights of a file-backed ``part`` back under ``prefix`` into a checkpoint's state dict (where a
+        lean checkpoint left them out), so a strict load finds every key."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key, value in part.state_dict().items():
+                state.setdefault(prefix + key, value)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the autoencoder recorded in the checkpoint: rebuild it when this module was
@@ -535,10 +548,8 @@ class VideoDiffusionModule(L.LightningModule):
         if rebuilt is not None:
             self.autoencoder = rebuilt.to(self.device).eval().requires_grad_(False)
             self.autoencoder_replaced()
-        state = checkpoint.get("state_dict")
-        if "sha256" in entry and isinstance(state, dict):
-            for key, value in self.autoencoder.state_dict().items():
-                state.setdefault(AUTOENCODER_PREFIX + key, value)
+        if "sha256" in entry:
+            self.refill_file_backed_state(checkpoint, AUTOENCODER_PREFIX, self.autoencoder)
 
     # ---------------------------------------------------------------- optimisation
 

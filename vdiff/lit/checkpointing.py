@@ -49,6 +49,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vdiff.lit.scaling import is_sharded_checkpoint
+
 TMP_SUFFIX = ".tmp"
 _LAST_PATTERN = re.compile(rf"^{re.escape(ModelCheckpoint.CHECKPOINT_NAME_LAST)}(-v\d+)?\.ckpt$")
 _VERSION_PATTERN = re.compile(r"^version_(\d+)$")
@@ -293,18 +295,13 @@ class RNGState(L.Callback):
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_sharded(path: Path) -> bool:
-    """A torch.distributed.checkpoint folder (what sharded strategies save): it holds a ``.metadata`` file."""
-    return path.is_dir() and (path / ".metadata").is_file()
-
-
 def last_checkpoints_in(folder: str | os.PathLike) -> list[Path]:
     """``last.ckpt`` / ``last-vN.ckpt`` files in ``folder`` (not ``.tmp`` leftovers), newest mtime first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     # A sharded checkpoint (ModelParallelStrategy, FSDP) is a folder named like the file.
-    found = [p for p in folder.iterdir() if _LAST_PATTERN.match(p.name) and (p.is_file() or _is_sharded(p))]
+    found = [p for p in folder.iterdir() if _LAST_PATTERN.match(p.name) and (p.is_file() or is_sharded_checkpoint(p))]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -394,7 +391,7 @@ def resume_plan(
                 + ". Start a new run without --ckpt_path, or give a checkpoint file: --ckpt_path PATH."
             )
         ckpt_path = str(found_path)
-    elif not (Path(ckpt_path).is_file() or _is_sharded(Path(ckpt_path))):
+    elif not (Path(ckpt_path).is_file() or is_sharded_checkpoint(ckpt_path)):
         if _is_local(ckpt_path):
             raise ResumeError(f"--ckpt_path {ckpt_path}: no such checkpoint file (or sharded checkpoint folder)")
         return ResumePlan(ckpt_path, None, None)

@@ -405,10 +405,7 @@ class SVDModule(VideoDiffusionModule):
         entry: dict[str, Any] = {"config": encoder.config.to_dict()}
         if getattr(encoder, "weights_sha256", None):
             entry.update(path=encoder.weights_path, layout=encoder.layout, sha256=encoder.weights_sha256)
-            state = checkpoint.get("state_dict")
-            if isinstance(state, dict) and not self.sharded_checkpoints():  # sharded ones keep the full state
-                for key in [k for k in state if k.startswith(IMAGE_ENCODER_PREFIX)]:
-                    del state[key]
+            self.drop_file_backed_state(checkpoint, IMAGE_ENCODER_PREFIX)
         checkpoint[IMAGE_ENCODER_KEY] = entry
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -435,10 +432,8 @@ class SVDModule(VideoDiffusionModule):
         elif sha256 and getattr(current, "weights_sha256", None) != sha256:
             raise ValueError("SVDModule: the image encoder given is not the file this checkpoint was trained with "
                              f"({entry['path']})")
-        state = checkpoint.get("state_dict")
-        if sha256 and isinstance(state, dict):
-            for key, value in current.state_dict().items():
-                state.setdefault(IMAGE_ENCODER_PREFIX + key, value)
+        if sha256:
+            self.refill_file_backed_state(checkpoint, IMAGE_ENCODER_PREFIX, current)
 
 
 allow_config_objects_in_checkpoints(UNetSVDConfig, SVDConditioning, CLIPImageEmbedderConfig)

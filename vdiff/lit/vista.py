@@ -207,11 +207,14 @@ class VistaModule(SVDModule):
         sampler: SamplerConfig | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
-    ) -> Tensor:
+        return_latents: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Long rollout: ``rounds`` windows of the batch's clip length T, each starting from the last
         ``overlap`` latents of the previous one (given, pasted every step) with the image condition moved to
         the first of them (the ``overlap``-th frame from the end); ``actions[r]`` conditions round r (default:
-        the batch's). Returns video ``(B, T + (T - overlap) (rounds - 1), 3, H, W)`` in [-1, 1].
+        the batch's). Returns video ``(B, T + (T - overlap) (rounds - 1), 3, H, W)`` in [-1, 1], and with
+        ``return_latents`` also the scaled latents of those frames ``(B, T + (T - overlap) (rounds - 1), c, h, w)``
+        (e.g. to decode the whole rollout at once in overlapping chunks, as Vista does).
         """
         if rounds < 1 or not overlap >= 0:
             raise ValueError(f"rollout_rounds: need rounds >= 1 and overlap >= 0, got {rounds}, {overlap}")
@@ -248,7 +251,11 @@ class VistaModule(SVDModule):
                 window = dict(window)
                 window[B.VIDEO] = torch.cat([video[:, t - overlap:], video[:, t - overlap:t - overlap + 1].expand(
                     -1, t - overlap, -1, -1, -1)], dim=1) if overlap else video[:, -1:].expand(-1, t, -1, -1, -1)
-            return torch.cat(frames, dim=1)
+            video = torch.cat(frames, dim=1)
+            if not return_latents:
+                return video
+            latents = torch.cat([latents_so_far[0], *(part[:, overlap:] for part in latents_so_far[1:])], dim=1)
+            return video, latents
         finally:
             self.guidance = saved_guidance
 
