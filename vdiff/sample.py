@@ -366,17 +366,15 @@ def rollout_length(window: int, rounds: int, overlap: int) -> int:
 def _per_frame(key: str, value: Any, shape: tuple[int, ...], window: int, where: str) -> list[Any]:
     """One action's value in an actions file: ``window`` per-frame entries (``null`` = invalid) or one value of the
     action's shape for every frame."""
-    if isinstance(value, list) and len(value) == window:
+    def has_shape(v: Any, ndim: int) -> bool:
         try:
-            if all(v is None or np.ndim(v) == len(shape) for v in value):
-                return value
-        except ValueError:  # ragged entries: not per frame
-            pass
-    try:
-        constant = np.shape(value) == shape and value is not None
-    except ValueError:
-        constant = False
-    if constant:
+            return np.ndim(v) == ndim
+        except ValueError:  # ragged nested lists
+            return False
+
+    if isinstance(value, list) and len(value) == window and all(v is None or has_shape(v, len(shape)) for v in value):
+        return value
+    if value is not None and has_shape(value, len(shape)) and np.shape(value) == shape:
         return [value] * window
     raise ValueError(
         f"{where}: action {key!r} must be one value of shape {shape} for every frame, or a list of {window} per-frame "
