@@ -11,6 +11,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SLOW_TEST_TIMEOUT = 1800  # seconds; the default tests' limit is pyproject's ``timeout``
 torch.set_num_threads(int(os.environ.get("VDIFF_TEST_THREADS", "1")))
 
 
@@ -23,3 +24,10 @@ def _restore_environment():
     for name in [k for k in os.environ if k not in saved]:
         del os.environ[name]
     os.environ.update(saved)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests (whole training runs) get SLOW_TEST_TIMEOUT unless they set their own limit."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))

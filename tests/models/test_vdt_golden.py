@@ -61,7 +61,9 @@ def test_reference_weights_compute_the_reference_outputs(tmp_path):
     model = load_vdt_checkpoint(vdiff_model(config), checkpoint)  # strict: every key, every shape
     out = reference_call(model, io)
     assert out.shape == io["out"].shape
-    torch.testing.assert_close(out, io["out"], rtol=0, atol=1e-5)
+    # The stored float32 output is itself up to 1.2e-5 from the float64 answer (outputs reach 4.5), and float32
+    # kernels round differently on other CPUs (AVX2 vs AVX-512): 5e-5 covers rounding; a wrong term moves >1e-2.
+    torch.testing.assert_close(out, io["out"], rtol=0, atol=5e-5)
 
 
 @torch.no_grad()

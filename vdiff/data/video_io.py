@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,35 @@ class VideoInfo:
     height: int
     codec: str
     duration: float  # seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel conversion
+# ----------------------------------------------------------------------------------------------
+# PyAV >= 17 converts frames (``frame.to_ndarray(format=...)``, ``frame.reformat``, an encoder fed RGB
+# frames) through one swscale context per Python thread, created with ``threads=0``: a pool of slice
+# threads, one per core. A process that forks after such a conversion hands its child that context
+# without its threads, and the child's first conversion waits for them forever (av 18.1.1: DataLoader
+# workers and process pools hung in ``avpriv_slicethread_execute``). So vdiff never uses the shared
+# context: every decode or encode call converts through a context of its own with a single thread,
+# which starts no thread a fork could lose, whatever the parent converted before. Parallelism comes
+# from loader workers and process pools, one core each, not from swscale's slices.
+
+
+class FrameConverter:
+    """Converts decoded frames with a swscale context owned by this object, single-threaded (fork-safe)."""
+
+    def __init__(self) -> None:
+        self._reformatter = VideoReformatter()
+
+    def frame(self, frame: av.VideoFrame, format: str, size: tuple[int, int] | None = None) -> av.VideoFrame:
+        """``frame`` in pixel ``format``, resized to ``size=(H, W)`` (bilinear) when given."""
+        height, width = size if size else (frame.height, frame.width)
+        return self._reformatter.reformat(frame, width=width, height=height, format=format, threads=1)
+
+    def rgb(self, frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB of ``frame``, resized to ``size=(H, W)`` when given."""
+        return self.frame(frame, "rgb24", size).to_ndarray()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,6 +338,7 @@ def _decode_sorted(
             seeked = False
 
     wanted_set = set(wanted)
+    convert = FrameConverter()
 
     def frames_of(packets):
         """Decode packets, telling the decoder to drop non-reference frames that are not wanted.
@@ -348,10 +379,7 @@ def _decode_sorted(
                 return False  # the seek landed after the first wanted frame
             # Otherwise, if the stream skipped an index (variable frame rate), this frame serves the missed one.
             while next_row < len(wanted) and wanted[next_row] <= index:
-                if size:
-                    rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0])
-                else:
-                    rgb = frame.to_ndarray(format="rgb24")
+                rgb = convert.rgb(frame, size)
                 if out is None:
                     out = np.empty((len(wanted), *rgb.shape), dtype=np.uint8)
                 out[next_row] = rgb
@@ -410,12 +438,10 @@ def decode_all(src: VideoSource, size: tuple[int, int] | None = None, thread_cou
         ctx.thread_type = "AUTO"
     ctx.thread_count = max(1, int(thread_count))
     frames = []
+    convert = FrameConverter()
     try:
         for frame in container.decode(stream):
-            if size:
-                frames.append(frame.to_ndarray(format="rgb24", width=size[1], height=size[0]))
-            else:
-                frames.append(frame.to_ndarray(format="rgb24"))
+            frames.append(convert.rgb(frame, size))
     except av.FFmpegError as err:
         raise VideoDecodeError(CORRUPT, f"video {_describe(src)} failed to decode after {len(frames)} frames: {err}") from err
     finally:
@@ -480,8 +506,9 @@ def encode_video(
         stream.codec_context.gop_size = gop_size
         stream.codec_context.time_base = 1 / rate
         stream.options = {"crf": str(crf), "preset": preset, "threads": str(max(1, int(threads)))}
+        convert = FrameConverter()  # RGB -> pix_fmt here, not in the encoder's thread-pooled converter
         for i in range(num):
-            frame = av.VideoFrame.from_ndarray(array[i], format="rgb24")
+            frame = convert.frame(av.VideoFrame.from_ndarray(array[i], format="rgb24"), pix_fmt)
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
@@ -556,8 +583,10 @@ def iter_frames(
         source_fps = float(rate) if rate else 25.0
         origin: float | None = None  # time of the first decoded frame
 
+        convert = FrameConverter()
+
         def to_rgb(frame: av.VideoFrame) -> np.ndarray:
-            return frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
+            return convert.rgb(frame, (out_h, out_w))
 
         count = 0
         previous: tuple[float, av.VideoFrame] | None = None
