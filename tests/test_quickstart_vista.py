@@ -4,9 +4,8 @@ A tiny action-conditioned UNet-SVD world model trains on synthetic drives with t
 the way it is told: the same held-out start frames rolled out with the steering forced left and right scroll the
 skyline the commanded way (``vdiff.callbacks.steering.SteeringTest``), and its predictions beat copy-last-frame.
 
-The recipe trains for a time budget; here it trains a FIXED number of steps (about what the budget gives on a free
-2-core machine), so the check does not depend on how loaded the CI machine is. The budget's wall time is not
-asserted here.
+The recipe trains a FIXED number of steps, so the check does not depend on how loaded the CI machine is; it runs here
+exactly as a user runs it. Its wall time is a benchmark figure (``benchmarks/quickstart.py``), not asserted here.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ def test_quickstart_vista_turns_where_it_is_told(tmp_path):
     env = {**os.environ, "VDIFF_CACHE": str(tmp_path / "cache")}
     env.pop("OMP_NUM_THREADS", None)  # the user's default threads, not the test suite's
     vdiff = Path(sys.executable).with_name("vdiff")
-    command = [str(vdiff), "fit", "-c", str(REPO / "recipes" / "quickstart_vista.yaml"),
-               "--trainer.max_steps", str(STEPS), "--trainer.max_time", "null"]
+    command = [str(vdiff), "fit", "-c", str(REPO / "recipes" / "quickstart_vista.yaml")]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
