@@ -3,6 +3,8 @@ checkpoints with a file-backed image encoder, and the tiny recipe through `vdiff
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -294,3 +296,71 @@ def test_a_moved_image_encoder_is_found_under_vdiff_weights(tmp_path, monkeypatc
     fresh.on_load_checkpoint(checkpoint)
     frame = clip_batch()["video"][:, 0]
     torch.testing.assert_close(fresh.image_encoder(frame), module.image_encoder(frame))
+
+
+# ---------------------------------------------------------------- weight decay, cond_aug draws, lean checkpoints
+
+EMBEDDING_MLP = re.compile(r"(^|.*\.)(time_embed|added_time_embed|frame_embed)\.")  # the UNet's embedding MLPs
+
+
+def test_weight_decay_reaches_matrices_but_not_embeddings_biases_or_norms():
+    module = tiny_svd(weight_decay=0.1, spatial_lr_scale=0.5, lr=1e-3)
+    decay_of = {id(p): g["weight_decay"] for g in module.parameter_groups() for p in g["params"]}
+    names = dict(module.net.named_parameters())
+    decayed = {n for n, p in names.items() if decay_of[id(p)] == 0.1}
+    assert {n for n, p in names.items() if decay_of[id(p)] not in (0.0, 0.1)} == set()
+    expected = {n for n, p in names.items() if p.ndim >= 2 and not EMBEDDING_MLP.match(n)}
+    assert decayed == expected
+    embeddings = {"time_embed.mlp.0.weight", "added_time_embed.mlp.2.weight", "down.1.attn.0.frame_embed.0.weight"}
+    assert embeddings <= set(names) and not embeddings & decayed  # embedding matrices: no decay
+    assert {"conv_in.weight", "down.1.attn.0.proj_in.weight"} <= decayed
+    assert not any(n.endswith(".bias") or ".norm" in n for n in decayed)
+
+
+def test_training_cond_aug_is_log_normal_with_the_recipes_mean_and_std():
+    module = tiny_svd(conditioning=SVDConditioning(cond_aug_lognormal=(-3.0, 0.5), drop_image=0.0, drop_concat=0.0),
+                      image_encoder=None)
+    n = 4000  # latent-shard clips (first frame + CLIP embedding): no CLIP runs, the frames are tiny
+    batch = {"latents": torch.zeros(n, 2, 3, 4, 4), "first_frame": torch.zeros(n, 3, 4, 4),
+             "image_embed": torch.zeros(n, 24), "fps": torch.full((n,), 7.0)}
+    torch.manual_seed(0)
+    cond_aug = module.training_conditioning(batch)["added_time_ids"][:, 2]
+    assert bool((cond_aug > 0).all())
+    log = cond_aug.double().log()
+    assert float(log.mean()) == pytest.approx(-3.0, abs=0.03) and float(log.std()) == pytest.approx(0.5, abs=0.02)
+    assert float(cond_aug.median()) == pytest.approx(math.exp(-3.0), rel=0.05)  # a log-normal's median: exp(mean)
+    torch.manual_seed(1)
+    assert not torch.equal(module.training_conditioning(batch)["added_time_ids"][:, 2], cond_aug)  # drawn per step
+
+
+def write_tiny_clip_folder(folder: Path) -> Path:
+    """A transformers CLIPVisionModelWithProjection folder of the tiny CLIP's shape (random weights)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPImageEmbedderConfig.from_name("tiny")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads, image_size=cfg.image_size, patch_size=cfg.patch_size,
+        projection_dim=cfg.embed_dim, hidden_act=cfg.act, layer_norm_eps=cfg.norm_eps,
+    )).save_pretrained(folder)
+    return folder
+
+
+def test_a_lean_checkpoint_refuses_an_image_encoder_without_its_weights_file(tmp_path):
+    """The checkpoint recorded a file-backed image encoder (path + sha256, its weights left out): a module given an
+    encoder built without that file (random weights, no sha256) must not be filled with it silently."""
+    from vdiff.weights.clip import PretrainedCLIPImageEmbedder
+
+    pytest.importorskip("transformers")
+    encoder = PretrainedCLIPImageEmbedder(str(write_tiny_clip_folder(tmp_path / "image_encoder")))
+    module = tiny_svd(image_encoder=encoder)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["vdiff_image_encoder"]["sha256"] == encoder.weights_sha256
+    unfiled = SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"))
+    with pytest.raises(ValueError, match="image encoder"):
+        unfiled.on_load_checkpoint(dict(checkpoint, state_dict=dict(checkpoint["state_dict"])))
+    same = SVDModule(net=NET, image_encoder=PretrainedCLIPImageEmbedder(str(tmp_path / "image_encoder")))
+    same.on_load_checkpoint(checkpoint)  # the same file: accepted, its weights put back
+    assert all(torch.equal(checkpoint["state_dict"][f"conditioner.image_embedder.{k}"], v)
+               for k, v in encoder.state_dict().items())
