@@ -157,7 +157,7 @@ def adapted(seed: int = 0) -> VDT:
     net = tiny_net(seed)
     configs = {
         "temporal": LoRAAdapter(VDT_TEMPORAL_ATTENTION, rank=4, init=False).peft_config(),
-        "all": LoRAAdapter(rank=2, alpha=4, init=False).peft_config(),  # every attention, temporal included
+        "all": LoRAAdapter(rank=2, alpha=4, init=False).peft_config(net),  # VDT's preset: every attention
     }
     inject_adapters(net, configs)
     return net.eval()

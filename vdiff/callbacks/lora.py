@@ -5,11 +5,13 @@
 adapters exist before the strategy wraps (DDP) or shards (``fully_shard``) the network, before the
 optimizer is built, and before :class:`~vdiff.callbacks.EMA` collects what it averages. The hook:
 
-1. injects one or more named peft LoRA adapters (``inject_adapter_in_model``) into modules chosen by
-   regex (``re.fullmatch`` on the module names of the network, e.g. ``r".*temporal_attn\\.(qkv|proj)"``
-   for VDT's temporal attention only, ``r".*attn\\.(qkv|proj)"`` for q/k/v/out of every attention:
-   VDT fuses q, k and v into one ``qkv`` projection, so one rank-r update covers the three), with
-   rank, alpha, dropout and initialisation from the recipe; every adapter is active (their updates add);
+1. injects one or more named peft LoRA adapters (``inject_adapter_in_model``) into the modules of a
+   preset the network declares (``LORA_PRESETS``, :mod:`vdiff.models.lora_targets`; default
+   ``"attention"``: q/k/v/out of every attention, on VDT, UNet-SVD and Vista alike) or chosen by regex
+   (``re.fullmatch`` on the module names of the network, e.g. ``r".*temporal_attn\\.(qkv|proj)"``
+   for VDT's temporal attention only: VDT fuses q, k and v into one ``qkv`` projection, so one rank-r
+   update covers the three), with rank, alpha, dropout and initialisation from the recipe; every
+   adapter is active (their updates add);
 2. freezes every parameter of the LightningModule except the adapters marked trainable and the
    network parameters matching ``extra_trainable`` (e.g. ``r".*action.*"``), so only those reach the
    optimizer (the base module's parameter groups take trainable parameters only) and the EMA;
@@ -29,6 +31,7 @@ adapters into the base weights and back; :func:`unload_adapters` leaves a plain 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -45,17 +48,20 @@ import torch
 from torch import Tensor, nn
 
 from vdiff.callbacks.ema import EMA_KEY, full_tensor, local_tensor, reshard_fsdp
+from vdiff.models.lora_targets import DEFAULT_LORA_PRESET, lora_preset
+from vdiff.models.unet_svd import UNetSVD
+from vdiff.models.vdt import VDT
+from vdiff.weights.safetensors_io import read_safetensors
 
 LORA_KEY = "vdiff_lora"  # checkpoint entry: how the adapters were injected (lora_entry)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # peft's saved names are those of a PeftModel wrapping the network
 
-# Regexes (re.fullmatch on module names) for vdiff's VDT.
-VDT_ATTENTION = r".*attn\.(qkv|proj)"  # q/k/v (fused) and out of every attention, temporal and spatial
-VDT_TEMPORAL_ATTENTION = r".*temporal_attn\.(qkv|proj)"
-# diffusers-layout UNets (SVD): q/k/v/out of every attention.
-DIFFUSERS_ATTENTION = r".*attn\d*\.(to_q|to_k|to_v|to_out\.0)"
+# Regexes (re.fullmatch on module names) of the networks' presets, for recipes that combine them by hand.
+VDT_ATTENTION = VDT.LORA_PRESETS["attention"].modules  # q/k/v (fused) and out of every attention, temporal and spatial
+VDT_TEMPORAL_ATTENTION = VDT.LORA_PRESETS["temporal-attention"].modules
+UNET_SVD_ATTENTION = UNetSVD.LORA_PRESETS["attention"].modules  # q/k/v/out of every attention (SVD, Vista)
 
 
 @dataclass
@@ -63,7 +69,7 @@ class LoRAAdapter:
     """One named adapter of a recipe.
 
     target_modules: regex (``re.fullmatch`` on module names of the network) or a list of module names
-        (peft's suffix matching).
+        (peft's suffix matching). None: the network's ``preset``.
     rank, alpha, dropout: LoRA's r, lora_alpha (None = rank, i.e. scale 1) and lora_dropout.
     init: peft's ``init_lora_weights``: True (Kaiming-uniform A, zero B: the network starts unchanged),
         ``"gaussian"``, ``"pissa"``, ``"olora"``, ... or False (random B, the network changes at once).
@@ -72,9 +78,11 @@ class LoRAAdapter:
     path: an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) to start from; its
         config then replaces the fields above.
     trainable: train this adapter (False: a frozen adapter, e.g. a loaded one that stays fixed).
+    preset: a preset the network declares (``LORA_PRESETS``: ``attention``, ``attention+mlp``, ...; ``vista``
+        also trains the action projections fully), used when ``target_modules`` is None; None = ``attention``.
     """
 
-    target_modules: str | list[str] = VDT_ATTENTION
+    target_modules: str | list[str] | None = None
     rank: int = 16
     alpha: float | None = None
     dropout: float = 0.0
@@ -83,8 +91,26 @@ class LoRAAdapter:
     exclude_modules: str | list[str] | None = None
     path: str | None = None
     trainable: bool = True
+    preset: str | None = None
 
-    def peft_config(self):
+    def __post_init__(self) -> None:
+        if self.target_modules is not None and self.preset is not None:
+            raise ValueError(
+                f"LoRA adapter: give target_modules or preset, not both (got {self.target_modules!r} and {self.preset!r})"
+            )
+
+    def targets(self, net: nn.Module | None) -> tuple[str | list[str], tuple[str, ...]]:
+        """The modules to adapt and the parameters that train fully with them: ``target_modules`` as given, else
+        the ``preset`` of ``net`` (an unknown preset fails, listing the network's)."""
+        if self.target_modules is not None:
+            return self.target_modules, ()
+        if net is None:
+            raise ValueError("LoRA adapter: no target_modules, and no network to take the preset from")
+        preset = lora_preset(net, self.preset or DEFAULT_LORA_PRESET)
+        return preset.modules, preset.trainable
+
+    def peft_config(self, net: nn.Module | None = None):
+        """peft's ``LoraConfig``; ``net`` resolves a preset (needed when ``target_modules`` is None)."""
         from peft import LoraConfig
 
         if self.path is not None:
@@ -93,7 +119,7 @@ class LoRAAdapter:
             r=self.rank,
             lora_alpha=self.alpha if self.alpha is not None else self.rank,
             lora_dropout=self.dropout,
-            target_modules=self.target_modules,
+            target_modules=self.targets(net)[0],
             exclude_modules=self.exclude_modules,
             init_lora_weights=self.init,
             use_rslora=self.use_rslora,
@@ -238,7 +264,7 @@ def config_from_dict(data: Mapping[str, Any]):
 
 
 def read_adapter_config(folder: str | Path):
-    path = Path(folder) / ADAPTER_CONFIG
+    path = adapter_source(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(
             f"no adapter config at {path} (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
@@ -275,12 +301,16 @@ def save_adapter(net: nn.Module, adapter: str, folder: str | Path) -> Path:
 def load_adapter(net: nn.Module, folder: str | Path, adapter: str = "default") -> nn.Module:
     """Inject the adapter saved in ``folder`` into ``net`` (a network without it, e.g. a fresh one) under
     the name ``adapter`` and load its weights strictly. Returns ``net``."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     inject_adapters(net, {adapter: read_adapter_config(folder)})
-    load_adapter_weights(net, adapter, load_file(str(folder / ADAPTER_WEIGHTS)), source=str(folder))
+    load_adapter_weights(net, adapter, read_adapter_weights(folder), source=str(folder))
     return net
+
+
+def read_adapter_weights(folder: str | Path) -> dict[str, Tensor]:
+    """The tensors of an adapter folder's ``adapter_model.safetensors`` (peft's names), read through
+    :func:`adapter_source` (an interrupted replacement of the folder still reads a complete adapter)."""
+    return read_safetensors(adapter_source(folder) / ADAPTER_WEIGHTS)
 
 
 def load_adapter_weights(net: nn.Module, adapter: str, state: Mapping[str, Tensor], source: str = "state") -> None:
@@ -380,14 +410,52 @@ def adapter_folder(checkpoint_path: str | Path, ema: bool = False) -> Path:
     return path.with_name(f"{path.stem}_lora{'_ema' if ema else ''}")
 
 
+def _swap_names(folder: Path) -> tuple[Path, Path]:
+    """``(X_lora.tmp, X_lora.old)``: the new folder being written and the replaced one, beside ``folder``."""
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+
+
 def write_adapter_folders(folder: Path, configs: Mapping[str, Any], states: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """``folder/<adapter>/`` for every adapter, replacing an older folder."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """``folder/<adapter>/`` for every adapter, replacing an older folder so that a process killed at any
+    instant leaves a complete folder: the new one is written as ``folder.tmp``; the old one is renamed to
+    ``folder.old``, ``folder.tmp`` to ``folder``, then ``folder.old`` is deleted. Between the two renames
+    (no ``folder``) :func:`adapter_source` reads the complete ``folder.tmp``, and the next write finishes the
+    swap first (:func:`recover_adapter_folders`)."""
+    recover_adapter_folders(folder)
+    tmp, old = _swap_names(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     for name, state in states.items():
         write_adapter(tmp / name, configs[name], state)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_adapter_folders(folder: Path) -> None:
+    """Finish a replacement of ``folder`` by :func:`write_adapter_folders` that a kill interrupted: with no
+    ``folder`` but a ``folder.old``, the complete ``folder.tmp`` (renamed only when written) becomes ``folder``
+    (``folder.old`` when there is no ``folder.tmp``); a leftover ``folder.old`` beside ``folder`` is deleted."""
+    tmp, old = _swap_names(folder)
+    if not folder.exists() and old.exists():
+        os.replace(tmp if tmp.exists() else old, folder)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_source(folder: str | Path) -> Path:
+    """Where to read the adapter folder ``folder`` (``X_lora/<adapter>``) from: itself, or, while a replacement
+    of ``X_lora`` by :func:`write_adapter_folders` was interrupted between its renames (no ``X_lora``, an
+    ``X_lora.old``), the complete copy in ``X_lora.tmp`` (else ``X_lora.old``). Reading changes no file."""
+    folder = Path(folder)
+    parent = folder.parent
+    tmp, old = _swap_names(parent)
+    if folder.exists() or parent.exists() or not old.exists():
+        return folder
+    for swapped in (tmp, old):
+        if (swapped / folder.name).is_dir():
+            return swapped / folder.name
+    return folder
 
 
 # ---------------------------------------------------------------------------- the callback
@@ -399,16 +467,20 @@ class LoRA(L.Callback):
     Args:
         adapters: ``{name: LoRAAdapter}`` (several named adapters, all active). None: one adapter named
             ``default`` from the flat arguments below.
-        target_modules, rank, alpha, dropout, init: the single adapter's settings (see :class:`LoRAAdapter`).
+        target_modules, rank, alpha, dropout, init, preset: the single adapter's settings (see
+            :class:`LoRAAdapter`). Neither ``target_modules`` nor ``preset``: the network's ``attention`` preset
+            (q/k/v/out of every attention), so ``LoRA()`` works on every family.
         extra_trainable: regexes (``re.fullmatch``) of network parameter names that train too (e.g.
             ``[".*action.*"]``); names are those after injection (an adapted ``x.weight`` is ``x.base_layer.weight``).
         network: the LightningModule attribute holding the network (vdiff modules: ``net``).
         save_adapter_files: write peft-format adapter folders beside every checkpoint file.
 
-    A recipe::
+    A recipe (or ``-c recipes/callbacks/lora.yaml``, which adds ``LoRA(preset: attention)`` to a recipe's callbacks)::
 
         trainer:
           callbacks:
+            - class_path: vdiff.callbacks.LoRA
+              init_args: {preset: attention+mlp, rank: 8}
             - class_path: vdiff.callbacks.LoRA
               init_args:
                 adapters:
@@ -419,7 +491,7 @@ class LoRA(L.Callback):
     def __init__(
         self,
         adapters: dict[str, LoRAAdapter] | None = None,
-        target_modules: str | list[str] = VDT_ATTENTION,
+        target_modules: str | list[str] | None = None,
         rank: int = 16,
         alpha: float | None = None,
         dropout: float = 0.0,
@@ -427,10 +499,13 @@ class LoRA(L.Callback):
         extra_trainable: list[str] | None = None,
         network: str = "net",
         save_adapter_files: bool = True,
+        preset: str | None = None,
     ) -> None:
         super().__init__()
         if adapters is None:
-            adapters = {"default": LoRAAdapter(target_modules, rank, alpha, dropout, init)}
+            adapters = {"default": LoRAAdapter(target_modules, rank, alpha, dropout, init, preset=preset)}
+        elif target_modules is not None or preset is not None:
+            raise ValueError("LoRA: give adapters or the flat target_modules/preset, not both")
         if not adapters:
             raise ValueError("LoRA: no adapters given")
         self.adapters = {name: a if isinstance(a, LoRAAdapter) else LoRAAdapter(**a) for name, a in adapters.items()}
@@ -447,16 +522,17 @@ class LoRA(L.Callback):
         net = getattr(pl_module, self.network, None)
         if not isinstance(net, nn.Module):
             raise TypeError(f"LoRA: {type(pl_module).__name__}.{self.network} is not a network")
-        inject_adapters(net, {name: spec.peft_config() for name, spec in self.adapters.items()})
+        inject_adapters(net, {name: spec.peft_config(net) for name, spec in self.adapters.items()})
         for name, spec in self.adapters.items():
             if spec.path is not None:
-                from safetensors.torch import load_file
-
-                state = load_file(str(Path(spec.path) / ADAPTER_WEIGHTS))
-                load_adapter_weights(net, name, state, source=spec.path)
+                load_adapter_weights(net, name, read_adapter_weights(spec.path), source=spec.path)
         trainable = [name for name, spec in self.adapters.items() if spec.trainable]
-        self.trainable = set_trainable(pl_module, net, trainable, self.extra_trainable)
-        self._entry = lora_entry(net, self.network, trainable, self.extra_trainable)
+        extra = list(self.extra_trainable)  # plus what the adapters' presets train fully (Vista's action projections)
+        for spec in self.adapters.values():
+            if spec.path is None:
+                extra += [p for p in spec.targets(net)[1] if p not in extra]
+        self.trainable = set_trainable(pl_module, net, trainable, extra)
+        self._entry = lora_entry(net, self.network, trainable, extra)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -505,7 +581,9 @@ class LoRA(L.Callback):
             remove(filepath)
             if trainer.is_global_zero:
                 for ema in (False, True):
-                    shutil.rmtree(adapter_folder(filepath, ema), ignore_errors=True)
+                    folder = adapter_folder(filepath, ema)
+                    for each in (folder, *_swap_names(folder)):
+                        shutil.rmtree(each, ignore_errors=True)
 
         strategy.save_checkpoint, strategy.remove_checkpoint = save_checkpoint, remove_checkpoint
         strategy._vdiff_lora_files = self

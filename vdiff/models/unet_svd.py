@@ -67,13 +67,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vdiff.models.lora_targets import LoRATargets
 from vdiff.nn.embeddings import TimestepEmbedder
 from vdiff.nn.unet_blocks import (
     GROUPS,
@@ -99,6 +100,10 @@ TEMPORAL_PARTS: tuple[str, ...] = ("temporal", "temporal_blocks", "frame_embed",
 # of the cross-attentions); present only when ``cond_frame_time_embed`` / ``action_dim`` turn them on. They are
 # neither temporal nor pretrained: ``vista_parameter_names()`` lists them for their own optimizer group.
 VISTA_PARTS: tuple[str, ...] = ("cond_time_embed", "action_kv")
+# The attention projections (module names, re.fullmatch) for the LoRA presets: self-attention q/k/v (fused) and out,
+# cross-attention q, k/v (fused) and out.
+_PROJECTIONS = r"(attn1\.(qkv|proj)|attn2\.(q|kv|proj))"
+_ATTENTION = r".*\.attn1\.(qkv|proj)|.*\.attn2\.(q|kv|proj)"  # every block's (the string Vista's recipes wrote)
 
 
 #################################################################################
@@ -268,6 +273,18 @@ class MidBlock(nn.Module):
 class UNetSVD(nn.Module):
     """Stable Video Diffusion's spatio-temporal UNet (module docstring). Built from a :class:`UNetSVDConfig`
     (``UNetSVD(UNetSVDConfig.from_name("svd"))``); the config is kept as ``self.config``."""
+
+    # Where LoRA goes (vdiff.callbacks.LoRA; vdiff.models.lora_targets). Self-attention (`attn1`) fuses q/k/v into
+    # `qkv`, cross-attention (`attn2`) k/v into `kv`; `proj` is the output. Spatial transformer blocks are
+    # `*.blocks.N`, temporal ones `*.temporal_blocks.N`; the GEGLU MLPs are `ff` (and the temporal `ff_in`).
+    LORA_PRESETS: ClassVar[dict[str, LoRATargets]] = {
+        "attention": LoRATargets(_ATTENTION),  # q/k/v/out of every attention: self and cross, spatial and temporal
+        "temporal-attention": LoRATargets(rf".*\.temporal_blocks\.\d+\.{_PROJECTIONS}"),
+        "spatial-attention": LoRATargets(rf".*\.blocks\.\d+\.{_PROJECTIONS}"),
+        "attention+mlp": LoRATargets(rf"{_ATTENTION}|.*\.(ff|ff_in)\.(proj_in|proj_out)"),
+        # Vista's phase 2: adapters on every attention, the (zero-initialised) action projections trained fully.
+        "vista": LoRATargets(_ATTENTION, trainable=(r".*\.action_kv\.weight",)),
+    }
 
     def __init__(self, config: UNetSVDConfig | None = None) -> None:
         super().__init__()

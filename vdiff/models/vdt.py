@@ -26,13 +26,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vdiff.models.lora_targets import LoRATargets
 from vdiff.nn.attention import Attention, QKNorm
 from vdiff.nn.embeddings import (
     LabelEmbedder,
@@ -187,6 +188,15 @@ class VDT(nn.Module):
     Built from a complete :class:`VDTConfig` (``VDT(VDTConfig.from_name("VDT-L/2", in_channels=4,
     learn_sigma=True))``); the config is kept as ``self.config``.
     """
+
+    # Where LoRA goes (vdiff.callbacks.LoRA; vdiff.models.lora_targets). Attention fuses q, k and v into one `qkv`
+    # projection, so one rank-r update on it covers the three; `proj` is the output projection.
+    LORA_PRESETS: ClassVar[dict[str, LoRATargets]] = {
+        "attention": LoRATargets(r".*attn\.(qkv|proj)"),  # temporal and spatial attention of every block
+        "temporal-attention": LoRATargets(r".*temporal_attn\.(qkv|proj)"),
+        "spatial-attention": LoRATargets(r"blocks\.\d+\.attn\.(qkv|proj)"),
+        "attention+mlp": LoRATargets(r".*attn\.(qkv|proj)|.*mlp\.(fc1|fc2)"),
+    }
 
     def __init__(self, config: VDTConfig) -> None:
         super().__init__()

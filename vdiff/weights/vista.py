@@ -84,7 +84,13 @@ import torch
 from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
-from vdiff.weights.safetensors_io import load_keys, load_state_dict, resolve_weights_path, save_state_dict
+from vdiff.weights.safetensors_io import (
+    load_keys,
+    load_state_dict,
+    open_safetensors,
+    resolve_weights_path,
+    save_state_dict,
+)
 from vdiff.weights.unet_svd import (
     VDIFF_CONFIG_KEY,
     UNetSVDConversionError,
@@ -109,8 +115,8 @@ LORA_SCALE = 1.0  # MemoryEfficientCrossAttention(lora_scale=1.0); bin_to_st.py 
 PEFT_PREFIX = "base_model.model."
 LORA_ADAPTER = "default"
 # Every attention projection of UNet-SVD: self-attention qkv/proj, cross-attention q/kv/proj (spatial and temporal
-# blocks). The phase-2 recipes train a LoRA on the same modules.
-LORA_TARGETS = r".*\.attn1\.(qkv|proj)|.*\.attn2\.(q|kv|proj)"
+# blocks), the network's "attention" LoRA preset. The phase-2 recipes train a LoRA on the same modules.
+LORA_TARGETS = UNetSVD.LORA_PRESETS["attention"].modules
 _COND_TIME = ("cond_time_embed.", "cond_time_stack_embed.")
 _ACTION_KV = ".action_kv.weight"
 _LORA_KEY = re.compile(r"^(.*\.)(q|k|v|out)_adapter_(down|up)\.weight$")
@@ -273,9 +279,7 @@ class _Source:
 
     def _file(self):
         if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt")
+            self._handle = open_safetensors(self.path)
         return self._handle
 
 
