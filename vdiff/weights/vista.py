@@ -84,13 +84,7 @@ import torch
 from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
-from vdiff.weights.safetensors_io import (
-    load_keys,
-    load_state_dict,
-    open_safetensors,
-    resolve_weights_path,
-    save_state_dict,
-)
+from vdiff.weights.safetensors_io import load_keys, load_state_dict, resolve_weights_path, save_state_dict
 from vdiff.weights.unet_svd import (
     VDIFF_CONFIG_KEY,
     UNetSVDConversionError,
@@ -279,7 +273,9 @@ class _Source:
 
     def _file(self):
         if self._handle is None:
-            self._handle = open_safetensors(self.path)
+            from safetensors import safe_open
+
+            self._handle = safe_open(str(self.path), framework="pt")
         return self._handle
 
 
