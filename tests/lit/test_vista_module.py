@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vdiff.data.schema import ACTION_SHAPES
-from vdiff.lit.vista import ACTIONS_KEY, VistaModule, dynamic_prior
+from vdiff.lit.vista import ACTIONS_KEY, VISTA_PRIOR_WEIGHTS, VistaModule, dynamic_prior
 from vdiff.models.actions import ActionEncoder
 from vdiff.models.conditioners import CLIPImageEmbedder
 from vdiff.models.unet_svd import UNetSVDConfig
@@ -131,3 +131,91 @@ def test_uncertainty_is_the_variance_of_an_ensemble():
     assert values.shape == (2,) and (values > 0).all()
     with pytest.raises(ValueError, match="at least 2"):
         module.uncertainty(driving_batch(), num_samples=1)
+
+
+def test_the_default_dynamic_prior_is_vistas_1_2_4_8():
+    assert VISTA_PRIOR_WEIGHTS == {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0}
+    module = VistaModule(net=NET, action_encoder=ActionEncoder(**ENCODER))  # prior_weights left to the default
+    assert dict(zip(module.prior.names, module.prior.weights.tolist())) == {
+        "first_0": 1.0, "first_1": 2.0, "first_2": 4.0, "first_3": 8.0}
+    torch.manual_seed(0)
+    k = module.training_given_mask(torch.zeros(6000, 6, 3, 1, 1)).flatten(2).all(2).sum(1)  # given frames per clip
+    freq = torch.bincount(k, minlength=4).float() / len(k)
+    torch.testing.assert_close(freq, torch.tensor([1, 2, 4, 8]) / 15.0, atol=0.02, rtol=0)
+
+
+# ---------------------------------------------------------------- what each rollout round is given (recorded)
+
+LABEL_SIZE = 4
+
+
+def labelled(values: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T, 3, s, s) frames filled with them."""
+    return values.float().view(*values.shape, 1, 1, 1).expand(*values.shape, 3, LABEL_SIZE, LABEL_SIZE).clone()
+
+
+def labels_of(frames: torch.Tensor) -> torch.Tensor:
+    flat = frames.flatten(2)
+    assert torch.all(flat == flat[..., :1]), "a frame is not one label"
+    return flat[..., 0]
+
+
+class RoundRecorder:
+    """Stands in for VistaModule's latents, decoding, conditioning and sampler: latents are the frames themselves, the
+    condition is the label of the window's conditioning frame (and its actions), and round r generates frame j of clip
+    b as the label ``1000 b + 10 (r + 1) + j``. Records what each round was given."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict] = []
+
+    def batch_latents(self, batch, sample=True):
+        return batch["video"].clone()
+
+    def decode_latents(self, latents):
+        return latents.clone()
+
+    def conditioning(self, batch, generator=None):
+        return {"frame": labels_of(batch["video"][:, :1])[:, 0], "actions": batch["actions"]}
+
+    def sample_latents(self, given, given_mask, cond=None, *args, **kwargs):
+        b, t = given.shape[:2]
+        mask = given_mask.expand(b, t, *given.shape[2:]).flatten(2)
+        assert torch.all(mask == mask[..., :1]), "the rollout's mask is not whole frames"
+        mask = mask[..., 0]  # (B, T)
+        k = int(mask[0].sum())
+        r = len(self.rounds)
+        self.rounds.append({"mask": mask.clone(), "given": labels_of(given[:, :k]), "frame": cond["frame"],
+                            "actions": cond["actions"]})
+        new = 1000.0 * torch.arange(b).view(b, 1) + 10.0 * (r + 1) + torch.arange(t).view(1, t)
+        return torch.where(mask.view(b, t, 1, 1, 1), given, labelled(new))
+
+
+@pytest.mark.parametrize(("given_frames", "overlap"), [(1, 2), (3, 1), (2, 3)])
+def test_each_rollout_round_starts_from_the_last_overlap_frames_of_the_one_before(monkeypatch, given_frames, overlap):
+    from vdiff.lit.evaluation import EvalProtocol
+
+    module = VistaModule(net=NET, action_encoder=ActionEncoder(**ENCODER),
+                         evaluation=EvalProtocol(task="prediction", given_frames=given_frames))
+    recorder = RoundRecorder()
+    for name in ("batch_latents", "decode_latents", "conditioning", "sample_latents"):
+        monkeypatch.setattr(module, name, getattr(recorder, name))
+    b, t, rounds = 2, 6, 4
+    context = 1000.0 * torch.arange(b).view(b, 1) - torch.arange(1, t + 1).view(1, t)  # negative for clip 0
+    actions = [{"round": torch.full((b,), r)} for r in range(rounds)]
+    video = module.rollout_rounds({"video": labelled(context)}, rounds=rounds, overlap=overlap, actions=actions)
+
+    assert len(recorder.rounds) == rounds and video.shape[1] == t + (t - overlap) * (rounds - 1)
+    produced = context[:, :given_frames]  # the frames so far, round by round
+    for r, record in enumerate(recorder.rounds):
+        k = given_frames if r == 0 else overlap  # round 0: the protocol's given frames; then the overlap
+        expected_mask = torch.zeros(b, t, dtype=torch.bool)
+        expected_mask[:, :k] = True
+        assert torch.equal(record["mask"], expected_mask), f"round {r}: mask {record['mask'][0].tolist()}"
+        assert torch.equal(record["given"], produced[:, -k:]), (
+            f"round {r} was given {record['given'][0].tolist()}, the last {k} frames so far are "
+            f"{produced[0, -k:].tolist()}")
+        assert torch.equal(record["frame"], produced[:, -k]), f"round {r}: conditioned on {record['frame'].tolist()}"
+        assert record["actions"] is actions[r]
+        new = 1000.0 * torch.arange(b).view(b, 1) + 10.0 * (r + 1) + torch.arange(k, t).view(1, -1)
+        produced = torch.cat([produced, new], dim=1)
+    assert torch.equal(labels_of(video), produced)  # the rounds appended in order
