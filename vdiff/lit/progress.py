@@ -1,0 +1,93 @@
+"""A training progress bar over optimizer steps: ``Training  13%|#3  | 131/1000 [00:45<05:01, 2.90step/s, ...]``.
+
+Lightning's bars count batches within an epoch and label them ``Epoch 19/-2`` when a run is limited by
+``max_steps`` (``max_epochs`` is then -1). :class:`StepProgressBar` counts the run's optimizer steps
+(``trainer.global_step``) towards ``max_steps`` across epochs, so the bar shows how far training is and when it will
+end (the ETA); the epoch moves to the postfix. Runs limited by epochs keep Lightning's per-epoch bar, labelled
+``Epoch N/M``. ``vdiff fit`` installs it unless a recipe names its own progress bar.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
+
+
+class StepProgressBar(TQDMProgressBar):
+    """:class:`~lightning.pytorch.callbacks.TQDMProgressBar` whose training bar counts optimizer steps to
+    ``max_steps`` (with their rate and the time left), resumed runs starting at the checkpoint's step.
+
+    Args:
+        refresh_rate: redraw every this many steps (and batches of the validation bars).
+        leave: keep each epoch's bar of an epoch-limited run on the screen.
+    """
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=0, leave=leave)
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether the run is limited by ``max_steps`` (then the bar counts steps), not by epochs."""
+        trainer = self.trainer
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def train_description(self) -> str:
+        return "Training"
+
+    def init_train_tqdm(self) -> Tqdm:
+        if not self.counts_steps:
+            return super().init_train_tqdm()
+        return Tqdm(
+            desc=self.train_description,
+            total=self.trainer.max_steps,
+            initial=self.trainer.global_step,  # a resumed run: the rate and the ETA count this run's steps only
+            unit="step",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.counts_steps:
+            return  # one bar for the whole run
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.counts_steps:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        step = trainer.global_step
+        bar = self.train_progress_bar
+        if bar is not None and step != bar.n and self._should_update(step, bar.total):
+            _update_n(bar, step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.counts_steps:
+            super().on_train_epoch_end(trainer, pl_module)
+        elif not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.counts_steps and not self.train_progress_bar.disable:
+            _update_n(self.train_progress_bar, trainer.global_step)
+        super().on_train_end(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.counts_steps:
+            metrics["epoch"] = trainer.current_epoch
+        return metrics
