@@ -30,6 +30,7 @@ that looks like a bug keeps its exception and traceback. ``vdiff`` prints the me
 
 from __future__ import annotations
 
+import linecache
 import os
 import re
 import sys
@@ -41,8 +42,6 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from vdiff.data.datamodule import DataPathError
-from vdiff.errors import error_message, is_user_error, root_cause
 from vdiff.lit.checkpointing import (
     AtomicCheckpointIO,
     AtomicModelCheckpoint,
@@ -52,15 +51,28 @@ from vdiff.lit.checkpointing import (
     resume_plan,
 )
 from vdiff.lit.progress import StepProgressBar
-from vdiff.lit.safe_loading import UnsafeCheckpointError, refusing_code
 from vdiff.lit.time_budget import TimeBudget
+
+# Exceptions whose message is the whole story when a recipe is being built (not bugs).
+MESSAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError, ImportError, OSError)
 
 
 class RecipeError(ValueError):
     """A mistake in the recipe or on the command line, found while parsing it or building its objects
-    (an unknown key, a bad value, a missing weights file, nothing to resume, a data folder without
-    shards): ``str()`` is the one message a user needs; ``__cause__`` holds the original exception and
-    its traceback."""
+    (an unknown key, a bad value, a missing weights file, nothing to resume): ``str()`` is the one
+    message a user needs; ``__cause__`` holds the original exception and its traceback."""
+
+
+def _raised_by_raise_statement(err: BaseException) -> bool:
+    """Whether ``err`` comes from an explicit ``raise`` (a checked error), not from a failing call or
+    attribute access inside code (a bug)."""
+    tb = err.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+    return line.startswith("raise")
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -68,25 +80,25 @@ def user_error(err: BaseException) -> BaseException | None:
 
     jsonargparse wraps errors raised while instantiating classes in several ``ValueError``s
     ("Does not validate against any of the Union subtypes"); the innermost cause is the real one.
-    It is shown as a message when it is a user error by :func:`vdiff.errors.is_user_error` with
-    ``library_checks`` (the libraries check the recipe's values: a ValueError / TypeError / LookupError /
-    ImportError raised by an explicit ``raise`` in any code, e.g. ``ConversionError``; an OSError such as a
-    missing file or a ``ResumeError``) or a Lightning ``MisconfigurationException``.
+    It is shown as a message when it is an OSError (a missing file...), a ``ResumeError``, a
+    Lightning ``MisconfigurationException``, or a ValueError / TypeError / LookupError / ImportError
+    raised by an explicit ``raise`` (a checked argument, e.g. ``ConversionError``).
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    root = root_cause(err)
-    if isinstance(root, MisconfigurationException) or is_user_error(root, library_checks=True):
+    root = err
+    seen = {id(root)}
+    while True:
+        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        root = nxt
+    if isinstance(root, (OSError, ResumeError, MisconfigurationException)):
+        return root
+    if isinstance(root, MESSAGE_ERRORS) and _raised_by_raise_statement(root):
         return root
     return None
-
-
-def recipe_message(err: BaseException) -> str:
-    """The one-line message of a user error found while building or running a recipe; a data path is named
-    by its recipe key (``data.init_args.train: ...``)."""
-    if isinstance(err, DataPathError):
-        return f"data.init_args.{err.argument}: {err.detail}"
-    return error_message(err)
 
 
 _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$')
@@ -161,19 +173,13 @@ class VdiffLightningCLI(LightningCLI):
             raise RecipeError(argument_error_message(str(err))) from err
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a checkpoint's hyperparameters into the config (torch.load, weights_only=True):
-        # same error handling, and a file that would run code is refused in one message naming it.
+        # LightningCLI reads a checkpoint's hyperparameters into the config: same error handling.
         from jsonargparse import ArgumentError
 
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         try:
-            with refusing_code(str(ckpt_path)):
-                super()._parse_ckpt_path()
+            super()._parse_ckpt_path()
         except ArgumentError as err:
             raise RecipeError(argument_error_message(str(err))) from err
-        except UnsafeCheckpointError as err:
-            raise RecipeError(str(err)) from err
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `last.ckpt` is always written so that `--ckpt_path last` resumes a crashed run.
@@ -187,21 +193,11 @@ class VdiffLightningCLI(LightningCLI):
             cause = user_error(err)
             if cause is None:
                 raise
-            raise RecipeError(recipe_message(cause)) from err
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        # A data module that checks its paths only in setup (not in check_data): still one message.
-        try:
-            super()._run_subcommand(subcommand)
-        except DataPathError as err:
-            raise RecipeError(recipe_message(err)) from err
+            raise RecipeError(str(cause) or type(cause).__name__) from err
 
     # ------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        check_data = getattr(self.datamodule, "check_data", None)
-        if self.subcommand is not None and callable(check_data):
-            check_data(self.subcommand)  # a missing or empty data folder fails before the trainer starts
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks")
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
@@ -228,8 +224,6 @@ class VdiffLightningCLI(LightningCLI):
         """Turn ``--ckpt_path last`` into a file (or fail) and, for ``fit``, point the logger at the
         checkpoint's version folder, before the trainer is built."""
         sub = self.config_init[self.subcommand]
-        if sub.get("weights_only") is None:  # Lightning would read the file with torch's default: never run its code
-            sub["weights_only"] = True
         ckpt_path = sub.get("ckpt_path")
         if not ckpt_path or ckpt_path in ("best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
             return
@@ -254,10 +248,6 @@ class VdiffLightningCLI(LightningCLI):
             default_root_dir=default_root_dir,
         )
         sub["ckpt_path"] = plan.ckpt_path
-        try:
-            position = checkpoint_position(plan.ckpt_path)  # refuses a file that would run code, before training
-        except UnsafeCheckpointError as err:
-            raise RecipeError(str(err)) from err
         if self.subcommand != "fit":
             return
         if plan.version is not None:
@@ -272,6 +262,7 @@ class VdiffLightningCLI(LightningCLI):
         writes = plan.log_dir or (first.log_dir if first is not None else None)
         if dirpath:
             writes = f"{writes} (checkpoints: {dirpath})" if writes else str(dirpath)
+        position = checkpoint_position(plan.ckpt_path)
         _rank_zero_print(
             f"vdiff fit: resuming from {plan.ckpt_path}{f' ({position})' if position else ''}; "
             f"writing to {writes or default_root_dir}"
