@@ -142,6 +142,31 @@ def test_speed_frames_past_the_end_of_the_clip_are_invalid():
     assert valid["speed"].all()
 
 
+def test_the_last_speed_frame_may_be_the_clips_last_frame_but_not_one_past_it():
+    encoder = ActionEncoder()  # 10 Hz: frames 5, 10, 15, 20 after the reference frame
+    for frames, inside in ((21, True), (20, False)):  # frame 20 is the last of 21 frames, one past the end of 20
+        actions = batch_actions(2, frames)
+        actions["speed"] = torch.arange(frames, dtype=torch.float32).expand(2, frames).clone()
+        scalars, valid = encoder.values(actions)
+        assert valid["speed"].tolist() == [inside] * 2 and valid["steering"].tolist() == [inside] * 2, frames
+        expected = torch.tensor([5.0, 10.0, 15.0, 20.0]) if inside else torch.zeros(4)
+        torch.testing.assert_close(scalars["speed"], expected.expand(2, 4), atol=0, rtol=0)
+    _, valid = ActionEncoder(reference_frame=1).values(batch_actions(2, 21))  # frame 21 of 21: outside
+    assert not valid["speed"].any()
+
+
+def test_speed_frames_are_rounded_to_the_nearest_frame_at_rates_where_the_seconds_are_not_whole_frames():
+    T = 64
+    actions = batch_actions(3, T)
+    actions["speed"] = torch.arange(T, dtype=torch.float32).expand(3, T).clone()  # the value is the frame index
+    scalars, valid = ActionEncoder().values(actions, fps=torch.tensor([29.97, 9.6, 7.3]))
+    # 0.5, 1, 1.5, 2 s: 14.985, 29.97, 44.955, 59.94 -> 15, 30, 45, 60 (truncation: 14, 29, 44, 59);
+    # 4.8, 9.6, 14.4, 19.2 -> 5, 10, 14, 19; 3.65, 7.3, 10.95, 14.6 -> 4, 7, 11, 15
+    expected = torch.tensor([[15.0, 30.0, 45.0, 60.0], [5.0, 10.0, 14.0, 19.0], [4.0, 7.0, 11.0, 15.0]])
+    torch.testing.assert_close(scalars["speed"], expected, atol=0, rtol=0)
+    assert bool(valid["speed"].all())
+
+
 def test_malformed_action_dicts_are_errors_naming_the_key():
     actions = batch_actions(2, 25)
     encoder = ActionEncoder()
