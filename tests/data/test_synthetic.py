@@ -387,8 +387,29 @@ def test_cli_writes_train_and_val(tmp_path, capsys):
     assert (train.num_samples, train.num_frames, len(train.shards)) == (2, 6, 2)
     assert (val.num_samples, val.num_frames) == (1, 3)
     assert val.extra["synthetic"]["first_index"] == VAL_FIRST_INDEX
-    printed = capsys.readouterr().out
-    assert "2 videos, 6 frames" in printed and "done in" in printed
+    printed = capsys.readouterr()
+    assert "2 videos, 6 frames" in printed.out and "done in" in printed.out
+    # the videos being written show as they go (a first run can take minutes): a bar per split, on stderr
+    assert f"writing synthetic videos to {tmp_path / 'train'}: 100%" in printed.err and "2/2" in printed.err
+    assert f"writing synthetic videos to {tmp_path / 'val'}: 100%" in printed.err and "1/1" in printed.err
+
+
+def test_the_synthetic_datamodule_shows_its_first_run_writing_videos(tmp_path, capsys):
+    from vdiff.data.synthetic_datamodule import SyntheticDrivingDataModule
+
+    data = SyntheticDrivingDataModule(num_videos=2, val_videos=0, video_frames=3, video_size=16, size=16, num_frames=3,
+                                      cache_dir=str(tmp_path), synth_workers=2)
+    data.prepare_data()
+    assert "writing synthetic videos to" in capsys.readouterr().err
+    data.prepare_data()  # the cache holds them: nothing written, nothing shown
+    assert "writing synthetic videos" not in capsys.readouterr().err
+
+
+def test_library_writes_quietly_unless_asked(tmp_path, capsys):
+    write_synthetic_shards(tmp_path / "quiet", num_videos=1, num_frames=2, size=16, seed=0)
+    assert capsys.readouterr().err == ""
+    write_synthetic_shards(tmp_path / "shown", num_videos=2, num_frames=2, size=16, seed=0, workers=2, progress=True)
+    assert "2/2" in capsys.readouterr().err
 
 
 def test_worker_processes_write_identical_shards(tmp_path):

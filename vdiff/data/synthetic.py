@@ -845,6 +845,7 @@ def write_synthetic_shards(
     crf: int | None = None,
     workers: int = 1,
     first_index: int = 0,
+    progress: bool = False,
     **options: Any,
 ) -> Manifest:
     """Render ``num_videos`` drives (video ``i`` with seed ``(seed, first_index + i)``), encode them as
@@ -854,7 +855,10 @@ def write_synthetic_shards(
     ``extra["synthetic"]`` (see :func:`ensure_synthetic_shards`). The set is built in a temporary
     folder beside ``out`` and moved in when complete, replacing an earlier synthetic set there;
     ``out`` holding other shards is an error. ``workers`` > 1 renders and encodes in processes.
+    ``progress`` shows a bar on stderr (videos written, their rate and the time left).
     """
+    from tqdm.auto import tqdm
+
     from vdiff.data.shards import ShardWriter
 
     _check_write_args(num_videos, size, seed, first_index, max_count, workers)
@@ -865,20 +869,24 @@ def write_synthetic_shards(
     if tmp.exists():
         shutil.rmtree(tmp)
     tasks = [(config, seed, first_index + i, params["crf"]) for i in range(num_videos)]
+    bar = tqdm(total=num_videos, desc=f"writing synthetic videos to {out}", unit="video", disable=not progress)
     try:
         with ShardWriter(tmp, prefix="synth", max_count=max_count, extra={"synthetic": params}) as writer:
             if workers == 1:
                 results = map(_render_sample, tasks)
                 for key, mp4, meta in results:
                     writer.write_video(key, mp4, meta)
+                    bar.update()
             else:
                 with ProcessPoolExecutor(max_workers=workers) as pool:
                     chunk = max(1, min(16, num_videos // (4 * workers)))
                     for key, mp4, meta in pool.map(_render_sample, tasks, chunksize=chunk):
                         writer.write_video(key, mp4, meta)
+                        bar.update()
         manifest = writer.close()
         _replace_folder_contents(tmp, out)
     finally:
+        bar.close()
         if tmp.exists():
             shutil.rmtree(tmp)
     return manifest
@@ -895,6 +903,7 @@ def ensure_synthetic_shards(
     crf: int | None = None,
     workers: int = 1,
     first_index: int = 0,
+    progress: bool = False,
     **options: Any,
 ) -> Manifest:
     """:func:`write_synthetic_shards` unless ``out`` already holds a complete set with the same
@@ -904,7 +913,7 @@ def ensure_synthetic_shards(
     if manifest is not None:
         return manifest
     return write_synthetic_shards(out, num_videos, num_frames, size, seed, fps, max_count, crf, workers,
-                                  first_index, **options)
+                                  first_index, progress, **options)
 
 
 def ensure_synthetic_splits(
@@ -955,7 +964,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``vdiff data synth``: write (or reuse) the shard sets and print a short summary."""
     start = time.perf_counter()
-    kwargs = dict(fps=args.fps, max_count=args.shard_size, crf=args.crf, workers=args.workers)
+    kwargs = dict(fps=args.fps, max_count=args.shard_size, crf=args.crf, workers=args.workers, progress=True)
     out = Path(args.out)
     if args.force:
         splits = {"train": write_synthetic_shards(out / "train", args.num_videos, args.frames, args.size,

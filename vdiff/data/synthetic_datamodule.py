@@ -77,5 +77,5 @@ class SyntheticDrivingDataModule(VideoDataModule):
 
     def prepare_data(self) -> None:
         """Write the shards unless the cache already holds the same set (called on one process)."""
-        ensure_synthetic_splits(self.synthetic_root, **self.synthetic_args)
+        ensure_synthetic_splits(self.synthetic_root, progress=True, **self.synthetic_args)
         super().prepare_data()
