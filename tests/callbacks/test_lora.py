@@ -257,3 +257,22 @@ def test_a_recipe_names_several_adapters():
     callback = parser.instantiate(config).callback
     assert callback.adapters["temporal"] == LoRAAdapter(VDT_TEMPORAL_ATTENTION, rank=16, alpha=16, init="gaussian")
     assert callback.adapters["spatial"].rank == 4 and callback.extra_trainable == [".*action.*"]
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "rslora", "scale"),
+    [(4, None, False, 1.0), (2, None, False, 1.0), (16, None, False, 1.0), (4, 8.0, False, 2.0), (4, 8.0, True, 4.0)],
+)
+def test_an_adapter_scales_its_update_by_alpha_over_rank_and_no_alpha_means_one(rank, alpha, rslora, scale):
+    net = tiny_net()
+    adapter = LoRAAdapter(VDT_TEMPORAL_ATTENTION, rank=rank, alpha=alpha, init=False, use_rslora=rslora)
+    inject_adapters(net, {"a": adapter.peft_config(net)})
+    layers = [module for name, module in net.named_modules() if name.endswith("temporal_attn.qkv")]
+    assert len(layers) == 2 and all(layer.scaling["a"] == pytest.approx(scale) for layer in layers)
+    layer = layers[0]  # the update it adds is scale * B A x (init=False: B is random, not zero)
+    x = torch.randn(5, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        update = layer(x) - layer.base_layer(x)
+        expected = scale * layer.lora_B["a"](layer.lora_A["a"](x))
+    assert update.abs().max() > 1e-3
+    torch.testing.assert_close(update, expected, atol=1e-6, rtol=1e-5)
