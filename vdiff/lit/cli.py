@@ -171,6 +171,10 @@ class VdiffLightningCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise RecipeError(argument_error_message(str(err))) from err
+        subcommand = self.config.get("subcommand")
+        warning = dropped_ema_warning(self.config[subcommand] if subcommand else self.config)
+        if warning:
+            _rank_zero_print(warning)
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads a checkpoint's hyperparameters into the config: same error handling.
@@ -269,6 +273,50 @@ class VdiffLightningCLI(LightningCLI):
         )
 
 
+def _callback_class_paths(callbacks: Any) -> list[str]:
+    """The class paths of a recipe's ``trainer.callbacks`` value (a list of class_path/init_args mappings)."""
+    items = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+    paths = []
+    for item in items:
+        class_path = item if isinstance(item, str) else item.get("class_path") if hasattr(item, "get") else None
+        paths.append(str(class_path if class_path is not None else type(item).__name__))
+    return paths
+
+
+def _is_ema(class_path: str) -> bool:
+    # By class name: vdiff.lit sits below vdiff.callbacks (EMA, or a subclass named like it).
+    return class_path.rsplit(".", 1)[-1].endswith("EMA")
+
+
+def dropped_ema_warning(config: Any) -> str | None:
+    """One line when a recipe file of ``config`` (the parsed config of one subcommand; its ``config`` entry
+    lists the ``-c`` files) lists an EMA callback but the final ``trainer.callbacks`` has none: a later ``-c``
+    file with ``callbacks:`` or ``--trainer.callbacks`` replaced the list (``callbacks+:`` appends). None otherwise."""
+    import yaml
+
+    trainer = config.get("trainer") or {}
+    if any(_is_ema(path) for path in _callback_class_paths(trainer.get("callbacks"))):
+        return None
+    for file in config.get("config") or []:
+        if not hasattr(file, "get_content"):  # an inline config string, not a file
+            continue
+        try:
+            recipe = yaml.safe_load(file.get_content())
+        except (OSError, yaml.YAMLError):  # already read by the parser; nothing to say about it here
+            continue
+        recipe_trainer = recipe.get("trainer") if isinstance(recipe, dict) else None
+        if not isinstance(recipe_trainer, dict):
+            continue
+        listed = [p for key in ("callbacks", "callbacks+") for p in _callback_class_paths(recipe_trainer.get(key))]
+        if any(_is_ema(path) for path in listed):
+            return (
+                f"vdiff: warning: {file} lists an EMA callback but this run has none: a later -c file or "
+                "--trainer.callbacks replaced the callback list (append with `callbacks+:` as in recipes/callbacks/, "
+                "or --trainer.callbacks+=CLASS)"
+            )
+    return None
+
+
 def _default_logger(default_root_dir: str) -> Logger:
     """The logger Lightning builds for ``logger: true`` (built here so that its version can be set)."""
     from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE, _TENSORBOARDX_AVAILABLE
@@ -303,4 +351,4 @@ def build_lightning_cli(args: list[str] | None, run: bool = True) -> VdiffLightn
     )
 
 
-__all__ = ["RecipeError", "ResumeError", "VdiffLightningCLI", "build_lightning_cli", "user_error"]
+__all__ = ["RecipeError", "ResumeError", "VdiffLightningCLI", "build_lightning_cli", "dropped_ema_warning", "user_error"]
