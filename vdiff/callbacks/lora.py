@@ -24,13 +24,15 @@ loaded (``load_from_checkpoint`` runs ``configure_model`` without a trainer, so 
 Beside every checkpoint file ``X.ckpt`` the callback writes the adapters in peft's own format,
 ``X_lora/<adapter>/adapter_model.safetensors`` + ``adapter_config.json`` (and ``X_lora_ema/<adapter>/``
 from the EMA weights when the checkpoint has them), loadable by :func:`load_adapter` on a fresh network
-or by ``peft.PeftModel.from_pretrained``. :func:`merge_adapters` / :func:`unmerge_adapters` fold the
+or by ``peft.PeftModel.from_pretrained``; a folder is replaced so that a kill at any instant leaves a
+complete one (:func:`write_adapter_folders`). :func:`merge_adapters` / :func:`unmerge_adapters` fold the
 adapters into the base weights and back; :func:`unload_adapters` leaves a plain network (merged or not).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -50,6 +52,7 @@ from vdiff.callbacks.ema import EMA_KEY, full_tensor, local_tensor, reshard_fsdp
 from vdiff.models.lora_targets import DEFAULT_LORA_PRESET, lora_preset
 from vdiff.models.unet_svd import UNetSVD
 from vdiff.models.vdt import VDT
+from vdiff.weights.safetensors_io import read_safetensors
 
 LORA_KEY = "vdiff_lora"  # checkpoint entry: how the adapters were injected (lora_entry)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -262,7 +265,7 @@ def config_from_dict(data: Mapping[str, Any]):
 
 
 def read_adapter_config(folder: str | Path):
-    path = Path(folder) / ADAPTER_CONFIG
+    path = adapter_source(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(
             f"no adapter config at {path} (an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
@@ -299,12 +302,16 @@ def save_adapter(net: nn.Module, adapter: str, folder: str | Path) -> Path:
 def load_adapter(net: nn.Module, folder: str | Path, adapter: str = "default") -> nn.Module:
     """Inject the adapter saved in ``folder`` into ``net`` (a network without it, e.g. a fresh one) under
     the name ``adapter`` and load its weights strictly. Returns ``net``."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     inject_adapters(net, {adapter: read_adapter_config(folder)})
-    load_adapter_weights(net, adapter, load_file(str(folder / ADAPTER_WEIGHTS)), source=str(folder))
+    load_adapter_weights(net, adapter, read_adapter_weights(folder), source=str(folder))
     return net
+
+
+def read_adapter_weights(folder: str | Path) -> dict[str, Tensor]:
+    """The tensors of an adapter folder's ``adapter_model.safetensors`` (peft's names), read through
+    :func:`adapter_source` (an interrupted replacement of the folder still reads a complete adapter)."""
+    return read_safetensors(adapter_source(folder) / ADAPTER_WEIGHTS)
 
 
 def load_adapter_weights(net: nn.Module, adapter: str, state: Mapping[str, Tensor], source: str = "state") -> None:
@@ -404,14 +411,52 @@ def adapter_folder(checkpoint_path: str | Path, ema: bool = False) -> Path:
     return path.with_name(f"{path.stem}_lora{'_ema' if ema else ''}")
 
 
+def _swap_names(folder: Path) -> tuple[Path, Path]:
+    """``(X_lora.tmp, X_lora.old)``: the new folder being written and the replaced one, beside ``folder``."""
+    return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+
+
 def write_adapter_folders(folder: Path, configs: Mapping[str, Any], states: Mapping[str, Mapping[str, Tensor]]) -> None:
-    """``folder/<adapter>/`` for every adapter, replacing an older folder."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """``folder/<adapter>/`` for every adapter, replacing an older folder so that a process killed at any
+    instant leaves a complete folder: the new one is written as ``folder.tmp``; the old one is renamed to
+    ``folder.old``, ``folder.tmp`` to ``folder``, then ``folder.old`` is deleted. Between the two renames
+    (no ``folder``) :func:`adapter_source` reads the complete ``folder.tmp``, and the next write finishes the
+    swap first (:func:`recover_adapter_folders`)."""
+    recover_adapter_folders(folder)
+    tmp, old = _swap_names(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     for name, state in states.items():
         write_adapter(tmp / name, configs[name], state)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_adapter_folders(folder: Path) -> None:
+    """Finish a replacement of ``folder`` by :func:`write_adapter_folders` that a kill interrupted: with no
+    ``folder`` but a ``folder.old``, the complete ``folder.tmp`` (renamed only when written) becomes ``folder``
+    (``folder.old`` when there is no ``folder.tmp``); a leftover ``folder.old`` beside ``folder`` is deleted."""
+    tmp, old = _swap_names(folder)
+    if not folder.exists() and old.exists():
+        os.replace(tmp if tmp.exists() else old, folder)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_source(folder: str | Path) -> Path:
+    """Where to read the adapter folder ``folder`` (``X_lora/<adapter>``) from: itself, or, while a replacement
+    of ``X_lora`` by :func:`write_adapter_folders` was interrupted between its renames (no ``X_lora``, an
+    ``X_lora.old``), the complete copy in ``X_lora.tmp`` (else ``X_lora.old``). Reading changes no file."""
+    folder = Path(folder)
+    parent = folder.parent
+    tmp, old = _swap_names(parent)
+    if folder.exists() or parent.exists() or not old.exists():
+        return folder
+    for swapped in (tmp, old):
+        if (swapped / folder.name).is_dir():
+            return swapped / folder.name
+    return folder
 
 
 # ---------------------------------------------------------------------------- the callback
@@ -481,10 +526,7 @@ class LoRA(L.Callback):
         inject_adapters(net, {name: spec.peft_config(net) for name, spec in self.adapters.items()})
         for name, spec in self.adapters.items():
             if spec.path is not None:
-                from safetensors.torch import load_file
-
-                state = load_file(str(Path(spec.path) / ADAPTER_WEIGHTS))
-                load_adapter_weights(net, name, state, source=spec.path)
+                load_adapter_weights(net, name, read_adapter_weights(spec.path), source=spec.path)
         trainable = [name for name, spec in self.adapters.items() if spec.trainable]
         extra = list(self.extra_trainable)  # plus what the adapters' presets train fully (Vista's action projections)
         for spec in self.adapters.values():
@@ -540,7 +582,9 @@ class LoRA(L.Callback):
             remove(filepath)
             if trainer.is_global_zero:
                 for ema in (False, True):
-                    shutil.rmtree(adapter_folder(filepath, ema), ignore_errors=True)
+                    folder = adapter_folder(filepath, ema)
+                    for each in (folder, *_swap_names(folder)):
+                        shutil.rmtree(each, ignore_errors=True)
 
         strategy.save_checkpoint, strategy.remove_checkpoint = save_checkpoint, remove_checkpoint
         strategy._vdiff_lora_files = self

@@ -3,6 +3,10 @@
 Torch checkpoints are opened with ``weights_only=True`` (no arbitrary code runs); wrapper dicts such as
 Lightning's / sgm's ``{"state_dict": {...}}`` are unwrapped. Relative paths that do not exist are also looked
 up in ``$VDIFF_WEIGHTS``.
+
+Every safetensors file vdiff reads is opened by :func:`open_safetensors` (or :func:`read_safetensors` on top of
+it): a truncated, empty or corrupt file raises :class:`WeightsFileError` naming the file and its size, where
+safetensors' own error (``incomplete metadata``, ``header too small``) names none.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 WEIGHTS_ENV = "VDIFF_WEIGHTS"
@@ -30,6 +34,40 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class WeightsFileError(ValueError):
+    """A weights file that exists but cannot be read (truncated, empty, not safetensors); the message names it."""
+
+
+def open_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``safetensors.safe_open(path, framework="pt", device=device)``: a handle with ``keys()``, ``get_tensor()``,
+    ``get_slice()`` and ``metadata()``, usable in a ``with`` block or kept open. An unreadable file (truncated by
+    an interrupted copy, empty, corrupt header) raises :class:`WeightsFileError` naming the file and its size."""
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except SafetensorError as e:
+        try:
+            size = f"{os.path.getsize(path)} bytes"
+        except OSError:
+            size = "size unknown"
+        raise WeightsFileError(
+            f"{path}: not a readable safetensors file ({size}; {e}). A truncated or empty file is usually an "
+            f"interrupted copy or download: copy it again."
+        ) from e
+    except OSError as e:
+        if str(path) in str(e):
+            raise
+        raise OSError(e.errno, f"{path}: cannot be read as a safetensors file ({e})") from e
+
+
+def read_safetensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu", select: Callable[[str], bool] | None = None
+) -> dict[str, Tensor]:
+    """The tensors of a safetensors file (those whose names ``select`` accepts: only they are read), opened by
+    :func:`open_safetensors` (errors name the file). No ``$VDIFF_WEIGHTS`` lookup: see :func:`load_state_dict`."""
+    with open_safetensors(path, device) as f:
+        return {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}  # noqa: SIM118
 
 
 def resolve_weights_path(path: str | os.PathLike, what: str = "weights", allow_dir: bool = False) -> Path:
@@ -86,10 +124,7 @@ def load_state_dict(
     """
     p = resolve_weights_path(path)
     if p.suffix == ".safetensors":
-        if select is None:
-            return load_file(str(p), device=str(map_location))
-        with safe_open(str(p), framework="pt", device=str(map_location)) as f:
-            return {k: f.get_tensor(k) for k in f.keys() if select(k)}  # noqa: SIM118 (safe_open is not iterable)
+        return read_safetensors(p, map_location, select)
     if select is not None:
         return {k: v for k, v in load_state_dict(p, map_location).items() if select(k)}
     if p.suffix in TORCH_SUFFIXES:
@@ -109,7 +144,7 @@ def load_keys(path: str | os.PathLike) -> list[str]:
     from the loaded state dict of a torch checkpoint."""
     p = resolve_weights_path(path)
     if p.suffix == ".safetensors":
-        with safe_open(str(p), framework="pt") as f:
+        with open_safetensors(p) as f:
             return list(f.keys())
     return list(load_state_dict(p))
 
@@ -119,7 +154,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str]:
     p = resolve_weights_path(path)
     if p.suffix != ".safetensors":
         return {}
-    with safe_open(str(p), framework="pt") as f:
+    with open_safetensors(p) as f:
         return dict(f.metadata() or {})
 
 

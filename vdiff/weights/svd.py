@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
@@ -69,7 +68,13 @@ from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 from vdiff.weights import autoencoder_convert, clip, unet_svd
 from vdiff.weights.autoencoder import config_to_diffusers as ae_config_to_diffusers
 from vdiff.weights.autoencoder import read_autoencoder
-from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path, save_state_dict
+from vdiff.weights.safetensors_io import (
+    load_metadata,
+    load_state_dict,
+    open_safetensors,
+    resolve_weights_path,
+    save_state_dict,
+)
 
 SVDLayout = Literal["auto", "diffusers", "sgm"]
 SVD_LAYOUTS = ("auto", "diffusers", "sgm")
@@ -155,7 +160,7 @@ class _SingleFile:
         self.path = path
         self._all: dict[str, Tensor] | None = None
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 self.keys = list(f.keys())
         else:
             self._all = load_state_dict(path)
@@ -164,7 +169,7 @@ class _SingleFile:
     def get(self, names: Sequence[str]) -> dict[str, Tensor]:
         if self._all is not None:
             return {k: self._all[k] for k in names}
-        with safe_open(str(self.path), framework="pt") as f:
+        with open_safetensors(self.path) as f:
             return {k: f.get_tensor(k) for k in names}
 
 

@@ -36,11 +36,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
-from vdiff.weights.safetensors_io import load_metadata, load_state_dict, resolve_weights_path, save_state_dict
+from vdiff.weights.safetensors_io import (
+    load_keys,
+    load_metadata,
+    load_state_dict,
+    read_safetensors,
+    resolve_weights_path,
+    save_state_dict,
+)
 
 LoadLayout = Literal["auto", "vdiff", "diffusers", "sgm"]
 SaveLayout = Literal["vdiff", "diffusers", "sgm"]
@@ -529,8 +535,7 @@ def _read_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict
             out.update(_read_tensors(path.parent / shard, keep))
         return out
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}  # noqa: SIM118
+        return read_safetensors(path, select=keep)
     tensors = load_state_dict(path)
     return {k: v for k, v in tensors.items() if keep is None or keep(k)}
 
@@ -551,13 +556,6 @@ def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
     raise FileNotFoundError(
         f"{model}: no weights file beside {DIFFUSERS_CONFIG}; looked for {list(DIFFUSERS_WEIGHTS)}, found {present}"
     )
-
-
-def _keys(path: Path) -> list[str]:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    return list(load_state_dict(path))
 
 
 def detect_layout(keys: list[str], metadata: Mapping[str, str], path: Path) -> str:
@@ -650,7 +648,7 @@ def read_unet_svd(
         if weights_path.suffix == ".safetensors":
             metadata = load_metadata(weights_path)
         if layout == "auto":
-            layout = detect_layout(_keys(weights_path), metadata, weights_path)
+            layout = detect_layout(load_keys(weights_path), metadata, weights_path)
         beside = weights_path.parent / DIFFUSERS_CONFIG
         if layout == "vdiff" and VDIFF_CONFIG_KEY in metadata:
             found, source = UNetSVDConfig.from_dict(json.loads(metadata[VDIFF_CONFIG_KEY])), f"{weights_path} metadata"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vdiff.models.vdt import VDT
-from vdiff.weights.safetensors_io import resolve_weights_path
+from vdiff.weights.safetensors_io import read_safetensors, resolve_weights_path
 
 
 def read_vdt_state_dict(path: str | Path, prefer: Literal["ema", "model"] = "ema") -> dict[str, Tensor]:
@@ -25,9 +25,7 @@ def read_vdt_state_dict(path: str | Path, prefer: Literal["ema", "model"] = "ema
     one when it is absent); a ``module.`` prefix (DDP) is removed."""
     path = resolve_weights_path(path, what="VDT checkpoint")  # also looked up under $VDIFF_WEIGHTS
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: object = load_file(str(path))
+        obj: object = read_safetensors(path)
     else:
         # DiT-style checkpoints pickle their argparse.Namespace; allow exactly that class, nothing else.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -84,7 +84,13 @@ import torch
 from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
-from vdiff.weights.safetensors_io import load_keys, load_state_dict, resolve_weights_path, save_state_dict
+from vdiff.weights.safetensors_io import (
+    load_keys,
+    load_state_dict,
+    open_safetensors,
+    resolve_weights_path,
+    save_state_dict,
+)
 from vdiff.weights.unet_svd import (
     VDIFF_CONFIG_KEY,
     UNetSVDConversionError,
@@ -273,9 +279,7 @@ class _Source:
 
     def _file(self):
         if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt")
+            self._handle = open_safetensors(self.path)
         return self._handle
 
 
