@@ -120,6 +120,40 @@ def test_a_model_that_obeys_agrees_on_every_clip_and_prints_the_table():
     test.check()
 
 
+class JumpingWorldModel:
+    """Two given frames, then the generated ones jump 2 px the commanded way from the last given frame and drift 0.5 px a
+    frame after it (motion that is not constant, so which frame pairs are measured shows in the mean)."""
+
+    evaluation = SimpleNamespace(given_frames=2)
+    device = torch.device("cpu")
+
+    def generate(self, batch, generator=None) -> Generated:
+        sign = math.copysign(1.0, float(batch["actions"]["steering"][0, 0]))
+        video = batch["video"].clone()
+        b, t = video.shape[:2]
+        for i in range(b):
+            offset = 0.0
+            for j in range(2, t):
+                offset += sign * (2.0 if j == 2 else 0.5)
+                video[i, j] = shifted(video[i, 1], offset)
+        return Generated(video=video, given_frames=torch.zeros(b, t, dtype=torch.bool), target=batch["video"])
+
+
+def test_the_shift_is_measured_from_the_last_given_frame_on():
+    """Frames 1 -> 5 of a 2-given clip: the jump out of the last given frame counts, the given frames' own motion does
+    not. Left: (2 + 3 * 0.5) / 4 = 0.875 px a frame (frames 2 -> 5 alone: 0.5; frames 0 -> 5: 0.5)."""
+    image = smooth_image(seed=4)
+    recorded = [0.0, -1.0, 0.5, 0.75, 1.0, 1.25]  # the given pair moves -1 px, then +1.5, then 0.25 a frame
+    video = torch.stack([shifted(image, x) for x in recorded])[None, :, None].expand(-1, -1, 3, -1, -1).contiguous()
+    actions = {"steering": torch.full((1, 6), 40.0), "steering_valid": torch.ones(1, 6, dtype=torch.bool)}
+    test = SteeringTest(steering=150.0, max_shift=3)
+    test.evaluate(JumpingWorldModel(), [{"video": video, "actions": actions, "fps": torch.full((1,), 10.0)}])
+    assert float(test.shifts["left"]) == pytest.approx(0.875, abs=0.02)
+    assert float(test.shifts["right"]) == pytest.approx(-0.875, abs=0.02)
+    assert float(test.shifts["recorded"]) == pytest.approx((1.5 + 3 * 0.25) / 4, abs=0.02)  # the same frames
+    assert "2 given -> 4" in test.table()
+
+
 def test_a_model_that_ignores_the_command_fails_min_agreement():
     test = SteeringTest(steering=150.0, max_shift=3, min_agreement=0.75, max_batches=1)
     results = test.evaluate(StubWorldModel(gain=0.0), clip_batches())
