@@ -124,3 +124,44 @@ def test_image_to_video_needs_svd_conditioning(trained, tmp_path):
         ValueError, match=r"give --input \(a video or shards\), --image FILE, or --input VIDEO --frame N"
     ):
         main(["sample", "--ckpt", str(checkpoint), "--out", str(tmp_path)])
+
+
+def test_keys_from_data_never_choose_where_outputs_go(trained, tmp_path):
+    """Shard keys ``../../x``, an absolute path, ``sub/dir/k``, two keys that read alike and a key repeated in
+    two shards: every output stays inside --out under a plain, unique name, and the run completes."""
+    import io
+    import json
+    import tarfile
+
+    from vdiff.data.names import safe_name
+    from vdiff.data.shards import expand_shard_spec, iter_raw_samples
+
+    checkpoint, val, _ = trained
+    _, files = next(iter_raw_samples(expand_shard_spec(val)[0]))
+    keys = [["../../x", "/abs/vdiff-escape", "sub/dir/k", "a:b", "a?b", "dup"], ["dup"]]
+    box = tmp_path / "box"
+    (box / "in").mkdir(parents=True)
+    for number, shard_keys in enumerate(keys):
+        with tarfile.open(box / "in" / f"shard-{number:06d}.tar", "w") as tar:
+            for key in shard_keys:
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = box / "deep" / "out"
+    before = {path for path in box.rglob("*") if path.is_file()}
+    argv = ["sample", "--ckpt", str(checkpoint), "--input", str(box / "in" / "shard-{000000..000001}.tar"),
+            "--out", str(out), "--num-videos", "7", "--steps", "1", "--task", "prediction", "--given-frames", "2"]
+    assert main(argv) == 0
+    written = {path for path in box.rglob("*") if path.is_file()} - before
+    assert written and all(path.resolve().is_relative_to(out.resolve()) for path in written)
+    assert not (box / "x-sample.mp4").exists() and not __import__("os").path.exists("/abs")
+    summary = json.loads((out / "samples.json").read_text())
+    assert summary["keys"] == [*keys[0], *keys[1]]
+    names = summary["names"]
+    assert len(set(names)) == 7 and names[-1] == "dup-2" and names[0] == safe_name("../../x")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["grid.png", "samples.json", *(f"{n}-sample.mp4" for n in names), *(f"{n}.mp4" for n in names)]
+    )
+    for name in names:
+        assert probe(out / f"{name}-sample.mp4").num_frames == 8

@@ -148,6 +148,36 @@ def test_actions_file_forms():
         True, True, False, False]  # fmt: skip
 
 
+DEEP = 200_000  # levels
+BAD_ACTIONS_FILES = {  # name -> (file contents, None for a folder; what the one-line message says)
+    "nested": (b"[" * DEEP + b"]" * DEEP, "is nested too deeply to parse"),
+    "folder": (None, "cannot read actions file .*: Is a directory"),
+    "not_utf8": (b'{"speed": "\xff\xfe"}', "is not valid json: 'utf-8' codec can't decode"),
+    "nan": (b'{"speed": NaN}', "NaN is not a number; write null for an unknown value"),
+    "infinity": (b'{"speed": [1, 2, Infinity, 4]}', "Infinity is not a number"),
+    "minus_infinity": (b'[{"steering": -Infinity}]', "-Infinity is not a number"),
+    "beyond_float32": (b'{"speed": 1e39}', r"1e39 is out of range \(the largest magnitude is 3.402823e\+38\)"),
+    "beyond_float64": (b'{"speed": 1e400}', "1e400 is out of range"),
+    "integer_beyond_float32": (b'{"speed": 1' + b"0" * 39 + b"}", "beyond float32's range"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ACTIONS_FILES))
+def test_a_bad_actions_file_is_refused_in_one_line_naming_it(name, tmp_path):
+    """Not silently dropped (NaN/Infinity once gave an unconditioned rollout and exit 0), not turned into inf
+    (1e39 in float32), and no RecursionError/IsADirectoryError/UnicodeDecodeError."""
+    contents, message = BAD_ACTIONS_FILES[name]
+    path = tmp_path / f"{name}.json"
+    if contents is None:
+        path.mkdir()
+    else:
+        path.write_bytes(contents)
+    with pytest.raises(ValueError, match=message) as error:
+        load_actions_file(path, rounds=1, window=4)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    assert str(error.value).startswith("vdiff sample: ")
+
+
 def load_actions_file_from(data, rounds: int, window: int, _counter=[0]):  # noqa: B006 (a file per call)
     import tempfile
 

@@ -50,7 +50,7 @@ from vdiff.data.schema import (
     VideoMeta,
     image_encoder_identity,
 )
-from vdiff.data.shards import ShardWriter, expand_shard_spec, iter_raw_samples
+from vdiff.data.shards import ShardWriter, check_key, expand_shard_spec, iter_raw_samples
 from vdiff.data.transforms import cover_size, crop_frames, move_goal, normalize_video, plan_crop
 from vdiff.data.video_io import VideoDecodeError, decode_frames
 
@@ -234,7 +234,9 @@ class ShardEncoder:
     # ---------------------------------------------------------------- reading
 
     def clips(self, key: str, files: dict[str, bytes]) -> list[_Clip]:
-        """The clips of one video sample; raises VideoDecodeError / SchemaError / ValueError on bad input."""
+        """The clips of one video sample; raises VideoDecodeError / SchemaError / ValueError on bad input (a key the
+        output shards cannot hold, such as ``../x``, before anything is decoded)."""
+        check_key(key)
         if VIDEO_EXT not in files or META_EXT not in files:
             raise SchemaError(f"sample {key!r} needs .{VIDEO_EXT} and .{META_EXT}, has {sorted(files)}")
         meta = VideoMeta.from_json(files[META_EXT])

@@ -8,7 +8,9 @@ to the model's frame size, and completed with the chosen task; with ``--total-fr
 clip length the model rolls out autoregressively (the last ``--given-frames`` frames condition the
 next window). Outputs in ``--out``: ``<key>.mp4`` per clip (ground truth above sample for tasks with a
 target), ``<key>-sample.mp4`` (the sample alone) and ``grid.png`` (rows: clips; columns: frames; given
-frames framed green, generated red).
+frames framed green, generated red). A key names a file only as a plain, unique name
+(:func:`vdiff.data.names.unique_names`: ``../../x`` or ``sub/dir/k`` get their unsafe characters replaced and a
+hash appended); ``samples.json`` lists the keys and their ``names``.
 
 **Image to video** (``--image FILE``, or one frame of a video: ``--input VIDEO --frame N``), for
 checkpoints of a module with SVD's conditioning (:class:`~vdiff.lit.svd.SVDModule`). The image is
@@ -67,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vdiff.data.names import safe_name, unique_names
 from vdiff.data.schema import META_EXT, VIDEO_EXT, VideoMeta
 from vdiff.data.transforms import normalize_video
 
@@ -410,14 +413,20 @@ def round_actions(entry: Any, window: int, where: str) -> dict[str, np.ndarray]:
 
 def load_actions_file(path: str | Path, rounds: int, window: int) -> list[dict[str, np.ndarray]]:
     """``--actions FILE``: a JSON list with one entry per round, or a single entry (not in a list) for every round;
-    returns the per-round arrays (:func:`round_actions`). A list of another length than ``rounds`` is refused."""
+    returns the per-round arrays (:func:`round_actions`). Refused with one ValueError naming the file: a list of
+    another length than ``rounds``, a file that cannot be read or is not JSON (a folder, not UTF-8, nested too
+    deeply), and ``NaN``, ``Infinity`` or a number beyond float32's range (write ``null`` for an unknown value)."""
+    from vdiff.data.schema import SchemaError, parse_json
+
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_bytes(), f"actions file {path}", strict_numbers=True)
     except FileNotFoundError:
         raise ValueError(f"vdiff sample: no actions file {path}") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"vdiff sample: actions file {path} is not JSON ({error})") from None
+    except OSError as error:  # a directory, no permission, ...
+        raise ValueError(f"vdiff sample: cannot read actions file {path}: {error.strerror or error}") from None
+    except SchemaError as error:  # not JSON or UTF-8, nested too deeply, NaN/Infinity, beyond float32
+        raise ValueError(f"vdiff sample: {error}") from None
     if isinstance(data, list):
         if len(data) != rounds:
             raise ValueError(
@@ -561,8 +570,10 @@ def _run_vista(
 
     guidance = TriangleCFG(*args.triangle_guidance) if args.triangle_guidance is not None else None
     sampler = module.sampler_with(args.sampler, args.steps)
-    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "keys": keys, "window": window, "given_frames": given,
-                               "actions": actions_source, "sampler": sampler.describe(), "seed": args.seed}  # fmt: skip
+    names = unique_names(keys)  # output files are named after the keys, made safe (vdiff.data.names)
+    summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "keys": keys, "names": names, "window": window,
+                               "given_frames": given, "actions": actions_source, "sampler": sampler.describe(),
+                               "seed": args.seed}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with vista_settings(module, given, sampler, guidance, args.decode_chunk, args.decode_overlap):
@@ -573,8 +584,8 @@ def _run_vista(
                                                progress=True, return_latents=True)  # fmt: skip
             # the whole rollout decoded at once, in overlapping chunks across the windows' seams (as Vista does)
             sample = module.decode_latents(latents)  # (B, N', 3, H, W)
-            for i, key in enumerate(keys):
-                (out / f"{key}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=rates[i]))
+            for i, name in enumerate(names):
+                (out / f"{name}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=rates[i]))
             marks = torch.zeros(sample.shape[:2], dtype=torch.bool)
             marks[:, :given] = True
             write_grid(out / "grid.png", sample, marks)
@@ -757,18 +768,20 @@ def _run_clips(
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, key in enumerate(keys):
+    names = unique_names(keys)  # output files are named after the keys, made safe (vdiff.data.names)
+    for i, name in enumerate(names):
         fps = rates[i]
-        (out / f"{key}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=fps))
+        (out / f"{name}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=fps))
         if target is not None:
             both = torch.cat([target[i], sample[i]], dim=-2)  # ground truth above sample
-            (out / f"{key}.mp4").write_bytes(encode_video(_to_frames(both), fps=fps))
+            (out / f"{name}.mp4").write_bytes(encode_video(_to_frames(both), fps=fps))
     write_grid(out / "grid.png", sample, given_frames)
     (out / "samples.json").write_text(
         json.dumps(
             {
                 "checkpoint": str(ckpt_path),
                 "keys": keys,
+                "names": names,
                 "frames": int(sample.shape[1]),
                 "task": args.task or module.evaluation.task,
                 "sampler": module.sampler_with(args.sampler, args.steps).describe(),
@@ -826,7 +839,7 @@ def _run_image(
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = source.stem if args.frame is None else f"{source.stem}-frame{args.frame}"
-    mp4 = out / f"{key}-sample.mp4"
+    mp4 = out / f"{safe_name(key)}-sample.mp4"
     mp4.write_bytes(encode_video(_to_frames(video[0]), fps=fps_id + 1))
     write_grid(out / "grid.png", video, torch.zeros(video.shape[:2], dtype=torch.bool))
     (out / "samples.json").write_text(

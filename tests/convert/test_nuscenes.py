@@ -167,6 +167,19 @@ def test_allow_missing_can_bus_and_clips(converted, tmp_path):
     assert [item for item, _, _ in reports["train"].failed] == ["scene-0004"]
 
 
+@pytest.mark.parametrize("contents", [b"[" * 200_000 + b"]" * 200_000, b'[{"utime": 1e400, "value": 0.1}]',
+                                      b'[{"utime": 1, "value": NaN}]', b'{"utime": 1}'])  # fmt: skip
+def test_a_malformed_can_bus_file_skips_its_scene_only(tmp_path, contents):
+    root = tmp_path / "nuscenes"
+    build_tree(root, [("scene-0001", 0.0, "feedback", False), ("scene-0005", 0.0, "feedback", False)])
+    bad = root / "can_bus" / "scene-0005_steeranglefeedback.json"
+    bad.write_bytes(contents)
+    reports = convert_nuscenes(root, "v1.0-trainval", tmp_path / "out", split="train", clip_frames=30, size=(18, 32))
+    assert sorted(read_shard_set(tmp_path / "out" / "train")) == ["scene-0001-000"]
+    ((item, reason, message),) = reports["train"].failed
+    assert (item, reason) == ("scene-0005", "bad_can_bus") and f"CAN bus file {bad}" in message
+
+
 def test_crop_moves_the_goal(converted, tmp_path):
     root, _ = converted
     # On the constant left arc the goal 2 s ahead sits at u = 0.18 of the 64 px frame (column 11.7).

@@ -43,16 +43,29 @@ Versions (``schema_version`` of every json; a reader refuses a version newer tha
    ``extra["image_embed"]`` (a mapping with at least ``sha256`` and ``embed_dim``), so a set embedded with
    another encoder than the model's can be refused. Version-1 samples read as before: a version-1 latent
    sample's embedding has no recorded encoder.
+
+Reading is total: :meth:`VideoMeta.from_json` turns any bytes into a valid :class:`VideoMeta` or one
+:class:`SchemaError` naming what is wrong (the data pipelines skip such a sample and count it as ``bad_json``),
+never another exception: not json or not UTF-8, nesting deeper than the parser follows, a field of the wrong
+type (``schema_version`` a positive integer, ``sample_type`` and ``source`` strings, ``fps`` a finite positive
+number, ``width``/``height``/``num_frames`` positive integers up to :data:`MAX_COUNT`, ``actions`` and ``extra``
+objects; ``extra["latent"]`` and ``extra["image_embed"]`` records), ``extra`` nested deeper than
+:data:`MAX_EXTRA_DEPTH`, and action entries of the wrong shape or type, beyond float32's range, or a ``command``
+other than 0..3 (:func:`action_values`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -105,6 +118,10 @@ ACTION_SHAPES: dict[str, tuple[int, ...]] = {
 ACTION_KEYS: tuple[str, ...] = tuple(ACTION_SHAPES)
 TRAJECTORY_STEP_S = 0.5  # seconds between trajectory waypoints
 
+MAX_EXTRA_DEPTH = 32  # the free-form ``extra`` may nest lists and objects this deep (the other fields are typed)
+MAX_COUNT = 2**31 - 1  # the largest width, height and num_frames
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # actions are float32: a larger magnitude would become an infinity
+
 
 class SchemaError(ValueError):
     """A sample's metadata does not follow the schema; the message names the field."""
@@ -125,27 +142,45 @@ class VideoMeta:
     schema_version: int = SCHEMA_VERSION
 
     def validate(self) -> VideoMeta:
-        if self.schema_version > SCHEMA_VERSION:
-            raise SchemaError(f"schema_version {self.schema_version} is newer than this vdiff ({SCHEMA_VERSION})")
-        if self.sample_type not in {t.value for t in SampleType}:
-            raise SchemaError(f"sample_type {self.sample_type!r} is not one of {[t.value for t in SampleType]}")
-        if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
-            raise SchemaError(f"fps must be a positive number, got {self.fps!r}")
+        """Raise :class:`SchemaError` naming the field unless every field follows the schema (any value of any
+        type gives a SchemaError, never another exception); returns ``self``."""
+        version = self.schema_version
+        if not (_is_int(version) and version >= 1):
+            raise SchemaError(f"schema_version must be a positive integer, got {_short(version)}")
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"schema_version {version} is newer than this vdiff ({SCHEMA_VERSION})")
+        if not (isinstance(self.sample_type, str) and self.sample_type in {t.value for t in SampleType}):
+            raise SchemaError(
+                f"sample_type {_short(self.sample_type)} is not one of {[t.value for t in SampleType]}"
+            )
+        if not (is_finite_number(self.fps) and self.fps > 0):
+            raise SchemaError(f"fps must be a positive number, got {_short(self.fps)}")
         for name in ("width", "height", "num_frames"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise SchemaError(f"{name} must be a positive integer, got {value!r}")
+            if not (_is_int(value) and 0 < value <= MAX_COUNT):
+                raise SchemaError(f"{name} must be a positive integer (at most {MAX_COUNT}), got {_short(value)}")
+        if not math.isfinite(self.num_frames / self.fps):
+            raise SchemaError(f"fps {self.fps!r} is too small: {self.num_frames} frames would last forever")
+        if not isinstance(self.source, str):
+            raise SchemaError(f"source must be a string, got {_short(self.source)}")
         if not isinstance(self.extra, dict):
             raise SchemaError(f"extra must be a json object, got {type(self.extra).__name__}")
+        if not json_depth_at_most(self.extra, MAX_EXTRA_DEPTH):
+            raise SchemaError(f"extra nests lists and objects deeper than {MAX_EXTRA_DEPTH} levels")
         check_motion_extra(self.extra)
+        if LATENT_INFO_KEY in self.extra:
+            check_latent_info(self.extra[LATENT_INFO_KEY], "extra.latent")
         if IMAGE_EMBED_INFO_KEY in self.extra:
             check_image_embed_info(self.extra[IMAGE_EMBED_INFO_KEY], "extra.image_embed")
+        if not isinstance(self.actions, dict):
+            raise SchemaError(f"actions must be a json object {{action: per-frame list}}, got {_short(self.actions)}")
         for key, values in self.actions.items():
             if key not in ACTION_SHAPES:
-                raise SchemaError(f"unknown action {key!r}; known: {list(ACTION_KEYS)}")
+                raise SchemaError(f"unknown action {_short(key)}; known: {list(ACTION_KEYS)}")
             if not isinstance(values, list) or len(values) != self.num_frames:
                 got = len(values) if isinstance(values, list) else type(values).__name__
                 raise SchemaError(f"action {key!r} needs one entry per frame ({self.num_frames}), got {got}")
+            action_values(key, values)
         return self
 
     def to_json(self) -> str:
@@ -166,26 +201,140 @@ class VideoMeta:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> VideoMeta:
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SchemaError(f"metadata is not valid json: {err}") from err
-        return cls.from_dict(data)
+        """Parse and validate a sample's json; whatever the text holds, a bad one raises :class:`SchemaError`."""
+        return cls.from_dict(parse_json(text, "metadata"))
+
+
+class _RefusedNumber(ValueError):
+    """A json number literal that :func:`parse_json` with ``strict_numbers`` refuses."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _RefusedNumber(f"{name} is not a number; write null for an unknown value")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise _RefusedNumber(f"{text} is out of range (the largest magnitude is {FLOAT32_MAX:.7g})")
+    return value
+
+
+def json_depth_at_most(data: Any, limit: int) -> bool:
+    """Whether ``data`` (parsed json) nests lists and objects at most ``limit`` levels deep (a scalar: 0); level by
+    level, so any depth is measured without recursion."""
+    level = [data] if isinstance(data, (dict, list)) else []
+    for _ in range(limit):
+        if not level:
+            return True
+        deeper: list[Any] = []
+        for value in level:
+            children = value.values() if isinstance(value, dict) else value
+            deeper += [child for child in children if isinstance(child, (dict, list))]
+        level = deeper
+    return not level
+
+
+def parse_json(text: str | bytes, what: str = "json", strict_numbers: bool = False) -> Any:
+    """Parse json read from data (``what`` names it in messages): any text ends in its value or one
+    :class:`SchemaError`, never another exception (invalid json or UTF-8, and nesting deeper than the parser's
+    recursion can follow, are schema errors). ``strict_numbers``: also refuse ``NaN``/``Infinity`` and numbers
+    beyond float32's range (in a file a person wrote such a value is a mistake, not an unknown)."""
+    hooks = {"parse_constant": _refuse_constant, "parse_float": _finite_float} if strict_numbers else {}
+    try:
+        return json.loads(text, **hooks)
+    except RecursionError as err:
+        raise SchemaError(f"{what} is nested too deeply to parse ({err})") from None
+    except _RefusedNumber as err:
+        raise SchemaError(f"{what}: {err}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise SchemaError(f"{what} is not valid json: {err}") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value read from data, cut to ``limit`` characters (for messages)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite_number(value: Any) -> bool:
+    """A json number (not a bool) that is finite as a float (a huge integer is not)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _entry_array(key: str, entry: Any, frame: int) -> np.ndarray:
+    """One non-null entry of action ``key`` as float64 of the action's shape; SchemaError naming the frame if not."""
+    shape = ACTION_SHAPES[key]
+    try:
+        array = np.asarray(entry, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise SchemaError(f"action {key!r} at frame {frame}: {_short(entry)} is not numeric") from None
+    if array.shape != shape:
+        raise SchemaError(f"action {key!r} at frame {frame}: expected shape {shape}, got {array.shape}")
+    return array
+
+
+def action_values(key: str, entries: Sequence[Any], frames: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Entries of action ``key`` (one per frame, json values; ``frames``: their frame numbers for messages, default
+    0, 1, ...) -> ``values`` float64 ``(N, *ACTION_SHAPES[key])`` and ``known`` bool ``(N,)``. An entry is unknown
+    (zeros, not known) when it is ``null`` or holds NaN or an infinity.
+
+    Raises :class:`SchemaError` naming the action and frame for an entry of the wrong shape or type, a number
+    beyond float32's range (it would become an infinity), or a ``command`` that is not one of 0..3.
+    """
+    shape = ACTION_SHAPES[key]
+    frames = range(len(entries)) if frames is None else frames
+    values = np.zeros((len(entries), *shape), dtype=np.float64)
+    known = np.zeros(len(entries), dtype=bool)
+    present = [i for i, entry in enumerate(entries) if entry is not None]
+    if not present:
+        return values, known
+    try:  # all entries at once; on failure, entry by entry for the message
+        stacked = np.asarray([entries[i] for i in present], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        stacked = None
+    if stacked is None or stacked.shape != (len(present), *shape):
+        stacked = np.stack([_entry_array(key, entries[i], frames[i]) for i in present])
+    flat = stacked.reshape(len(present), -1)
+    finite = np.isfinite(flat)
+    good = finite.all(axis=1)
+    wrong = (finite & (np.abs(flat) > FLOAT32_MAX)).any(axis=1)
+    problem = "is beyond float32's range"
+    if key == "command" and not wrong.any():
+        command = flat[:, 0]
+        wrong = good & ((command != np.round(command)) | (command < 0) | (command >= len(COMMANDS)))
+        problem = "is not one of 0..3"
+    if wrong.any():
+        i = present[int(np.argmax(wrong))]
+        raise SchemaError(f"action {key!r} at frame {frames[i]}: {_short(entries[i])} {problem}")
+    rows = np.asarray(present)[good]
+    values[rows] = stacked[good]
+    known[rows] = True
+    return values, known
+
+
 def check_motion_extra(extra: dict[str, Any]) -> None:
     """Raise :class:`SchemaError` unless ``extra``'s motion keys follow the schema (absent keys are fine)."""
     score = extra.get(MOTION_SCORE_KEY)
-    if score is not None and not _is_number(score):
-        raise SchemaError(f"extra.{MOTION_SCORE_KEY} must be a number or null, got {score!r}")
+    if score is not None and not (isinstance(score, float) or is_finite_number(score)):  # NaN: unknown
+        raise SchemaError(f"extra.{MOTION_SCORE_KEY} must be a number or null, got {_short(score)}")
     for key in (MOTION_FPS_KEY, MOTION_SIZE_KEY):
         value = extra.get(key)
-        if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
-            raise SchemaError(f"extra.{key} must be a positive number, got {value!r}")
+        if value is not None and not (is_finite_number(value) and value > 0):
+            raise SchemaError(f"extra.{key} must be a positive number, got {_short(value)}")
 
 
 def motion_score_of(extra: dict[str, Any]) -> float:
@@ -194,15 +343,27 @@ def motion_score_of(extra: dict[str, Any]) -> float:
     return float(score) if _is_number(score) else math.nan
 
 
+def check_latent_info(info: Any, where: str) -> dict[str, Any]:
+    """Raise :class:`SchemaError` unless ``info`` is an autoencoder record (``extra["latent"]``): a json object
+    whose ``spatial_downsample`` and ``temporal_downsample``, where given, are positive integers."""
+    if not isinstance(info, dict):
+        raise SchemaError(f"{where} must be a json object describing the autoencoder, got {type(info).__name__}")
+    for key in ("spatial_downsample", "temporal_downsample"):
+        value = info.get(key)
+        if value is not None and not (_is_int(value) and 0 < value <= MAX_COUNT):
+            raise SchemaError(f"{where}.{key} must be a positive integer, got {_short(value)}")
+    return info
+
+
 def check_image_embed_info(info: Any, where: str) -> dict[str, Any]:
     """Raise :class:`SchemaError` unless ``info`` is an image-encoder record (``extra["image_embed"]``)."""
     if not isinstance(info, dict):
         raise SchemaError(f"{where} must be a json object describing the image encoder, got {type(info).__name__}")
     sha256, width = info.get("sha256"), info.get("embed_dim")
     if not (sha256 is None or isinstance(sha256, str)):
-        raise SchemaError(f"{where}.sha256 must be a string or null, got {sha256!r}")
-    if not (isinstance(width, int) and not isinstance(width, bool) and width > 0):
-        raise SchemaError(f"{where}.embed_dim must be a positive integer, got {width!r}")
+        raise SchemaError(f"{where}.sha256 must be a string or null, got {_short(sha256)}")
+    if not (_is_int(width) and width > 0):
+        raise SchemaError(f"{where}.embed_dim must be a positive integer, got {_short(width)}")
     return info
 
 
@@ -255,12 +416,18 @@ class Manifest:
         if path.is_dir():
             path = path / MANIFEST_NAME
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_bytes(), str(path))
             shards = [ShardInfo(**s) for s in data["shards"]]
         except FileNotFoundError:
             raise FileNotFoundError(f"no shard manifest at {path}") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (SchemaError, KeyError, TypeError) as err:
             raise SchemaError(f"{path}: not a vdiff shard manifest ({err})") from err
+        for info in shards:
+            counts = (info.num_samples, info.num_frames)
+            if not (isinstance(info.path, str) and all(_is_int(n) and n >= 0 for n in counts)):
+                raise SchemaError(f"{path}: not a vdiff shard manifest (bad shard entry {_short(asdict(info))})")
+        if not isinstance(data.get("extra", {}), dict):
+            raise SchemaError(f"{path}: not a vdiff shard manifest (extra must be a json object)")
         return cls(
             shards=shards,
             sample_type=data.get("sample_type", SampleType.VIDEO.value),

@@ -39,6 +39,7 @@ from vdiff.data.schema import (
     SchemaError,
     ShardInfo,
     VideoMeta,
+    parse_json,
 )
 
 _TAR_BLOCK = 512
@@ -246,12 +247,7 @@ class ShardWriter:
 
         Frames counted for the manifest come from ``files["json"]`` where it parses, else 0.
         """
-        num_frames = 0
-        try:
-            num_frames = int(json.loads(files[META_EXT])["num_frames"])
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError):
-            pass  # a deliberately bad or missing json: such a sample contributes no frames
-        self._write(key, files, max(num_frames, 0))
+        self._write(key, files, declared_frames(files))
 
     def close(self) -> Manifest:
         """Finish the last shard, write ``manifest.json``, and return the manifest (idempotent)."""
@@ -366,10 +362,7 @@ def shard_counts(spec: str | Path | Sequence[str | Path]) -> list[ShardInfo]:
         samples = frames = 0
         for _, files in iter_raw_samples(path):
             samples += 1
-            try:
-                frames += int(json.loads(files[META_EXT])["num_frames"])
-            except (KeyError, TypeError, ValueError, UnicodeDecodeError):
-                pass  # a sample without readable metadata counts as a sample with no frames
+            frames += declared_frames(files)
         counts.append(ShardInfo(path=path, num_samples=samples, num_frames=frames))
     return counts
 
@@ -432,6 +425,16 @@ def iter_raw_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, byte
         raise ValueError(f"shard {tar_path} is unreadable or truncated: {err}") from err
     if key is not None:
         yield key, files
+
+
+def declared_frames(files: dict[str, bytes]) -> int:
+    """The ``num_frames`` a raw sample's json declares (checked no further), 0 when it has no json, the json does
+    not parse or the field is not a positive integer: such a sample counts as a sample with no frames."""
+    try:
+        frames = parse_json(files[META_EXT], "metadata")["num_frames"]
+    except (KeyError, TypeError, SchemaError):
+        return 0
+    return frames if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 else 0
 
 
 def read_json_meta(files: dict[str, bytes]) -> VideoMeta:

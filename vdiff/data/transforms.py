@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vdiff.data import batch as B
-from vdiff.data.schema import ACTION_SHAPES, COMMANDS, SchemaError
+from vdiff.data.schema import ACTION_SHAPES, COMMANDS, action_values
 
 _LEFT, _RIGHT = COMMANDS["left"], COMMANDS["right"]
 
@@ -111,8 +111,8 @@ def clip_actions(actions: Mapping[str, Sequence[Any]], indices: Sequence[int]) -
 
     Returns, for every key of :data:`ACTION_SHAPES`, ``(T, *shape)`` float32 (``command`` int64) and
     ``<key>_valid`` ``(T,)`` bool. A missing key, a ``null`` entry or a non-finite value is invalid
-    (zero). Raises SchemaError naming the action and frame when an entry has the wrong shape or a
-    command is not one of 0..3.
+    (zero). Raises SchemaError naming the action and frame for an entry :func:`vdiff.data.schema.action_values`
+    refuses (wrong shape or type, beyond float32's range, a command not one of 0..3).
     """
     num = len(indices)
     out: dict[str, np.ndarray] = {}
@@ -122,22 +122,8 @@ def clip_actions(actions: Mapping[str, Sequence[Any]], indices: Sequence[int]) -
         valid = np.zeros(num, dtype=bool)
         per_frame = actions.get(key)
         if per_frame is not None:
-            for row, index in enumerate(indices):
-                entry = per_frame[index]
-                if entry is None:
-                    continue
-                try:
-                    array = np.asarray(entry, dtype=np.float64)
-                except (TypeError, ValueError):
-                    raise SchemaError(f"action {key!r} at frame {index}: {entry!r} is not numeric") from None
-                if array.shape != shape:
-                    raise SchemaError(f"action {key!r} at frame {index}: expected shape {shape}, got {array.shape}")
-                if not np.all(np.isfinite(array)):
-                    continue
-                if key == "command" and (array != int(array) or not 0 <= int(array) < len(COMMANDS)):
-                    raise SchemaError(f"action 'command' at frame {index}: {entry!r} is not one of 0..3")
-                values[row] = array
-                valid[row] = True
+            known_values, valid = action_values(key, [per_frame[i] for i in indices], indices)
+            values[:] = known_values
         out[key] = values
         out[B.valid_key(key)] = valid
     return out

@@ -24,8 +24,6 @@ A snippet with an unreadable image is reported and skipped.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import re
 import sys
 import time
@@ -37,7 +35,7 @@ import numpy as np
 
 from vdiff.data.convert import DatasetReport, parallel_map
 from vdiff.data.convert.frames import RESIZE_MODES, read_image, resize_image
-from vdiff.data.schema import VideoMeta
+from vdiff.data.schema import FLOAT32_MAX, SchemaError, VideoMeta, is_finite_number, parse_json
 from vdiff.data.shards import ShardWriter
 from vdiff.data.video_io import DEFAULT_CRF, encode_video
 
@@ -92,13 +90,13 @@ def read_vehicle(path: Path) -> tuple[float | None, float | None]:
     if not path.is_file():
         return None, None
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        data = parse_json(path.read_bytes(), str(path))
+    except (SchemaError, OSError):
         return None, None
 
     def number(name: str) -> float | None:
         value = data.get(name) if isinstance(data, dict) else None
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        return float(value) if is_finite_number(value) and abs(value) <= FLOAT32_MAX else None
 
     return number("speed"), number("yawRate")
 

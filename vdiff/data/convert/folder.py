@@ -57,6 +57,7 @@ from vdiff.data.convert.curation import (
     SceneCutDetector,
     motion_score,
 )
+from vdiff.data.names import name_digest, plain_text
 from vdiff.data.schema import Manifest, ShardInfo, VideoMeta
 from vdiff.data.shards import ShardWriter
 from vdiff.data.video_io import DEFAULT_CRF, VideoDecodeError, encode_video, iter_frames, output_size, probe
@@ -188,9 +189,7 @@ class Report:
 
 def clip_key(rel: str, clip_index: int) -> str:
     """Sample key of clip ``clip_index`` of input ``rel``: readable stem + hash of the path (unique, no dots)."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(rel).stem)[:60] or "video"
-    digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-    return f"{stem}-{digest}-{clip_index:05d}"
+    return f"{plain_text(Path(rel).stem, 60) or 'video'}-{name_digest(rel)}-{clip_index:05d}"
 
 
 def _scene_clips(frames: list[np.ndarray], clip_frames: int, shortest: int) -> tuple[list[list[np.ndarray]], int]:

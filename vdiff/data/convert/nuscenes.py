@@ -30,13 +30,15 @@ the camera frames (``ego_pose`` at each image's timestamp) except steering:
 
 A scene without CAN bus data (no steeranglefeedback nor vehicle_monitor file; the devkit lists 21
 such scenes) or with a missing or unreadable CAM_FRONT image is reported and skipped, as the issue
-asks; ``allow_missing_can_bus=True`` keeps such scenes with steering absent instead.
+asks; ``allow_missing_can_bus=True`` keeps such scenes with steering absent instead. A scene whose CAN bus file
+is malformed (not json, not a list of messages, a value that is not a finite number) is reported as
+``bad_can_bus``, and a clip whose metadata breaks the schema (e.g. a value beyond float32) as ``bad_metadata``;
+the other scenes are converted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -59,7 +61,7 @@ from vdiff.data.convert.ego import (
 )
 from vdiff.data.convert.frames import RESIZE_MODES, crop_box, read_image, resize_image
 from vdiff.data.convert.nuscenes_splits import default_splits, scenes_in_split
-from vdiff.data.schema import VideoMeta
+from vdiff.data.schema import SchemaError, VideoMeta, parse_json
 from vdiff.data.shards import ShardWriter
 from vdiff.data.video_io import DEFAULT_CRF, encode_video
 
@@ -79,9 +81,9 @@ def load_table(root: Path, version: str, name: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"nuScenes table {path} is missing (ROOT/{version}/{name}.json)")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"nuScenes table {path} is not valid json: {err}") from err
+        data = parse_json(path.read_bytes(), f"nuScenes table {path}")
+    except SchemaError as err:
+        raise ValueError(str(err)) from None
     if not isinstance(data, list):
         raise ValueError(f"nuScenes table {path} must be a json list of records")
     return data
@@ -145,11 +147,13 @@ def load_steering(can_dir: Path, scene_name: str) -> tuple[np.ndarray, np.ndarra
         if not path.is_file():
             continue
         try:
-            messages = json.loads(path.read_text())
+            messages = parse_json(path.read_bytes(), "the file")
             utime = np.array([int(m["utime"]) for m in messages], dtype=np.int64)
             value = np.array([to_degrees(float(m[field_name])) for m in messages], dtype=np.float64)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"CAN bus file {path}: expected a list of {{utime, {field_name}}} messages ({err})") from err
+        except (SchemaError, KeyError, TypeError, ValueError, OverflowError) as err:
+            raise ValueError(f"CAN bus file {path}: expected a list of {{utime, {field_name}}} messages ({err})") from None
+        if not np.isfinite(value).all():
+            raise ValueError(f"CAN bus file {path}: a {field_name!r} is not a finite number")
         if len(utime) == 0:
             continue
         order = np.argsort(utime)
@@ -313,7 +317,11 @@ def convert_nuscenes(
             if missing is not None:
                 report.failed.append((name, "missing_images", f"{root / missing} does not exist"))
                 continue
-            steering = load_steering(can_dir, name)
+            try:
+                steering = load_steering(can_dir, name)
+            except ValueError as err:  # a malformed CAN bus file: this scene is reported, the others converted
+                report.failed.append((name, "bad_can_bus", str(err)))
+                continue
             if steering is None and not allow_missing_can_bus:
                 report.failed.append((name, "missing_can_bus", f"no {name}_steeranglefeedback.json or _vehicle_monitor.json in {can_dir}"))
                 continue
@@ -340,8 +348,12 @@ def convert_nuscenes(
                 if not samples:
                     report.dropped["too_short"] += 1
                 for key, mp4, meta in samples:
-                    parsed = VideoMeta.from_json(meta)
-                    writer.write_video(key, mp4, parsed)
+                    try:  # actions from poses or CAN values beyond the schema (float32) drop this clip only
+                        parsed = VideoMeta.from_json(meta)
+                        writer.write_video(key, mp4, parsed)
+                    except SchemaError as err:
+                        report.failed.append((key, "bad_metadata", str(err)))
+                        continue
                     report.clips_kept += 1
                     report.frames_kept += parsed.num_frames
         report.seconds = time.perf_counter() - started
