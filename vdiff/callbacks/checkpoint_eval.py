@@ -18,6 +18,7 @@ import torch
 from vdiff.callbacks.ema import load_ema_weights
 from vdiff.callbacks.lora import LORA_KEY, adapters_reapplied
 from vdiff.lit.evaluation import ScoreTotals
+from vdiff.lit.progress import phase_progress
 
 
 def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bool = True) -> L.LightningModule:
@@ -65,8 +66,11 @@ class EvaluateCheckpoint(L.Callback):
         module = load_module(path, map_location=pl_module.device, use_ema=self.use_ema)
         datamodule = trainer.datamodule
         totals = ScoreTotals()
-        with torch.no_grad():
-            for index, batch in enumerate(datamodule.val_dataloader()):
+        loader = datamodule.val_dataloader()
+        with torch.no_grad(), phase_progress(trainer, loader, "Scoring the checkpoint on held-out clips") as batches:
+            if self.max_batches is not None and batches.total is not None:
+                batches.total = min(batches.total, self.max_batches)
+            for index, batch in enumerate(batches):
                 if self.max_batches is not None and index >= self.max_batches:
                     break
                 batch = datamodule.transfer_batch_to_device(batch, pl_module.device, 0)

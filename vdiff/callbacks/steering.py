@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from vdiff.data import batch as B
+from vdiff.lit.progress import phase_progress
 from vdiff.metrics.steering import lateral_shift
 
 STEERING = "steering"
@@ -174,7 +175,12 @@ class SteeringTest(L.Callback):
         if not path:
             raise RuntimeError("SteeringTest needs a ModelCheckpoint that saved a checkpoint (save_last: true)")
         module = load_module(path, map_location=pl_module.device, use_ema=self.use_ema)
-        self.evaluate(module, held_out(trainer, "validate", pl_module.device))
+        total = held_out_batches(trainer, "validate")
+        if self.max_batches is not None and total is not None:
+            total = min(total, self.max_batches)
+        batches = held_out(trainer, "validate", pl_module.device)
+        with phase_progress(trainer, batches, "Steering test on held-out clips", total=total) as batches:
+            self.evaluate(module, batches)
         if trainer.is_global_zero:
             weights = "EMA weights" if self.use_ema and _has_ema(path) else "trained weights"
             print(self.table(path, weights))
@@ -223,6 +229,24 @@ def held_out(trainer: L.Trainer, stage: str, device: torch.device) -> Iterator[d
     """The batches of the trainer's held-out loader for ``stage`` (``"test"``: the test loader, else the val loader),
     on ``device``: the datamodule's loader and batch hooks, or without a datamodule the loaders given to the trainer
     and the module's hooks."""
+    hooks, loaders = _held_out_loaders(trainer, stage)
+    for index, loader in enumerate(loaders):
+        for batch in loader:
+            batch = hooks.on_before_batch_transfer(batch, index)
+            batch = hooks.transfer_batch_to_device(batch, device, index)
+            yield hooks.on_after_batch_transfer(batch, index)
+
+
+def held_out_batches(trainer: L.Trainer, stage: str) -> int | None:
+    """How many batches :func:`held_out` gives for ``stage``, when its loaders know (else None)."""
+    try:
+        return sum(len(loader) for loader in _held_out_loaders(trainer, stage)[1])
+    except TypeError:
+        return None
+
+
+def _held_out_loaders(trainer: L.Trainer, stage: str) -> tuple[Any, list]:
+    """``(batch hooks, loaders)`` of :func:`held_out`."""
     test = stage == "test"
     if (datamodule := trainer.datamodule) is not None:
         hooks, loaders = datamodule, datamodule.test_dataloader() if test else datamodule.val_dataloader()
@@ -230,11 +254,7 @@ def held_out(trainer: L.Trainer, stage: str, device: torch.device) -> Iterator[d
         hooks, loaders = trainer.lightning_module, trainer.test_dataloaders if test else trainer.val_dataloaders
     if loaders is None:
         raise RuntimeError(f"SteeringTest: the trainer has no {'test' if test else 'validation'} loader")
-    for index, loader in enumerate(loaders if isinstance(loaders, (list, tuple)) else [loaders]):
-        for batch in loader:
-            batch = hooks.on_before_batch_transfer(batch, index)
-            batch = hooks.transfer_batch_to_device(batch, device, index)
-            yield hooks.on_after_batch_transfer(batch, index)
+    return hooks, list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
 def summarize(shifts: Mapping[str, Tensor]) -> dict[str, float]:

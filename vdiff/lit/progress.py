@@ -5,16 +5,38 @@ Lightning's bars count batches within an epoch and label them ``Epoch 19/-2`` wh
 (``trainer.global_step``) towards ``max_steps`` across epochs, so the bar shows how far training is and when it will
 end (the ETA); the epoch moves to the postfix. Runs limited by epochs keep Lightning's per-epoch bar, labelled
 ``Epoch N/M``. ``vdiff fit`` installs it unless a recipe names its own progress bar.
+
+:func:`phase_progress` is the bar of work that callbacks do outside Lightning's loops (scoring the checkpoint after
+``fit``, the steering test), so that no phase of a run is silent.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def phase_progress(trainer: L.Trainer, items: Iterable[T], desc: str, unit: str = "batch",
+                   total: int | None = None) -> tqdm:
+    """A progress bar (on stderr) over ``items`` for work a callback does outside Lightning's loops, such as scoring
+    the checkpoint after ``fit``: shown on rank zero while the trainer shows progress bars (not with
+    ``enable_progress_bar: false``). ``total`` defaults to ``len(items)`` when it has one (then the bar has an ETA).
+    Use it as a context manager so that it closes when the loop stops early."""
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    shown = trainer.is_global_zero and trainer.progress_bar_callback is not None
+    return tqdm(items, desc=desc, unit=unit, total=total, disable=not shown, dynamic_ncols=True)
 
 
 class StepProgressBar(TQDMProgressBar):
