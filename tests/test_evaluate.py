@@ -118,3 +118,14 @@ def test_evaluate_without_pairs_or_weights_says_so(sets, tmp_path, capsys):
     add_arguments(parser)
     assert run(parser.parse_args([str(sets["real"]), str(other), "--device", "cpu"])) == 1
     assert "nothing to score" in capsys.readouterr().out
+
+
+def test_evaluate_shows_the_progress_of_each_pass_over_the_clips(sets, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = [sets["real_shards"], sets["fake_shards"], "--fvd-weights", sets["i3d"], "--given-frames", "1",
+            "--fvd-num-frames", "9", "--no-stats-cache", "--device", "cpu"]  # fmt: skip
+    assert run(parser.parse_args([str(a) for a in args])) == 0
+    err = capsys.readouterr().err
+    for bar in ("FVD features of the real clips", "FVD features of the generated clips", "PSNR/SSIM of clip pairs"):
+        assert re.search(rf"{re.escape(bar)}: 100%\|[^|]*\| 3/3 ", err), (bar, err)

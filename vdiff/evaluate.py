@@ -11,7 +11,7 @@ takes: a folder of shards, a manifest, a brace pattern, a glob, a tar). Clips ar
   frames only: ``--given-frames K`` marks the first K frames of each clip as given (conditioning), which
   these metrics leave out, and which FVD/FID leave out too with ``--frames generated``.
 
-The table is printed under the protocols (:func:`vdiff.callbacks.video_quality.format_quality_report`), the
+Each pass over the clips shows a progress bar on stderr. The table is printed under the protocols (:func:`vdiff.callbacks.video_quality.format_quality_report`), the
 same report as the :class:`~vdiff.callbacks.video_quality.VideoQuality` callback prints in training.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from vdiff.callbacks.video_quality import (
     build_fid,
@@ -40,6 +41,7 @@ from vdiff.lit.evaluation import ScoreTotals
 from vdiff.metrics.fid import FIDProtocol
 from vdiff.metrics.frechet import FrechetMetric, StatsCache, stats_key
 from vdiff.metrics.fvd import FVD_PRESETS, FVDProtocol
+from vdiff.weights.safetensors_io import gather_missing_files
 
 VIDEO_SUFFIXES = (".mp4",)
 
@@ -185,11 +187,14 @@ def _given_mask(video: Tensor, given_frames: int) -> Tensor:
 
 def _feed(metrics: dict[str, FrechetMetric], videos: VideoSet, keys: dict[str, list[str]], args, real: bool) -> None:
     for name, metric in metrics.items():
-        for batch in _batches(videos, keys[name], args.num_frames, args.batch_size):
-            batch = batch.to(args.device)
-            metric.update(
-                select_frames(batch, _given_mask(batch, args.given_frames), metric.protocol.frames), real=real
-            )
+        side = "real" if real else "generated"
+        with tqdm(total=len(keys[name]), desc=f"{name.upper()} features of the {side} clips", unit="clip") as bar:
+            for batch in _batches(videos, keys[name], args.num_frames, args.batch_size):
+                bar.update(len(batch))
+                batch = batch.to(args.device)
+                metric.update(
+                    select_frames(batch, _given_mask(batch, args.given_frames), metric.protocol.frames), real=real
+                )
 
 
 def _limit(keys: list[str], n: int | None) -> list[str]:
@@ -197,17 +202,19 @@ def _limit(keys: list[str], n: int | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    real_set, generated_set = VideoSet(args.real), VideoSet(args.generated)
     lpips_net = None if str(args.lpips).lower() in ("none", "null", "") else args.lpips
-    metrics: dict[str, FrechetMetric] = {}
-    if args.fvd_weights:
-        metrics["fvd"] = build_fvd(args.fvd_weights, fvd_protocol_from(args), chunk=args.batch_size)
-    if args.fid_weights:
-        fid_protocol = FIDProtocol(backend=args.fid_backend, frames=args.frames, cov_divisor=args.fid_cov_divisor)
-        metrics["fid"] = build_fid(args.fid_weights, fid_protocol)
+    fid_protocol = FIDProtocol(backend=args.fid_backend, frames=args.frames, cov_divisor=args.fid_cov_divisor)
+    # every missing input (the two sets, the I3D, Inception and LPIPS files) is named at once, not the first only
+    real_set, generated_set, fvd, fid, lpips = gather_missing_files([
+        lambda: VideoSet(args.real),
+        lambda: VideoSet(args.generated),
+        lambda: build_fvd(args.fvd_weights, fvd_protocol_from(args), chunk=args.batch_size) if args.fvd_weights else None,
+        lambda: build_fid(args.fid_weights, fid_protocol) if args.fid_weights else None,
+        lambda: build_lpips(lpips_net),
+    ])  # fmt: skip
+    metrics: dict[str, FrechetMetric] = {name: m for name, m in (("fvd", fvd), ("fid", fid)) if m is not None}
     for metric in metrics.values():
         metric.to(args.device)
-    lpips = build_lpips(lpips_net)
     if lpips is not None:
         lpips.to(args.device)
 
@@ -241,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     # Pairs: per-frame metrics on generated frames of clips present in both sets.
     paired = sorted(set(real_set.keys()) & set(generated_set.keys()))
     totals = ScoreTotals()
-    for key in paired:
+    for key in tqdm(paired, desc="PSNR/SSIM" + ("/LPIPS" if lpips is not None else "") + " of clip pairs", unit="clip"):
         real = real_set.read(key, args.num_frames)[None].to(args.device)  # (1, T, 3, H, W) uint8
         fake = generated_set.read(key, args.num_frames)[None].to(args.device)
         if real.shape != fake.shape:
