@@ -78,11 +78,40 @@ def test_rollout_extends_beyond_the_training_window():
 
 
 def test_evaluate_protocol_batch_scores_generated_frames_only():
-    module = tiny_module()
-    batch = moving_square_batch()
+    """A stub sampler misses frame t of sample j by a known error 0.01 (t + 1) (j + 1) (the given frames by 0.5,
+    which the protocol must paste over and leave out), so every score is known in closed form: PSNR per frame is
+    10 log10(2^2 / error^2), averaged over the 4 generated frames, then the mean and the best of the k = 2 samples."""
+    from vdiff.metrics.frames import frame_ssim
+
+    module = tiny_module(val_given_frames=2, eval_samples_per_video=2)
+    batch = moving_square_batch()  # (2, 6, 3, 16, 16), values -0.8 and 0.9
+    x0 = batch["video"]
+    errors = 0.01 * torch.arange(1, 7).view(1, 6, 1, 1, 1) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1, 1)
+    errors[:, :2] = 0.5  # given frames: far off, must not count
+    samples = []
+
+    def sample_latents(given, given_mask, *args, **kwargs):
+        j = len(samples)
+        out = given - torch.sign(given) * errors[j].unsqueeze(0)  # inside [-1, 1]: the decoder's clamp keeps it
+        samples.append(torch.where(given_mask, given, out))
+        return out
+
+    module.sample_latents = sample_latents
     scores = module.evaluate_protocol_batch(batch, 0)
     assert set(scores) == {"psnr", "ssim", "psnr_best_of_k", "ssim_best_of_k", "psnr_copy_last", "ssim_copy_last"}
-    assert all(torch.isfinite(v).all() for v in scores.values())
+    assert len(samples) == 2 and all(v.shape == (2,) for v in scores.values())
+    per_sample = torch.stack([(10 * torch.log10(4.0 / errors[j, 2:, 0, 0, 0] ** 2)).mean() for j in range(2)])
+    torch.testing.assert_close(scores["psnr"], per_sample.mean().expand(2), atol=1e-3, rtol=0)
+    torch.testing.assert_close(scores["psnr_best_of_k"], per_sample.max().expand(2), atol=1e-3, rtol=0)
+    mse_copy = (x0[:, 2:] - x0[:, 1:2]).pow(2).mean(dim=(2, 3, 4))  # (B, 4): the last given frame, copied
+    torch.testing.assert_close(scores["psnr_copy_last"], (10 * torch.log10(4.0 / mse_copy)).mean(1), atol=1e-3, rtol=0)
+    videos = [torch.where(torch.arange(6).view(1, 6, 1, 1, 1) < 2, x0, x0 - torch.sign(x0) * errors[j]) for j in range(2)]
+    ssim = torch.stack([frame_ssim(v, x0)[:, 2:].mean(1) for v in videos], dim=1)  # (B, k) on generated frames
+    torch.testing.assert_close(scores["ssim"], ssim.mean(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores["ssim_best_of_k"], ssim.max(1).values, atol=1e-5, rtol=0)
+    copy = x0[:, 1:2].expand_as(x0)
+    torch.testing.assert_close(scores["ssim_copy_last"], frame_ssim(copy, x0)[:, 2:].mean(1), atol=1e-5, rtol=0)
+    assert bool((scores["ssim"] < 1).all()) and bool((scores["psnr_copy_last"] < scores["psnr"]).all())
 
 
 @pytest.mark.slow
