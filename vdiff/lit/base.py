@@ -166,6 +166,8 @@ class VideoDiffusionModule(L.LightningModule):
         from vdiff.lit.scaling import configure_scaling
 
         trainer = self._trainer
+        if trainer is not None:  # the autoencoder is final here (a checkpoint load has no trainer: it checks later)
+            self.check_autoencoder()
         if self.net is None:
             self.net = self.build_network()
             for callback in trainer.callbacks if trainer is not None else []:
@@ -220,6 +222,12 @@ class VideoDiffusionModule(L.LightningModule):
             latents = batch[B.LATENTS] if sample else batch.get(B.LATENTS_MEAN, batch[B.LATENTS])
             return (latents - self.latent_shift) * self.latent_scale
         return self.encode_video(batch[B.VIDEO], sample=sample)
+
+    def check_autoencoder(self) -> None:
+        """Raise when the autoencoder does not fit the network's configuration (families with fixed input channels
+        override it: SVD, VDT with ``net.in_channels`` set). Called at construction when an autoencoder is given,
+        when a trainer builds the network, and after :meth:`on_load_checkpoint` restored the recorded autoencoder:
+        ``load_from_checkpoint`` constructs the module without one, so only then is the autoencoder known."""
 
     def autoencoder_replaced(self) -> None:
         """Called after :meth:`on_load_checkpoint` rebuilt the autoencoder: rebuild the network,
@@ -538,18 +546,19 @@ class VideoDiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the autoencoder recorded in the checkpoint: rebuild it when this module was
         constructed without one (``load_from_checkpoint``), check that a file-backed one is the same
-        file, and put its weights back into the state dict (lean checkpoints do not store them)."""
+        file with the same config, put its weights back into the state dict (lean checkpoints do not store
+        them), then check that the network fits it (:meth:`check_autoencoder`)."""
         from vdiff.lit.autoencoder_source import restore_autoencoder
 
         entry = checkpoint.get(AUTOENCODER_KEY)
-        if entry is None:
-            return
-        rebuilt = restore_autoencoder(entry, current=self.autoencoder)
-        if rebuilt is not None:
-            self.autoencoder = rebuilt.to(self.device).eval().requires_grad_(False)
-            self.autoencoder_replaced()
-        if "sha256" in entry:
-            self.refill_file_backed_state(checkpoint, AUTOENCODER_PREFIX, self.autoencoder)
+        if entry is not None:
+            rebuilt = restore_autoencoder(entry, current=self.autoencoder)
+            if rebuilt is not None:
+                self.autoencoder = rebuilt.to(self.device).eval().requires_grad_(False)
+                self.autoencoder_replaced()
+            if "sha256" in entry:
+                self.refill_file_backed_state(checkpoint, AUTOENCODER_PREFIX, self.autoencoder)
+        self.check_autoencoder()
 
     # ---------------------------------------------------------------- optimisation
 

@@ -199,7 +199,8 @@ class SVDModule(VideoDiffusionModule):
                     f"SVDModule: the image encoder gives {embed_dim}-d embeddings but net.context_dim is "
                     f"{self.net_config.context_dim}"
                 )
-        self.check_channels()
+        if autoencoder is not None:  # else pixel space, or load_from_checkpoint restoring the recorded one: checked then
+            self.check_autoencoder()
 
     # ---------------------------------------------------------------- defaults and network
 
@@ -211,7 +212,7 @@ class SVDModule(VideoDiffusionModule):
         """SVD's sampler: Euler EDM, sigma 0.002..700, rho 7, initial noise scaled by sqrt(1 + sigma_max^2)."""
         return SamplerConfig(name="euler", steps=steps, sigma_min=0.002, sigma_max=700.0, rho=7.0, init_noise_scale="svd")
 
-    def check_channels(self) -> None:
+    def check_autoencoder(self) -> None:
         """The UNet's channels must fit the autoencoder: in = latent + concat, out = latent."""
         c = self.latent_channels
         cfg = self.net_config
@@ -404,7 +405,9 @@ class SVDModule(VideoDiffusionModule):
             return
         entry: dict[str, Any] = {"config": encoder.config.to_dict()}
         if getattr(encoder, "weights_sha256", None):
-            entry.update(path=encoder.weights_path, layout=encoder.layout, sha256=encoder.weights_sha256)
+            from vdiff.lit.autoencoder_source import describe_weights_file
+
+            entry.update(describe_weights_file(encoder))
             self.drop_file_backed_state(checkpoint, IMAGE_ENCODER_PREFIX)
         checkpoint[IMAGE_ENCODER_KEY] = entry
 
@@ -413,25 +416,30 @@ class SVDModule(VideoDiffusionModule):
         entry = checkpoint.get(IMAGE_ENCODER_KEY)
         if entry is None:
             return
+        from vdiff.lit import autoencoder_source as source
+
         current = self.image_encoder
         sha256 = entry.get("sha256")
         if current is None:
             if sha256:
-                from vdiff.lit.autoencoder_source import find_recorded_weights
                 from vdiff.weights.clip import PretrainedCLIPImageEmbedder
 
-                path = find_recorded_weights({**entry, "what": "image encoder"})  # also under $VDIFF_WEIGHTS
+                path = source.find_recorded_weights({**entry, "what": "image encoder"})  # also under $VDIFF_WEIGHTS
+                source.check_recorded_config_file(entry, path, "image encoder")  # before a changed one is read
                 current = PretrainedCLIPImageEmbedder(path, layout=entry["layout"],
                                                       config=CLIPImageEmbedderConfig.from_dict(entry["config"]))
                 if current.weights_sha256 != sha256:
-                    raise ValueError(f"{entry['path']}: the image-encoder weights file changed since the checkpoint "
+                    raise ValueError(f"{path}: the image-encoder weights file changed since the checkpoint "
                                      "was written (sha256 differs)")
+                source.check_config_file(entry, current.config_file, current.config_file_content, "image encoder")
             else:
                 current = CLIPImageEmbedder(CLIPImageEmbedderConfig.from_dict(entry["config"]))
             self.conditioner.image_embedder = current.to(self.device).eval().requires_grad_(False)
         elif sha256 and getattr(current, "weights_sha256", None) != sha256:
             raise ValueError("SVDModule: the image encoder given is not the file this checkpoint was trained with "
                              f"({entry['path']})")
+        elif sha256:
+            source.check_part_config(entry, current, "image encoder")
         if sha256:
             self.refill_file_backed_state(checkpoint, IMAGE_ENCODER_PREFIX, current)
 

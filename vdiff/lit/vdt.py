@@ -81,14 +81,17 @@ class VDTModule(VideoDiffusionModule):
         self.save_hyperparameters(ignore=["autoencoder", "optimizer"])
         self.net_config = VDTConfig.from_name(net) if isinstance(net, str) else net
         self.network_config()  # fails now, not at fit, when the config contradicts the process
+        if autoencoder is not None:  # else pixel space, or load_from_checkpoint restoring the recorded one: checked then
+            self.check_autoencoder()
         self.masks = MaskMixture(mask_weights or DEFAULT_MASK_WEIGHTS, mask_specs)
 
     def default_diffusion(self) -> GaussianDiffusion:
         return GaussianDiffusion(num_timesteps=1000, beta_schedule="linear", prediction="eps", learn_sigma=True)
 
     def network_config(self) -> VDTConfig:
-        """The recipe's config with ``in_channels`` (the autoencoder's latent channels) and
-        ``learn_sigma`` (the process's) filled in; a contradiction is an error naming both."""
+        """The recipe's config with ``in_channels`` (when null: the autoencoder's latent channels) and
+        ``learn_sigma`` (the process's) filled in; a contradiction with the process is an error naming both
+        (one with the autoencoder: :meth:`check_autoencoder`)."""
         config = self.net_config
         learned = bool(getattr(self.diffusion, "learn_sigma", False))
         if config.learn_sigma is not None and bool(config.learn_sigma) != learned:
@@ -96,13 +99,17 @@ class VDTModule(VideoDiffusionModule):
                 f"VDTModule: net.learn_sigma={config.learn_sigma} but the diffusion process has learn_sigma={learned}; "
                 "leave net.learn_sigma null to follow the process"
             )
-        channels = self.latent_channels
-        if config.in_channels is not None and config.in_channels != channels:
-            raise ValueError(
-                f"VDTModule: net.in_channels={config.in_channels} but the autoencoder gives {channels} latent channels; "
-                "leave net.in_channels null to follow the autoencoder"
-            )
+        channels = config.in_channels if config.in_channels is not None else self.latent_channels
         return config.replace(in_channels=channels, learn_sigma=learned)
+
+    def check_autoencoder(self) -> None:
+        """A recipe's ``net.in_channels`` must be the autoencoder's latent channels."""
+        channels = self.latent_channels
+        if self.net_config.in_channels is not None and self.net_config.in_channels != channels:
+            raise ValueError(
+                f"VDTModule: net.in_channels={self.net_config.in_channels} but the autoencoder gives {channels} latent "
+                "channels; leave net.in_channels null to follow the autoencoder"
+            )
 
     def build_network(self) -> nn.Module:
         """The denoiser ``net(x, noise_level, cond, given_mask)``; override to swap the backbone."""

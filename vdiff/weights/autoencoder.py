@@ -206,8 +206,8 @@ def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
     return {"_class_name": DIFFUSERS_TEMPORAL, **common}
 
 
-def read_diffusers_config(path: str | os.PathLike) -> AutoencoderConfig:
-    """:func:`config_from_diffusers` of a ``config.json`` file (errors name the file)."""
+def read_diffusers_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a diffusers ``config.json`` file, as stored (errors name the file)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -215,7 +215,12 @@ def read_diffusers_config(path: str | os.PathLike) -> AutoencoderConfig:
         raise AutoencoderConfigError(f"{path}: not a readable diffusers config.json ({error})") from None
     if not isinstance(raw, dict):
         raise AutoencoderConfigError(f"{path}: a diffusers config.json holds a JSON object, got {type(raw).__name__}")
-    return config_from_diffusers(raw, source=str(path))
+    return raw
+
+
+def read_diffusers_config(path: str | os.PathLike) -> AutoencoderConfig:
+    """:func:`config_from_diffusers` of a ``config.json`` file (errors name the file)."""
+    return config_from_diffusers(read_diffusers_config_json(path), source=str(path))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -230,6 +235,8 @@ class AutoencoderWeights:
     layout: str  # "vdiff", "diffusers" or "sgm" (never "auto")
     weights_path: Path  # absolute path of the weights file read
     config_source: str  # where the config came from: a config.json path, "metadata", "argument" or "guess: <preset>"
+    config_file: Path | None = None  # the config.json the config was read from (None: metadata, argument, guess)
+    config_file_content: dict[str, Any] | None = None  # that file's JSON object, as read
 
 
 def _resolve_config(config: AutoencoderConfig | Mapping[str, Any] | str | None) -> AutoencoderConfig | None:
@@ -328,11 +335,12 @@ def read_autoencoder(
 
     found: AutoencoderConfig | None = None
     source = "argument"
+    config_file: Path | None = None
     if resolved.is_dir():
         if layout not in ("auto", "diffusers"):
             raise ValueError(f"{resolved} is a folder, read as a diffusers model folder; layout={layout!r} is for files")
-        config_json, weights_path = _diffusers_folder(resolved)
-        found, source, layout = read_diffusers_config(config_json), str(config_json), "diffusers"
+        config_file, weights_path = _diffusers_folder(resolved)
+        layout = "diffusers"
         state_dict = load_state_dict(weights_path)
     else:
         weights_path = resolved
@@ -350,7 +358,11 @@ def read_autoencoder(
         if stored is not None:
             found, source = AutoencoderConfig.from_dict(json.loads(stored)), f"{weights_path} metadata"
         elif layout == "diffusers" and weights_path.name.startswith("diffusion_pytorch_model") and beside.is_file():
-            found, source = read_diffusers_config(beside), str(beside)
+            config_file = beside
+    config_file_content = None
+    if config_file is not None:
+        config_file_content = read_diffusers_config_json(config_file)
+        found, source = config_from_diffusers(config_file_content, source=str(config_file)), str(config_file)
 
     guessed = None
     if found is not None:
@@ -383,7 +395,7 @@ def read_autoencoder(
         if guessed is not None:
             hint += "; pass config= (a preset name or AutoencoderConfig) or load the diffusers folder"
         raise error.with_context(f"{layout} file {weights_path}", hint) from None
-    return AutoencoderWeights(ours, cfg, layout, weights_path, source)
+    return AutoencoderWeights(ours, cfg, layout, weights_path, source, config_file, config_file_content)
 
 
 def load_autoencoder(

@@ -201,8 +201,8 @@ def config_from_transformers(config: Mapping[str, Any], source: str = "config") 
         raise CLIPConfigError(f"{source}: {fields} cannot be loaded by vdiff: {error}") from None
 
 
-def read_transformers_config(path: str | os.PathLike) -> CLIPImageEmbedderConfig:
-    """:func:`config_from_transformers` of a ``config.json`` file (errors name the file)."""
+def read_transformers_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a transformers ``config.json`` file, as stored (errors name the file)."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -210,7 +210,12 @@ def read_transformers_config(path: str | os.PathLike) -> CLIPImageEmbedderConfig
         raise CLIPConfigError(f"{path}: not a readable transformers config.json ({error})") from None
     if not isinstance(raw, dict):
         raise CLIPConfigError(f"{path}: a transformers config.json holds a JSON object, got {type(raw).__name__}")
-    return config_from_transformers(raw, source=str(path))
+    return raw
+
+
+def read_transformers_config(path: str | os.PathLike) -> CLIPImageEmbedderConfig:
+    """:func:`config_from_transformers` of a ``config.json`` file (errors name the file)."""
+    return config_from_transformers(read_transformers_config_json(path), source=str(path))
 
 
 # ----------------------------------------------------------------------------- name maps
@@ -388,6 +393,8 @@ class CLIPWeights:
     layout: str  # "transformers" or "open_clip" (never "auto")
     weights_path: Path  # absolute path of the weights file (the index file for sharded weights)
     config_source: str  # a config.json path, "argument", "svd: <name>" or "assumed: <name>"
+    config_file: Path | None = None  # the config.json the config was read from (None: argument or assumed)
+    config_file_content: dict[str, Any] | None = None  # that file's JSON object, as read
 
 
 def _resolve_config(config: CLIPImageEmbedderConfig | Mapping[str, Any] | str | None) -> CLIPImageEmbedderConfig | None:
@@ -514,7 +521,7 @@ def read_clip_image_embedder(
                 f"{resolved} is a folder, read as a transformers model folder; layout={layout!r} is for files"
             )
         config_json, weights_path = _transformers_folder(resolved)
-        found, source, layout = read_transformers_config(config_json), str(config_json), "transformers"
+        layout = "transformers"
     else:
         weights_path = resolved
         config_json = weights_path.parent / TRANSFORMERS_CONFIG
@@ -523,8 +530,9 @@ def read_clip_image_embedder(
         layout = detect_layout(state_dict, weights_path)
 
     if layout == "transformers":
-        if found is None and config_json.is_file():
-            found, source = read_transformers_config(config_json), str(config_json)
+        content = read_transformers_config_json(config_json) if config_json.is_file() else None
+        if content is not None:
+            found, source = config_from_transformers(content, source=str(config_json)), str(config_json)
         if found is not None and given is not None:
             _check_same(given, found, source)
         cfg = found or given
@@ -539,7 +547,7 @@ def read_clip_image_embedder(
             raise CLIPConversionError(
                 error.source, error.missing, error.mismatched, error.unexpected, f"config from {source}"
             ) from None
-        return CLIPWeights(ours, cfg, layout, weights_path, source)
+        return CLIPWeights(ours, cfg, layout, weights_path, source, config_json if content is not None else None, content)
 
     prefix = _open_clip_prefix(list(state_dict))
     if prefix is None:
@@ -598,6 +606,8 @@ class PretrainedCLIPImageEmbedder(CLIPImageEmbedder):
         weights_path: absolute path of the weights file read.
         layout: the layout read (``"transformers"`` or ``"open_clip"``).
         weights_sha256: hex SHA-256 of that file (checkpoints record it instead of storing the weights).
+        config_file: absolute path of the ``config.json`` the config was read from (transformers layout), else None.
+        config_file_content: that file's JSON object as read at construction (checkpoints record and check it).
     """
 
     def __init__(
@@ -612,3 +622,5 @@ class PretrainedCLIPImageEmbedder(CLIPImageEmbedder):
         self.weights_path: str = str(weights.weights_path)
         self.layout: str = weights.layout
         self.weights_sha256: str = file_sha256(weights.weights_path)
+        self.config_file: str | None = str(weights.config_file) if weights.config_file is not None else None
+        self.config_file_content: dict[str, Any] | None = weights.config_file_content

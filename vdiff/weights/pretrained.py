@@ -54,6 +54,10 @@ class PretrainedAutoencoder(VideoAutoencoder):
             ``config.json`` beside it is read again when this path is loaded).
         layout: the layout read (``"vdiff"``, ``"diffusers"`` or ``"sgm"``; never ``"auto"``).
         weights_sha256: hex SHA-256 of that file, computed once at construction.
+        config_file: absolute path of the ``config.json`` the config was read from (a diffusers folder's, or the
+            one beside a bare diffusers file), None when it came from a vdiff file's metadata or the arguments.
+        config_file_content: that file's JSON object as read at construction (checkpoints record it: a config
+            edited beside unchanged weights is refused on resume and on load).
 
     Raises:
         FileNotFoundError: the file is neither at ``path`` nor under ``$VDIFF_WEIGHTS``; the message
@@ -85,6 +89,8 @@ class PretrainedAutoencoder(VideoAutoencoder):
         self.weights_path: str = str(weights.weights_path)
         self.layout: str = weights.layout
         self.weights_sha256: str = file_sha256(weights.weights_path)
+        self.config_file: str | None = str(weights.config_file) if weights.config_file is not None else None
+        self.config_file_content: dict | None = weights.config_file_content
 
     def extra_repr(self) -> str:
         # getattr: repr may run while __init__ is still loading (e.g. in a traceback).
