@@ -77,11 +77,13 @@ def test_missing_split_is_a_clear_error(tmp_path):
         convert_cityscapes(tmp_path, tmp_path / "out", "test")
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     make_tree(tmp_path)
     parser = argparse.ArgumentParser()
     cityscapes.add_arguments(parser)
     args = parser.parse_args([str(tmp_path), "--out", str(tmp_path / "out"), "--split", "train", "--size", "16", "32", "--workers", "2"])
     assert cityscapes.run(args) == 0
+    err = capsys.readouterr().err
+    assert "cityscapes train: 100%" in err and "3/3" in err and "clip/s" in err  # a progress bar over the clips
     samples = read_shard_set(tmp_path / "out" / "train")
     assert len(samples) == 2 and all(m.width == 32 and m.height == 16 for _, m in samples.values())

@@ -196,12 +196,14 @@ def test_crop_moves_the_goal(converted, tmp_path):
     assert "goal" not in meta.actions and "trajectory" in meta.actions
 
 
-def test_cli_and_bad_version(converted, tmp_path):
+def test_cli_and_bad_version(converted, tmp_path, capsys):
     root, _ = converted
     parser = argparse.ArgumentParser()
     nuscenes.add_arguments(parser)
     args = parser.parse_args([str(root), "--out", str(tmp_path / "out"), "--split", "val"])
     assert nuscenes.run(args) == 0
     assert sorted(read_shard_set(tmp_path / "out" / "val")) == ["scene-0003"]
+    err = capsys.readouterr().err
+    assert "nuScenes val: 100%" in err and "1/1" in err and "scene/s" in err  # a progress bar over the scenes
     with pytest.raises(ValueError, match="unknown nuScenes version"):
         convert_nuscenes(root, "v2.0", tmp_path / "other")

@@ -41,7 +41,7 @@ def test_trimmed_10hz_clips_without_actions(tmp_path):
         assert [frame_index_from_level(f, level_step=6) for f in frames] == [10 + 2 * (first + j) for j in range(5)]
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "v.mp4").write_bytes(encode_video(indexed_video(40), 20.0))
     (tmp_path / "trim.csv").write_text("video,start_discard,end_discard\nv,0,0\n")
@@ -52,3 +52,5 @@ def test_cli(tmp_path):
     args.clip_frames = 10
     assert opendv.run(args) == 0
     assert len(read_shard_set(tmp_path / "out")) == 2
+    err = capsys.readouterr().err  # a progress bar over the inputs, with each input's line above it
+    assert f"converting {tmp_path / 'src'}: 100%" in err and "1/1" in err and "v.mp4: 2 clips" in err

@@ -41,9 +41,20 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def parallel_map(fn: Callable, tasks: list, workers: int) -> Iterator:
+def parallel_map(fn: Callable, tasks: list, workers: int, progress: str | None = None, unit: str = "task") -> Iterator:
     """``map(fn, tasks)`` in order, in ``workers`` processes when more than one (fork where available,
-    so workers share the parent's imports; one task at a time, since tasks are whole clips or scenes)."""
+    so workers share the parent's imports; one task at a time, since tasks are whole clips or scenes).
+    ``progress``: the description of a progress bar on stderr (tasks done of ``len(tasks)``, in ``unit``s, and the
+    time left); None shows nothing."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(tasks), desc=progress, unit=unit, disable=progress is None) as bar:
+        for result in _map(fn, tasks, workers):
+            bar.update()
+            yield result
+
+
+def _map(fn: Callable, tasks: list, workers: int) -> Iterator:
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return

@@ -144,8 +144,10 @@ def convert_cityscapes(
     workers: int = 1,
     crf: int = DEFAULT_CRF,
     shard_max_count: int = 1000,
+    progress: bool = False,
 ) -> DatasetReport:
-    """Convert one split into ``out/<split>/`` shards; returns the :class:`DatasetReport`."""
+    """Convert one split into ``out/<split>/`` shards; returns the :class:`DatasetReport`. ``progress`` shows a bar
+    on stderr (clips converted, the time left)."""
     if split not in CITYSCAPES_SPLITS:
         raise ValueError(f"split must be one of {CITYSCAPES_SPLITS}, got {split!r}")
     if resize not in RESIZE_MODES:
@@ -162,7 +164,8 @@ def convert_cityscapes(
     tasks = [(str(root), split, [str(p) for p in clip], tuple(size), resize, crf) for clip in clips]
     extra = {"converter": "vdiff.data.convert.cityscapes", "split": split, "size": list(size), "resize": resize}
     with ShardWriter(target, max_count=shard_max_count, extra=extra) as writer:
-        for key, mp4, meta in parallel_map(_convert_clip, tasks, workers):
+        bar = f"cityscapes {split}" if progress else None
+        for key, mp4, meta in parallel_map(_convert_clip, tasks, workers, progress=bar, unit="clip"):
             if mp4 is None:
                 report.failed.append((key, "unreadable", str(meta)))
                 continue
@@ -188,7 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     for split in args.split:
         report = convert_cityscapes(
-            args.root, args.out, split, tuple(args.size), args.resize, args.clip_frames, args.workers, args.crf
+            args.root, args.out, split, tuple(args.size), args.resize, args.clip_frames, args.workers, args.crf,
+            progress=True,
         )
         print(report.summary(), file=sys.stdout)
     return 0

@@ -49,6 +49,7 @@ from typing import Any
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from vdiff.data.convert.curation import (
     DEFAULT_FLOW_FPS,
@@ -543,8 +544,11 @@ def build_folder_shards(
     commit_every: int = 50,
     log: Callable[[str], None] | None = None,
     image_sequences: bool | None = None,
+    progress: bool = False,
 ) -> Report:
     """Convert every video under ``src`` into clip shards in ``out`` (resumable); returns the :class:`Report`.
+    ``progress`` shows a bar on stderr (inputs converted of how many, the time left); ``log`` lines then go through
+    ``tqdm.write`` to keep it whole.
 
     ``trims`` maps an input (its path relative to ``src``, with or without extension, or its file
     stem) to a :class:`Trim`; ``require_trim`` reports inputs without one as failed (``no_trim``).
@@ -620,16 +624,20 @@ def build_folder_shards(
         if len(pending) >= commit_every:
             commit()
 
+    bar = tqdm(total=len(tasks), desc=f"converting {src}", unit="input", disable=not progress)
     try:
         if workers == 1 or len(tasks) <= 1:
             for task in tasks:
                 handle(_run_task(task))
+                bar.update()
         else:
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with multiprocessing.get_context(method).Pool(workers, initializer=_worker_init) as pool:
                 for result in pool.imap_unordered(_run_task, tasks, chunksize=1):
                     handle(result)
+                    bar.update()
     finally:
+        bar.close()
         commit()  # also on Ctrl-C: what was written so far is kept and skipped next time
     report.total_clips = sum(s.num_samples for s in state.shards())
     report.seconds = time.perf_counter() - started

@@ -286,11 +286,13 @@ def convert_nuscenes(
     workers: int = 1,
     crf: int = DEFAULT_CRF,
     shard_max_count: int = 1000,
+    progress: bool = False,
 ) -> dict[str, DatasetReport]:
     """Convert the scenes of each split into ``out/<split>/`` shards; returns ``{split: DatasetReport}``.
 
     ``split``: a split name, several, or None for the version's own (trainval: train and val).
     ``size=None`` keeps the source resolution (1600x900); ``clip_frames=None`` writes one sample per scene.
+    ``progress`` shows a bar per split on stderr (scenes converted, the time left).
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
@@ -340,7 +342,8 @@ def convert_nuscenes(
             )
         manifest_extra = {"converter": "vdiff.data.convert.nuscenes", "version": version, "split": split_name, "camera": camera}
         with ShardWriter(target, max_count=shard_max_count, extra=manifest_extra) as writer:
-            for name, samples, error in parallel_map(_convert_scene, tasks, workers):
+            bar = f"nuScenes {split_name}" if progress else None
+            for name, samples, error in parallel_map(_convert_scene, tasks, workers, progress=bar, unit="scene"):
                 if samples is None:
                     reason, _, message = error.partition(": ")
                     report.failed.append((name, reason, message))
@@ -392,6 +395,7 @@ def run(args: argparse.Namespace) -> int:
         allow_missing_can_bus=args.allow_missing_can_bus,
         workers=args.workers,
         crf=args.crf,
+        progress=True,
     )
     for report in reports.values():
         print(report.summary(), file=sys.stdout)

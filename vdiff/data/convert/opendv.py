@@ -29,6 +29,8 @@ import math
 import sys
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from vdiff.data.convert.folder import (
     ClipOptions,
     Report,
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         require_trim=not args.allow_untrimmed,
         shard_max_count=args.shard_size,
         commit_every=args.commit_every,
-        log=lambda line: print(line, file=sys.stderr),
+        log=lambda line: tqdm.write(line, file=sys.stderr),  # above the progress bar
+        progress=True,
     )
     print(report.summary())
     return 0
