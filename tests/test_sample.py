@@ -131,6 +131,7 @@ def test_keys_from_data_never_choose_where_outputs_go(trained, tmp_path):
     two shards: every output stays inside --out under a plain, unique name, and the run completes."""
     import io
     import json
+    import os
     import tarfile
 
     from vdiff.data.names import safe_name
@@ -155,7 +156,7 @@ def test_keys_from_data_never_choose_where_outputs_go(trained, tmp_path):
     assert main(argv) == 0
     written = {path for path in box.rglob("*") if path.is_file()} - before
     assert written and all(path.resolve().is_relative_to(out.resolve()) for path in written)
-    assert not (box / "x-sample.mp4").exists() and not __import__("os").path.exists("/abs")
+    assert not (box / "x-sample.mp4").exists() and not os.path.exists("/abs")
     summary = json.loads((out / "samples.json").read_text())
     assert summary["keys"] == [*keys[0], *keys[1]]
     names = summary["names"]
