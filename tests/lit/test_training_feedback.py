@@ -119,3 +119,61 @@ def test_cli_keeps_a_recipes_own_progress_bar_or_none(tmp_path, monkeypatch):
     own = '[{"class_path": "lightning.pytorch.callbacks.RichProgressBar"}]'
     cli = build_lightning_cli([*QUICKSTART_CLI, "--trainer.callbacks", own], run=False)
     assert type(cli.trainer.progress_bar_callback).__name__ == "RichProgressBar"
+
+
+# ---------------------------------------------------------------- Lightning's warnings that vdiff triggers on purpose
+
+EVAL_MODE = "module(s) in eval mode at the start of training"
+
+
+def _fit_tiny_vdt(tmp_path, module) -> list[str]:
+    """Fit ``module`` one step on one batch; the warnings it raised."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from tests.lit.test_vdt_module import moving_square_batch
+
+    filters = list(warnings.filters)
+    trainer = _trainer(tmp_path, [], max_steps=1, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, train_dataloaders=DataLoader([moving_square_batch()], batch_size=None))
+    assert warnings.filters == filters  # nothing vdiff set outlives the check it was for
+    return [str(w.message) for w in caught]
+
+
+def test_the_frozen_autoencoder_in_eval_mode_is_not_a_warning(tmp_path):
+    from tests.lit.test_vdt_module import tiny_module
+
+    assert not [m for m in _fit_tiny_vdt(tmp_path, tiny_module()) if EVAL_MODE in m]
+
+
+def test_a_network_left_in_eval_mode_is_still_a_warning(tmp_path):
+    from tests.lit.test_vdt_module import tiny_module
+
+    module = tiny_module()
+    module.net.blocks[0].eval()
+    expected = 1 + len(list(module.net.blocks[0].modules()))  # the autoencoder and the block's modules
+    warned = [m for m in _fit_tiny_vdt(tmp_path, module) if EVAL_MODE in m]
+    assert len(warned) == 1 and warned[0].startswith(f"Found {expected} module(s)"), warned
+
+
+def test_a_vista_module_keeps_its_action_encoder_out_of_the_hyperparameters_without_a_warning(recwarn):
+    from tests.lit.test_vista_module import tiny_vista
+
+    module = tiny_vista()
+    assert not [w for w in recwarn if "action_encoder" in str(w.message)]
+    assert "action_encoder" not in module.hparams and "image_encoder" not in module.hparams
+
+
+def test_the_cli_does_not_advertise_lightnings_cloud_logger(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO):
+        build_lightning_cli([*QUICKSTART_CLI], run=False)
+    assert not [r for r in caplog.records if "litlogger" in r.getMessage()]
+    assert any("GPU available" in r.getMessage() for r in caplog.records)  # Lightning's other lines still show
+    assert not any(isinstance(f, logging.Filter) and type(f).__name__ == "_WithoutLightningTips"
+                   for f in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters)

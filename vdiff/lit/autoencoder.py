@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from vdiff.data import batch as B
 from vdiff.lit.base import Generated
+from vdiff.lit.frozen import FrozenPartsInEvalMode
 from vdiff.metrics.blob import DEFAULT_BLOB_THRESHOLD, FeatureNormProbe, blob_ratio
 from vdiff.metrics.frames import frame_psnr, frame_ssim
 from vdiff.metrics.lpips import LPIPS, LpipsNet, check_lpips_weights
@@ -70,7 +71,7 @@ def _keep_own_weights(module: nn.Module, state_dict: dict[str, Tensor], prefix: 
         state_dict.setdefault(prefix + name, value)
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
     """Reconstruction + LPIPS + KL (+ PatchGAN) training of a :class:`~vdiff.models.autoencoder.VideoAutoencoder`.
 
     Batches are video batches (:mod:`vdiff.data.batch`): ``video`` ``(B, T, 3, H, W)`` in [-1, 1].
@@ -208,6 +209,10 @@ class AutoencoderModule(L.LightningModule):
     def ema_parameters(self) -> list[nn.Parameter]:
         """Parameters an EMA callback tracks: the trainable autoencoder weights (not the discriminator)."""
         return [p for p in self.autoencoder.parameters() if p.requires_grad]
+
+    def frozen_parts(self) -> list[nn.Module | None]:
+        """The LPIPS network of the loss (frozen, in eval mode)."""
+        return [self.lpips]
 
     # ---------------------------------------------------------------- losses
 

@@ -44,6 +44,7 @@ from vdiff.diffusion.guidance import Guidance
 from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig, check_sampler, default_sampler, sample
 from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, format_report
+from vdiff.lit.frozen import FrozenPartsInEvalMode
 from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
 from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
 
@@ -92,7 +93,7 @@ def given_frames_of(given_mask: Tensor) -> Tensor:
     return given_mask.flatten(2).all(dim=2)
 
 
-class VideoDiffusionModule(L.LightningModule):
+class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
     """Autoencoder, diffusion process, sampling, evaluation and optimisation shared by every family.
 
     Args:
@@ -500,6 +501,10 @@ class VideoDiffusionModule(L.LightningModule):
     def ema_parameters(self) -> list[nn.Parameter]:
         """The parameters of :meth:`ema_named_parameters`."""
         return [p for _, p in self.ema_named_parameters()]
+
+    def frozen_parts(self) -> list[nn.Module | None]:
+        """The parts kept frozen in eval mode while the rest trains: the autoencoder (subclasses add theirs)."""
+        return [self.autoencoder]
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -31,6 +31,7 @@ that looks like a bug keeps its exception and traceback. ``vdiff`` prints the me
 from __future__ import annotations
 
 import linecache
+import logging
 import os
 import re
 import sys
@@ -222,7 +223,12 @@ class VdiffLightningCLI(LightningCLI):
         kwargs.setdefault("plugins", plugins)
         if self.subcommand is not None:
             self._resolve_ckpt_path(config, kwargs)
-        return super().instantiate_trainer(**kwargs)
+        tips = _WithoutLightningTips()  # the Trainer advertises Lightning's cloud logger while it is built
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(tips)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        finally:
+            logging.getLogger("lightning.pytorch.utilities.rank_zero").removeFilter(tips)
 
     def _resolve_ckpt_path(self, trainer_config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         """Turn ``--ckpt_path last`` into a file (or fail) and, for ``fit``, point the logger at the
@@ -315,6 +321,13 @@ def dropped_ema_warning(config: Any) -> str | None:
                 "or --trainer.callbacks+=CLASS)"
             )
     return None
+
+
+class _WithoutLightningTips(logging.Filter):
+    """Drops Lightning's product tips ("💡 Tip: ... try installing litlogger"), not meant for vdiff's users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
 
 
 def _default_logger(default_root_dir: str) -> Logger:

@@ -131,6 +131,10 @@ class SVDModule(VideoDiffusionModule):
         autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay: see the base module.
     """
 
+    # Arguments kept out of the hyperparameters (modules and factories: the checkpoint's state or on_save_checkpoint
+    # records them); a subclass adds its own, since this class's save_hyperparameters also sees the subclass's.
+    UNSAVED_ARGUMENTS: tuple[str, ...] = ("autoencoder", "image_encoder", "optimizer")
+
     def __init__(
         self,
         net: UNetSVDConfig | str = "svd",
@@ -163,7 +167,7 @@ class SVDModule(VideoDiffusionModule):
             sampler = self.svd_sampler()
         super().__init__(autoencoder, diffusion, sampler, evaluation, lr, weight_decay, betas, warmup_steps, optimizer,
                          lr_decay)
-        self.save_hyperparameters(ignore=["autoencoder", "image_encoder", "optimizer"])
+        self.save_hyperparameters(ignore=list(self.UNSAVED_ARGUMENTS))
         if train not in ("all", "temporal"):
             raise ValueError(f"SVDModule: train must be 'all' or 'temporal', got {train!r}")
         if not spatial_lr_scale >= 0:
@@ -377,6 +381,10 @@ class SVDModule(VideoDiffusionModule):
         for name, param in super().ema_named_parameters():
             if not name.startswith("conditioner."):
                 yield name, param
+
+    def frozen_parts(self) -> list[nn.Module | None]:
+        """The autoencoder and the CLIP image encoder."""
+        return [*super().frozen_parts(), self.image_encoder]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Weight-decay groups split by :meth:`parameter_role` (spatial: lr x ``spatial_lr_scale``); only trainable

@@ -75,6 +75,8 @@ class VistaModule(SVDModule):
         offset noise 0.02 per frame, the evaluation task predicts from 3 given frames).
     """
 
+    UNSAVED_ARGUMENTS = (*SVDModule.UNSAVED_ARGUMENTS, "action_encoder")  # stored as its arguments, see below
+
     def __init__(
         self,
         net: UNetSVDConfig | str = "svd-xt",
@@ -118,7 +120,7 @@ class VistaModule(SVDModule):
             autoencoder=autoencoder, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
             optimizer=optimizer, lr_decay=lr_decay,
         )  # fmt: skip
-        self.save_hyperparameters(ignore=["autoencoder", "image_encoder", "optimizer", "action_encoder"])
+        self.save_hyperparameters(ignore=list(self.UNSAVED_ARGUMENTS))
         self.action_encoder = encoder
         self.prior = dynamic_prior(prior_weights or VISTA_PRIOR_WEIGHTS)
         if not 0.0 <= action_drop <= 1.0:
