@@ -232,3 +232,22 @@ def test_good_metadata_files_still_read(tmp_path):
                                                                           {"utime": 1, "steering": 3.0}]))
     utime, degrees, kind = load_steering(tmp_path, "scene-0001")
     assert utime.tolist() == [1, 2] and np.allclose(degrees, [3.0, 4.0]) and kind == "vehicle_monitor"
+
+
+TRIM_FILES = {  # file name -> contents of an OpenDV trim metadata file that is refused in one ValueError
+    "nested.json": b"[" * DEEP + b"]" * DEEP,
+    "not_utf8.json": b'{"v": {"start_discard": "\xff"}}',
+    "integer_beyond_float.json": b'{"v": {"start_discard": ' + b"9" * 400 + b"}}",
+    "not_utf8.csv": b"video,start_discard,end_discard\n\xff\xfe,1,2\n",
+    "short_row.csv": b"video,start_discard,end_discard\nv1\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRIM_FILES))
+def test_opendv_trim_file_of_any_shape_is_one_value_error(name, tmp_path):
+    from vdiff.data.convert.opendv import load_trims
+
+    path = tmp_path / name
+    path.write_bytes(TRIM_FILES[name])
+    with pytest.raises(ValueError, match=rf"{path.name}"):
+        load_trims(path)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from vdiff.data.convert.folder import (
     build_folder_shards,
     options_from_args,
 )
+from vdiff.data.schema import SchemaError, parse_json
 
 OPENDV_FPS = 10.0
 OPENDV_SOURCE = "opendv-youtube"
@@ -51,7 +51,7 @@ def _trim_from(record: dict, where: str) -> Trim:
         value = record.get(name, 0)
         try:
             value = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{where}: {name} must be a number of seconds, got {value!r}") from None
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{where}: {name} must be a non-negative number of seconds, got {value!r}")
@@ -66,17 +66,20 @@ def load_trims(path: str | Path) -> dict[str, Trim]:
         raise FileNotFoundError(f"trim metadata {path} does not exist")
     trims: dict[str, Trim] = {}
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "video" not in reader.fieldnames:
-                raise ValueError(f"{path}: csv needs a header with columns video,start_discard,end_discard")
-            for line, row in enumerate(reader, start=2):
-                trims[row["video"].strip()] = _trim_from(row, f"{path}:{line}")
+        try:
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                if reader.fieldnames is None or "video" not in reader.fieldnames:
+                    raise ValueError(f"{path}: csv needs a header with columns video,start_discard,end_discard")
+                for line, row in enumerate(reader, start=2):
+                    trims[(row["video"] or "").strip()] = _trim_from(row, f"{path}:{line}")
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise ValueError(f"{path}: not a readable csv ({err})") from None
         return trims
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid json ({err})") from err
+        data = parse_json(path.read_bytes(), str(path))
+    except SchemaError as err:
+        raise ValueError(str(err)) from None
     if isinstance(data, dict):
         for name, record in data.items():
             if not isinstance(record, dict):
