@@ -9,12 +9,14 @@
 ``vdiff sample ...`` / ``vdiff encode ...``
     Sampling from a checkpoint and pre-encoding video shards to latent shards.
 
-Errors. A mistake in a recipe or on the command line (an unknown key, a bad value, a missing
-weights file, ``--ckpt_path last`` with nothing to resume) is printed as one message naming it,
-plus a pointer to ``vdiff COMMAND --help``, and ``vdiff`` exits with status 2. Errors while
-training are real failures and keep their traceback. ``VDIFF_DEBUG=1`` (or ``--debug`` anywhere
-on a ``fit|validate|test|predict`` command line, or before any command) shows the full traceback
-of recipe errors too.
+Errors, the same for every command. A user's mistake (:mod:`vdiff.errors`: a missing or unreadable
+file or folder, a checked bad value; for ``fit|validate|test|predict`` a recipe mistake, see
+:mod:`vdiff.lit.cli`) is printed as one line, ``vdiff COMMAND: error: MESSAGE`` (for the Lightning
+commands followed by a pointer to ``vdiff COMMAND --help``), and ``vdiff`` exits with status 2.
+Anything else (a bug, a failure while training) keeps its traceback. ``VDIFF_DEBUG=1`` (or
+``--debug`` before any command, or anywhere on a ``fit|validate|test|predict`` command line) shows
+the full traceback of user errors too. Called from Python with ``argv`` (tests, notebooks),
+:func:`main` lets every exception propagate.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+
+from vdiff import __version__
+from vdiff.errors import debug_requested, error_message, is_user_error
 
 # Tool name -> module path. A tool module exposes add_arguments(parser) and run(args) -> int.
 DATA_TOOLS: dict[str, tuple[str, str]] = {
@@ -62,20 +67,30 @@ Data tools (`vdiff data TOOL --help`):
 Other commands:
 {_tool_help(TOP_TOOLS, "vdiff ")}
 
-A recipe or command-line mistake prints one message (exit status 2); set VDIFF_DEBUG=1 or add
---debug to see the full traceback. `vdiff fit -c RECIPE --ckpt_path last` resumes a run.
+A mistake (a missing file, a bad option or recipe value) prints one line, `vdiff COMMAND: error: ...`
+(exit status 2); set VDIFF_DEBUG=1 or add --debug to see the full traceback.
+`vdiff fit -c RECIPE --ckpt_path last` resumes a run. `vdiff --version` prints the version.
 """
 
 
-def _run_tool(module_path: str, prog: str, description: str, argv: Sequence[str]) -> int:
+def _run_tool(module_path: str, prog: str, description: str, argv: Sequence[str], catch: bool) -> int:
+    """Parse ``argv`` with the tool's arguments and run it. With ``catch`` (from the shell, no debug switch) a
+    user error (:func:`vdiff.errors.is_user_error`) is one line on stderr and exit status 2; anything else, and
+    every error without ``catch``, propagates with its traceback."""
     module = importlib.import_module(module_path)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     module.add_arguments(parser)
     args = parser.parse_args(list(argv))
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except Exception as err:
+        if not catch or not is_user_error(err):
+            raise
+        print(f"{prog}: error: {error_message(err, prog)}", file=sys.stderr)
+        return 2
 
 
-def data_main(argv: Sequence[str]) -> int:
+def data_main(argv: Sequence[str], catch: bool = False) -> int:
     parser = argparse.ArgumentParser(
         prog="vdiff data",
         description="vdiff data tools",
@@ -90,7 +105,7 @@ def data_main(argv: Sequence[str]) -> int:
     if tool not in DATA_TOOLS:
         parser.error(f"unknown data tool {tool!r}; choose from {', '.join(sorted(DATA_TOOLS))}")
     module_path, text = DATA_TOOLS[tool]
-    return _run_tool(module_path, f"vdiff data {tool}", text, argv[1:])
+    return _run_tool(module_path, f"vdiff data {tool}", text, argv[1:], catch)
 
 
 class VdiffCLI:
@@ -105,7 +120,7 @@ class VdiffCLI:
 
 def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     """``VDIFF_DEBUG`` set (not 0/empty), or ``--debug`` in ``argv`` (removed from it)."""
-    debug = os.environ.get("VDIFF_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    debug = debug_requested()
     if "--debug" in argv:
         debug = True
         argv = [a for a in argv if a != "--debug"]
@@ -144,12 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(OVERVIEW)
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"vdiff {__version__}")
+        return 0
     command = argv[0]
+    catch = from_command_line and not (debug or debug_requested())
     if command == "data":
-        return data_main(argv[1:])
+        return data_main(argv[1:], catch)
     if command in TOP_TOOLS:
         module_path, text = TOP_TOOLS[command]
-        return _run_tool(module_path, f"vdiff {command}", text, argv[1:])
+        return _run_tool(module_path, f"vdiff {command}", text, argv[1:], catch)
     if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
         print(f"vdiff: unknown command {command!r}\n\n{OVERVIEW}", file=sys.stderr)
         return 2

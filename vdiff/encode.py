@@ -53,6 +53,7 @@ from vdiff.data.schema import (
 from vdiff.data.shards import ShardWriter, check_key, expand_shard_spec, iter_raw_samples
 from vdiff.data.transforms import cover_size, crop_frames, move_goal, normalize_video, plan_crop
 from vdiff.data.video_io import VideoDecodeError, decode_frames
+from vdiff.weights.safetensors_io import gather_missing_files
 
 PARTIAL_PREFIX = ".partial-"
 
@@ -545,12 +546,14 @@ def run(args: argparse.Namespace) -> int:
         size = (args.size[0], args.size[-1])
     if args.image_encoder is None and (args.image_encoder_layout != "auto" or args.image_encoder_config is not None):
         raise ValueError("vdiff encode: --image-encoder-layout / --image-encoder-config need --image-encoder")
-    autoencoder, weights = load_autoencoder(args.ckpt, args.weights, args.layout, use_ema=not args.no_ema)
-    image_encoder, image_info = None, None
-    if args.image_encoder is not None:
-        image_encoder, image_info = load_image_encoder(
+    # a missing autoencoder and a missing image encoder file are named together (gather_missing_files)
+    (autoencoder, weights), (image_encoder, image_info) = gather_missing_files([
+        lambda: load_autoencoder(args.ckpt, args.weights, args.layout, use_ema=not args.no_ema),
+        lambda: (None, None) if args.image_encoder is None else load_image_encoder(
             args.image_encoder, args.image_encoder_layout, args.image_encoder_config
-        )
+        ),
+    ])  # fmt: skip
+    if image_encoder is not None:
         print(
             f"vdiff encode: image embeddings ({image_info['embed_dim']}-d) by {image_info['path']} "
             f"(sha256 {image_info['sha256']})"

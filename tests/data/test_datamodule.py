@@ -334,8 +334,11 @@ def test_evaluation_clips_can_be_longer_than_training_clips(video_shards):
 
 def test_configuration_errors(tmp_path, video_shards):
     folder, _ = video_shards
-    with pytest.raises(FileNotFoundError, match="matches no shard"):
+    with pytest.raises(FileNotFoundError, match="val: .*nothing-here does not exist; make shards .*vdiff data shards"):
         VideoDataModule(val=str(tmp_path / "nothing-here")).setup("validate")
+    (tmp_path / "no-shards").mkdir()
+    with pytest.raises(FileNotFoundError, match="train: .*no-shards holds no shards"):
+        VideoDataModule(train=str(tmp_path / "no-shards")).check_data("fit")
     with pytest.raises(ValueError, match="weights"):
         VideoDataModule(train=[DataSource(str(folder), 0.0)])
     with pytest.raises(ValueError, match="either frame_stride or target_fps"):

@@ -4,6 +4,7 @@ videos are never read), saves the JSON, prints a histogram; refuses a set withou
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -44,9 +45,16 @@ def test_fits_saves_and_prints_from_the_jsons(tmp_path, capsys):
     assert rows[0][2] == f"{min(scores):.3g}" and rows[-1][4] == f"{max(scores):.3g}"
 
 
-def test_refuses_a_set_without_scores(tmp_path, capsys):
+def _shell(monkeypatch, *args: str) -> int:
+    """``vdiff ARGS`` as from the shell (a user error is one line and exit status 2)."""
+    monkeypatch.setattr(sys, "argv", ["vdiff", *args])
+    monkeypatch.delenv("VDIFF_DEBUG", raising=False)
+    return main()
+
+
+def test_refuses_a_set_without_scores(tmp_path, capsys, monkeypatch):
     write_set(tmp_path / "plain", [None] * 5)
-    code = main(["data", "motion-buckets", str(tmp_path / "plain"), "--out", str(tmp_path / "b.json")])
+    code = _shell(monkeypatch, "data", "motion-buckets", str(tmp_path / "plain"), "--out", str(tmp_path / "b.json"))
     assert code == 2 and not (tmp_path / "b.json").exists()
     err = capsys.readouterr().err
     assert "none of the 5 samples in 1 shard(s) has a motion score" in err and "vdiff data shards" in err
@@ -54,10 +62,11 @@ def test_refuses_a_set_without_scores(tmp_path, capsys):
         fit_shard_buckets(read_motion_scores(str(tmp_path / "plain")))
 
 
-def test_refuses_mixed_units_and_counts_bad_jsons(tmp_path, capsys):
+def test_refuses_mixed_units_and_counts_bad_jsons(tmp_path, capsys, monkeypatch):
     write_set(tmp_path / "a", [1.0, 2.0, 3.0])
     write_set(tmp_path / "b", [1.5, 2.5], units=(4.0, 128))
-    code = main(["data", "motion-buckets", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "x.json")])
+    code = _shell(monkeypatch, "data", "motion-buckets", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                  str(tmp_path / "x.json"))  # fmt: skip
     assert code == 2 and "different units" in capsys.readouterr().err
     with ShardWriter(tmp_path / "c") as writer:
         writer.write_raw("broken", {"mp4": NOT_A_VIDEO, "json": b"{not json"})

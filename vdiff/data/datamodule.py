@@ -54,7 +54,7 @@ from vdiff.data import sampling
 from vdiff.data.clips import BAD_JSON, MISSING_JSON, MISSING_VIDEO, TOO_SMALL, ClipSpec
 from vdiff.data.eval_stream import EvalClipStream
 from vdiff.data.loader import VideoLoader
-from vdiff.data.shards import count_samples, expand_shard_spec, manifest_sample_counts
+from vdiff.data.shards import NoShardsError, count_samples, expand_shard_spec, manifest_sample_counts
 from vdiff.data.skips import SkipCounter
 from vdiff.data.sources import DataSource, as_sources
 from vdiff.data.stream_base import BAD_SHARD, STAGES, TRUNCATED_SHARD
@@ -75,6 +75,40 @@ SKIP_REASONS: tuple[str, ...] = (
 
 
 MAX_AUTO_WORKERS = 8
+
+
+# The data module's splits each Trainer stage reads.
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {
+    "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)
+}
+
+
+class DataPathError(FileNotFoundError):
+    """A stage's shard spec names no shards: the path is missing, or holds no ``.tar`` shards. ``argument``:
+    the data module's argument (``train``, ``val``...); ``detail``: what is wrong and the ``vdiff data``
+    command that makes the shards. ``str()`` is ``"{argument}: {detail}"`` (``vdiff fit`` prints
+    ``data.init_args.{argument}: {detail}``)."""
+
+    def __init__(self, argument: str, detail: str) -> None:
+        super().__init__(f"{argument}: {detail}")
+        self.argument = argument
+        self.detail = detail
+
+
+def _missing_shards_detail(err: NoShardsError) -> str:
+    """What :class:`DataPathError` says about a spec that matched nothing, with the command that makes shards."""
+    spec = err.spec
+    if not err.missing and not os.path.isdir(spec):
+        return str(err)  # a glob that matched nothing
+    if os.path.isdir(spec) and "subfolders" in str(err):
+        return str(err)  # a folder of shard sets: name one
+    what = "does not exist" if err.missing else "holds no shards (.tar files)"
+    parent, name = os.path.split(os.path.normpath(spec))
+    if name in ("train", "val"):  # the layout `--val-fraction` writes
+        make = f"`vdiff data shards VIDEO_FOLDER --out {parent or '.'} --val-fraction 0.1` writes its train/ and val/"
+    else:
+        make = f"`vdiff data shards VIDEO_FOLDER --out {spec}`"
+    return f"{spec} {what}; make shards from a folder of videos: {make} (`vdiff data --help` lists other sources)"
 
 
 def auto_num_workers() -> int:
@@ -278,19 +312,35 @@ class VideoDataModule(LightningDataModule):
     # -- shards --------------------------------------------------------------------------------
 
     def shards(self, stage: str) -> list[tuple[str, str | None]]:
-        """``(tar path, source name)`` of a stage's shards, in a fixed order (resolved once)."""
+        """``(tar path, source name)`` of a stage's shards, in a fixed order (resolved once). A source that
+        names no shard raises :class:`DataPathError` naming the argument (``train``...) and the fix."""
         if stage not in self._shards:
             found = []
             for source in self.sources[stage]:
-                found.extend((path, source.name) for path in expand_shard_spec(source.path))
+                try:
+                    paths = expand_shard_spec(source.path)
+                except NoShardsError as err:
+                    raise DataPathError(stage, _missing_shards_detail(err)) from err
+                found.extend((path, source.name) for path in paths)
             self._shards[stage] = found
         return self._shards[stage]
 
+    def _resolve_stage(self, stage: str | None, leave_out: tuple[str, ...] = ()) -> None:
+        for name in STAGE_SPLITS.get(stage or "", STAGES):
+            if name not in leave_out:
+                self.shards(name)
+
+    def check_data(self, stage: str | None = None) -> None:
+        """Check, before the Trainer is built, that every shard spec the Trainer stage (``fit``, ``validate``...)
+        reads names shards: :class:`DataPathError` otherwise. ``vdiff fit|validate|test|predict`` calls it, so a
+        missing or empty data folder is one message before anything starts. A data module that writes shards in
+        ``prepare_data`` leaves those out (they do not exist yet)."""
+        self._resolve_stage(stage)
+
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the shard specs of the stage (errors name a spec that matches nothing)."""
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for name in wanted.get(stage or "", STAGES):
-            self.shards(name)
+        """Resolve the shard specs of the stage: a spec that matches nothing raises :class:`DataPathError` (before
+        any training) naming the argument, whether the path is missing or holds no shards, and the fix."""
+        self._resolve_stage(stage)
 
     def train_num_batches(self) -> int:
         """Training batches per rank and epoch (``epoch_length``, or from the manifests)."""

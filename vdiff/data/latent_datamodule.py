@@ -58,7 +58,7 @@ from vdiff.data.clips import (
     last_clip_start,
     parse_meta,
 )
-from vdiff.data.datamodule import SKIP_REASONS, VideoDataModule
+from vdiff.data.datamodule import SKIP_REASONS, STAGE_SPLITS, VideoDataModule
 from vdiff.data.eval_stream import EvalClipStream
 from vdiff.data.sampling import ReaderSlot
 from vdiff.data.schema import (
@@ -384,8 +384,7 @@ class LatentDataModule(VideoDataModule):
                 model = self.trainer.lightning_module
             except (AttributeError, RuntimeError):
                 model = None
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        self.check_image_encoder(getattr(model, "image_encoder", None), wanted.get(stage or "", STAGES))
+        self.check_image_encoder(getattr(model, "image_encoder", None), STAGE_SPLITS.get(stage or "", STAGES))
 
     def train_stream_kwargs(self) -> dict[str, Any]:
         return {"crop": "center", "flip": False, "train_start": self.train_start}

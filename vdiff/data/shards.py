@@ -265,6 +265,16 @@ class ShardWriter:
 # ----------------------------------------------------------------------------------------------
 
 
+class NoShardsError(FileNotFoundError):
+    """A shard spec that matches no shard file. ``spec``: the spec; ``missing``: nothing exists at that
+    path (else it is a folder, or a glob, without ``.tar`` shards)."""
+
+    def __init__(self, message: str, spec: str = "", missing: bool = False) -> None:
+        super().__init__(message)
+        self.spec = spec
+        self.missing = missing
+
+
 def _expand_one(spec: str) -> list[str]:
     if "{" in spec and ".." in spec:
         paths = list(braceexpand(spec))
@@ -296,7 +306,8 @@ def expand_shard_spec(spec: str | Path | Sequence[str | Path]) -> list[str]:
     brace pattern (``a/shard-{000000..000009}.tar``), a glob, a single tar, or a list of these.
 
     Returns sorted, de-duplicated, normalised paths. Raises FileNotFoundError naming the spec when
-    it matches nothing (or a brace pattern names a missing shard).
+    it matches nothing (:class:`NoShardsError`, saying whether the path is missing or holds no shards)
+    or a brace pattern names a missing shard.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -306,12 +317,14 @@ def expand_shard_spec(spec: str | Path | Sequence[str | Path]) -> list[str]:
         item = os.fspath(item)
         found = _expand_one(item)
         if not found:
-            hint = ""
+            missing = not os.path.exists(item) and not _GLOB_CHARS.search(item)
+            hint = ": no such file or folder" if missing else ""
             if os.path.isdir(item):
+                hint = ": the folder holds no .tar shards and no manifest"
                 subsets = sorted(d for d in os.listdir(item) if os.path.isfile(os.path.join(item, d, MANIFEST_NAME)))
                 if subsets:
                     hint = f"; it holds shard sets in subfolders {subsets}: name one, e.g. {os.path.join(item, subsets[0])}"
-            raise FileNotFoundError(f"shard spec {item!r} matches no shard (.tar) file{hint}")
+            raise NoShardsError(f"shard spec {item!r} matches no shard (.tar) file{hint}", item, missing)
         for path in found:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"shard spec {item!r} names {path}, which does not exist")

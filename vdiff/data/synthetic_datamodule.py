@@ -75,6 +75,10 @@ class SyntheticDrivingDataModule(VideoDataModule):
             **kwargs,
         )
 
+    def check_data(self, stage: str | None = None) -> None:
+        """As :meth:`VideoDataModule.check_data`, leaving out ``train`` and ``val``: ``prepare_data`` writes them."""
+        self._resolve_stage(stage, leave_out=("train", "val"))
+
     def prepare_data(self) -> None:
         """Write the shards unless the cache already holds the same set (called on one process)."""
         ensure_synthetic_splits(self.synthetic_root, progress=True, **self.synthetic_args)

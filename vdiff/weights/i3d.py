@@ -44,6 +44,7 @@ from torch import Tensor
 from vdiff.models.i3d import I3D
 from vdiff.weights.safetensors_io import (
     WEIGHTS_ENV,
+    MissingWeightsError,
     file_sha256,
     load_metadata,
     load_state_dict,
@@ -98,8 +99,8 @@ def find_feature_weights(kind: str, path: str | os.PathLike | None = None) -> Pa
     spec = FEATURE_WEIGHTS[kind]
     try:
         return resolve_weights_path(path if path is not None else spec.name, what=spec.what)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} The file is {spec.source}.") from None
+    except MissingWeightsError as err:
+        raise MissingWeightsError(err.what, err.tried, note=f"The file is {spec.source}.") from None
 
 
 def is_torchscript(path: str | os.PathLike) -> bool:

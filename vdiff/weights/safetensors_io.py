@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -89,13 +90,52 @@ def resolve_weights_path(path: str | os.PathLike, what: str = "weights", allow_d
         if found(candidate):
             return candidate
         tried.append(str(candidate))
-    where = (
-        f"${WEIGHTS_ENV}={root}" if root else f"${WEIGHTS_ENV} is not set"
-    )
-    raise FileNotFoundError(
-        f"{what} not found: {' or '.join(tried)} ({where}). vdiff never downloads weights: copy the file "
-        f"there, pass an absolute path, or set {WEIGHTS_ENV} to the directory that holds it."
-    )
+    raise MissingWeightsError(what, tried)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A weights file found neither at its path nor under ``$VDIFF_WEIGHTS``: ``what`` file, the paths ``tried``,
+    and a ``note`` on where the file comes from (may be empty). ``str()`` is the whole message."""
+
+    def __init__(self, what: str, tried: list[str], note: str = "") -> None:
+        root = os.environ.get(WEIGHTS_ENV)
+        self.what, self.tried, self.note = what, list(tried), note
+        self.where = f"${WEIGHTS_ENV}={root}" if root else f"${WEIGHTS_ENV} is not set"
+        super().__init__(
+            f"{what} not found: {' or '.join(self.tried)} ({self.where}). vdiff never downloads weights: copy the "
+            f"file there, pass an absolute path, or set {WEIGHTS_ENV} to the directory that holds it."
+            + (f" {note}" if note else "")
+        )
+
+
+def gather_missing_files(loaders: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Call every loader and return their results; when loaders fail for missing files (FileNotFoundError), raise
+    one FileNotFoundError that names every missing file, not only the first (one error: that error itself)."""
+    results, missing = [], []
+    for load in loaders:
+        try:
+            results.append(load())
+        except FileNotFoundError as err:
+            missing.append(err)
+            results.append(None)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        items = [
+            f"{err.what}: {' or '.join(err.tried)}" + (f" ({err.note.removeprefix('The file is ').rstrip('.')})" if err.note else "")
+            if isinstance(err, MissingWeightsError)
+            else str(err).rstrip(".")
+            for err in missing
+        ]
+        weights = next((err for err in missing if isinstance(err, MissingWeightsError)), None)
+        advice = (
+            f" ({weights.where}). vdiff never downloads weights: copy the files there, pass absolute paths, or set "
+            f"{WEIGHTS_ENV} to the directory that holds them."
+            if weights is not None
+            else "."
+        )
+        raise FileNotFoundError(f"{len(missing)} files are missing: " + "; ".join(items) + advice)
+    return results
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:

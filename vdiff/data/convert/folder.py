@@ -41,7 +41,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,8 @@ DEFAULT_SEQUENCE_FPS = 8.0  # frame rate of an image sequence when --fps is not 
 BROKEN_IMAGE = "broken_image"  # an image of a sequence cannot be read (the sequence fails)
 MIXED_SIZES = "mixed_sizes"  # the images of a sequence differ in size (the sequence fails)
 STATE_NAME = "convert_state.json"
+SPLIT_NAME = "split.json"  # build_split_shards: which inputs went to train and val
+SPLITS: tuple[str, ...] = ("train", "val")
 PART_PATTERN = re.compile(r"^part(\d{4})-\d{6}\.tar(\.tmp)?$")
 DROP_REASONS: tuple[str, ...] = ("too_short", "static", "too_much_motion")
 
@@ -472,6 +474,27 @@ def _run_task(task: tuple[str, str, ClipOptions, Trim | None]) -> InputResult:
 # ----------------------------------------------------------------------------------------------
 
 
+def find_inputs(
+    src: str | Path,
+    exclude: str | Path | None = None,
+    image_sequences: bool | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """The inputs under ``src``, sorted: video files, and folders of images as image sequences (``image_sequences``
+    True: also; None: only when ``src`` holds no video file; False: never). Raises FileNotFoundError when ``src``
+    is not a folder or holds no input (a shard set of 0 clips is no use to anyone)."""
+    videos = find_videos(src, exclude=exclude)
+    if image_sequences or (image_sequences is None and not videos):
+        sequences = find_image_sequences(src, exclude=exclude)
+        if sequences and log and not image_sequences:
+            log(f"no video files under {src}: taking its {len(sequences)} folder(s) of images as image sequences")
+        videos = sorted([*videos, *sequences])
+    if not videos:
+        images = "" if image_sequences is False else f" and no folder of images ({' '.join(IMAGE_EXTENSIONS)})"
+        raise FileNotFoundError(f"{src} holds no video file ({' '.join(VIDEO_EXTENSIONS)}){images}: nothing to convert")
+    return videos
+
+
 def find_videos(src: str | Path, exclude: str | Path | None = None) -> list[Path]:
     """Video files under ``src`` (recursive, sorted), by extension (case-insensitive)."""
     src = Path(src)
@@ -544,6 +567,7 @@ def build_folder_shards(
     commit_every: int = 50,
     log: Callable[[str], None] | None = None,
     image_sequences: bool | None = None,
+    inputs: list[Path] | None = None,
     progress: bool = False,
 ) -> Report:
     """Convert every video under ``src`` into clip shards in ``out`` (resumable); returns the :class:`Report`.
@@ -553,20 +577,17 @@ def build_folder_shards(
     ``trims`` maps an input (its path relative to ``src``, with or without extension, or its file
     stem) to a :class:`Trim`; ``require_trim`` reports inputs without one as failed (``no_trim``).
     ``image_sequences``: also take every folder of images as one input video (True), never (False), or only
-    when ``src`` holds no video file (None, the default); see the module docstring.
+    when ``src`` holds no video file (None, the default); see the module docstring. A ``src`` without any input
+    raises FileNotFoundError (:func:`find_inputs`). ``inputs``: convert these paths under ``src`` instead of
+    searching it (how :func:`build_split_shards` gives each split its inputs).
     """
     options = options or ClipOptions()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     started = time.perf_counter()
     src, out = Path(src), Path(out)
+    videos = find_inputs(src, out, image_sequences, log) if inputs is None else sorted(inputs)
     out.mkdir(parents=True, exist_ok=True)
-    videos = find_videos(src, exclude=out)
-    if image_sequences or (image_sequences is None and not videos):
-        sequences = find_image_sequences(src, exclude=out)
-        if sequences and log and not image_sequences:
-            log(f"no video files under {src}: taking its {len(sequences)} folder(s) of images as image sequences")
-        videos = sorted([*videos, *sequences])
     report = Report(out=str(out), inputs_found=len(videos))
     state = _State(out, options)
     _clean_uncommitted(out, state)
@@ -642,6 +663,80 @@ def build_folder_shards(
     report.total_clips = sum(s.num_samples for s in state.shards())
     report.seconds = time.perf_counter() - started
     return report
+
+
+def assign_splits(
+    rels: Sequence[str], val_fraction: float, seed: int = 0, recorded: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, list[str]]:
+    """Split inputs (paths relative to the source folder) into ``train`` and ``val`` **by input**, so that no
+    video has clips in both. ``val`` gets ``round(val_fraction * N)`` of the ``N`` inputs (at least 1 and at
+    most ``N - 1``), those with the smallest ``sha256(seed, path)``: the split depends on the seed and the paths
+    only, not on their order or the machine. ``recorded``: an earlier split (``{"train": [...], "val": [...]}``):
+    its inputs keep their split, and the new ones are split so that ``val`` comes as close to the fraction of all
+    inputs as it can."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    recorded = {split: list((recorded or {}).get(split, [])) for split in SPLITS}
+    known = {rel for split in SPLITS for rel in recorded[split]}
+    new = sorted(set(rels) - known)
+    total = len(known) + len(new)
+    if total < 2:
+        raise ValueError(f"a train/val split needs at least 2 inputs (videos or image sequences), found {total}")
+    wanted_val = min(max(round(val_fraction * total), 1), total - 1)
+    take = min(max(wanted_val - len(recorded["val"]), 0), len(new))
+    ranked = sorted(new, key=lambda rel: (hashlib.sha256(f"{seed}\0{rel}".encode()).hexdigest(), rel))
+    chosen = set(ranked[:take])
+    return {
+        "train": sorted([*recorded["train"], *(rel for rel in new if rel not in chosen)]),
+        "val": sorted([*recorded["val"], *chosen]),
+    }
+
+
+def build_split_shards(
+    src: str | Path,
+    out: str | Path,
+    val_fraction: float,
+    seed: int = 0,
+    image_sequences: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> dict[str, Report]:
+    """A held-out split of a folder of videos: ``out/train`` and ``out/val``, each a resumable shard set
+    (:func:`build_folder_shards`, which ``kwargs`` go to), the inputs divided by :func:`assign_splits`.
+
+    ``out/split.json`` records the split before anything is converted: a rerun keeps every recorded input in its
+    split (videos added to ``src`` since are split by the same rule), and refuses another fraction or seed.
+    Returns the report of each split.
+    """
+    src, out = Path(src), Path(out)
+    found = find_inputs(src, out, image_sequences, log)
+    by_rel = {path.relative_to(src).as_posix(): path for path in found}
+    record = out / SPLIT_NAME
+    recorded = None
+    if record.exists():
+        try:
+            data = json.loads(record.read_text())
+            recorded = {split: [str(rel) for rel in data[split]] for split in SPLITS}
+            previous = (float(data["val_fraction"]), int(data["seed"]))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"{record} is not a vdiff split record ({err}); remove it to split anew") from None
+        if previous != (float(val_fraction), int(seed)):
+            raise ValueError(
+                f"{out} was split with --val-fraction {previous[0]:g} --split-seed {previous[1]}; rerun with those "
+                "to resume, or use a new --out folder"
+            )
+    splits = assign_splits(list(by_rel), val_fraction, seed, recorded)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = record.with_name(record.name + ".tmp")
+    partial.write_text(json.dumps({"val_fraction": val_fraction, "seed": seed, **splits}, indent=1))
+    os.replace(partial, record)
+    if log:
+        log(f"split by input: {len(splits['train'])} train, {len(splits['val'])} val (recorded in {record})")
+    reports = {}
+    for split in SPLITS:
+        inputs = [by_rel[rel] for rel in splits[split] if rel in by_rel]
+        reports[split] = build_folder_shards(src, out / split, log=log, inputs=inputs, **kwargs)
+    return reports
 
 
 def _find_trim(trims: Mapping[str, Trim], rel: str) -> Trim | None:
@@ -757,19 +852,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"at --fps, default {DEFAULT_SEQUENCE_FPS:g}; no scene cuts); without it, image folders are "
         "taken only when SRC holds no video file",
     )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="hold out this fraction of the input videos (whole videos: none has clips in both sets): "
+        f"OUT/train and OUT/val, the split recorded in OUT/{SPLIT_NAME} (default: no split, shards in OUT)",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="which videos --val-fraction holds out (default %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args, args.source)
-    report = build_folder_shards(
-        args.src,
-        args.out,
-        options,
-        workers=args.workers,
-        shard_max_count=args.shard_size,
-        commit_every=args.commit_every,
-        log=lambda line: print(line, file=sys.stderr),
-        image_sequences=getattr(args, "image_sequences", None),
-    )
-    print(report.summary())
+    settings = dict(options=options, workers=args.workers, shard_max_count=args.shard_size,
+                    commit_every=args.commit_every, log=lambda line: print(line, file=sys.stderr),
+                    image_sequences=getattr(args, "image_sequences", None))  # fmt: skip
+    if args.val_fraction is None:
+        print(build_folder_shards(args.src, args.out, **settings).summary())
+        return 0
+    reports = build_split_shards(args.src, args.out, args.val_fraction, args.split_seed, **settings)
+    print("\n".join(report.summary() for report in reports.values()))
     return 0
