@@ -10,8 +10,9 @@ the folder directly (``--ckpt_path`` FOLDER, with any number of ranks).
 This tool gathers the folder into the single file every other vdiff command reads (``vdiff sample``,
 ``vdiff export``, ``vdiff test --ckpt_path``, ``load_module``), on one process and without a GPU:
 
-* the model's full tensors under ``state_dict`` (converted with DCP's own
-  :func:`torch.distributed.checkpoint.format_utils.dcp_to_torch_save`);
+* the model's full tensors under ``state_dict`` (DCP's shards put together, as
+  :func:`torch.distributed.checkpoint.format_utils.dcp_to_torch_save` does, but without running code from the
+  folder: :func:`vdiff.lit.safe_loading.load_distributed_checkpoint`);
 * the optimizer states as ``optimizer_states`` in ``torch.optim`` layout (DCP stores them keyed by
   parameter name; here they are keyed by position, as ``Optimizer.state_dict()`` gives them), so a
   single-process or DDP run can resume from the file; ``--no-optimizer`` leaves them out (a smaller file);
@@ -48,7 +49,7 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike, optimizer: bo
     """Write the single-file checkpoint of the sharded checkpoint ``folder`` to ``out`` (atomically); returns it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = load_sharded_checkpoint(folder, optimizer=optimizer, scratch_dir=out.parent)
+    checkpoint = load_sharded_checkpoint(folder, optimizer=optimizer)
     handle, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(handle)
     try:

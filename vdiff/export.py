@@ -27,8 +27,6 @@ import importlib
 import json
 from pathlib import Path
 
-import torch
-
 LAYOUTS = ("vdiff", "diffusers", "sgm")
 
 
@@ -54,13 +52,14 @@ def export(
     """Write the checkpoint's network to ``out`` (see the module docstring); returns the paths written."""
     from vdiff.callbacks.ema import EMA_KEY
     from vdiff.callbacks.lora import LORA_KEY
+    from vdiff.lit.safe_loading import load_checkpoint
 
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_file():
         raise FileNotFoundError(f"vdiff export: no checkpoint file at {ckpt}")
     if layout not in LAYOUTS:
         raise ValueError(f"vdiff export: unknown layout {layout!r}; choose from {LAYOUTS}")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # entries only
+    checkpoint = load_checkpoint(ckpt, mmap=True)  # entries only; refuses files that would run code
     class_path = checkpoint.get("vdiff_module")
     if class_path is None:
         raise KeyError(f"{ckpt}: no 'vdiff_module' entry; was it written by a vdiff LightningModule?")

@@ -691,6 +691,7 @@ def _training_setting(ckpt: dict, key: str):
 
 def run(args: argparse.Namespace) -> int:
     from vdiff.callbacks.checkpoint_eval import load_module
+    from vdiff.lit.safe_loading import load_checkpoint
 
     ckpt_path = Path(args.ckpt)
     if not ckpt_path.is_file():
@@ -705,7 +706,7 @@ def run(args: argparse.Namespace) -> int:
     if not image_mode and args.input is None:
         raise ValueError("vdiff sample: give --input (a video or shards), --image FILE, or --input VIDEO --frame N")
     size = parse_size(args.size)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # metadata only
+    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # metadata only; refuses files that would run code
     trained_frames = _training_setting(checkpoint, "num_frames")
     trained_size = _training_setting(checkpoint, "size")
     del checkpoint

@@ -19,6 +19,7 @@ from vdiff.callbacks.ema import load_ema_weights
 from vdiff.callbacks.lora import LORA_KEY, adapters_reapplied
 from vdiff.lit.evaluation import ScoreTotals
 from vdiff.lit.progress import phase_progress
+from vdiff.lit.safe_loading import load_checkpoint, refusing_code
 
 
 def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bool = True) -> L.LightningModule:
@@ -26,17 +27,18 @@ def load_module(path: str, map_location: str | torch.device = "cpu", use_ema: bo
 
     Adapters a :class:`~vdiff.callbacks.LoRA` callback injected (recorded in ``checkpoint["vdiff_lora"]``)
     are injected again before the state dict is loaded; the EMA weights (``ema_state_dict``) replace
-    the trained ones when ``use_ema`` and the checkpoint has them."""
+    the trained ones when ``use_ema`` and the checkpoint has them. Nothing in the file runs: it is read with
+    ``weights_only=True`` (:mod:`vdiff.lit.safe_loading`), and one that holds other Python objects than
+    vdiff's configs is refused with an :class:`~vdiff.lit.safe_loading.UnsafeCheckpointError` naming it."""
     # mmap: only the entries read here are loaded; load_from_checkpoint reads the weights once.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_checkpoint(path, mmap=True)
     class_path = checkpoint.get("vdiff_module")
     if class_path is None:
         raise KeyError(f"{path}: no 'vdiff_module' entry; was it written by a vdiff LightningModule?")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    # weights_only=False: a module built in Python (not by the CLI) keeps config objects in its hparams.
-    with adapters_reapplied(cls, checkpoint.get(LORA_KEY)):
-        module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    with adapters_reapplied(cls, checkpoint.get(LORA_KEY)), refusing_code(path):
+        module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     if use_ema:
         load_ema_weights(module, checkpoint)
     return module.eval()
@@ -96,4 +98,4 @@ class EvaluateCheckpoint(L.Callback):
 
 
 def _has_ema(path: str) -> bool:
-    return bool(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("ema_state_dict"))
+    return bool(load_checkpoint(path, mmap=True).get("ema_state_dict"))

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from vdiff.data import batch as B
 from vdiff.lit.base import Generated
 from vdiff.lit.frozen import FrozenPartsInEvalMode
+from vdiff.lit.safe_loading import load_checkpoint
 from vdiff.metrics.blob import DEFAULT_BLOB_THRESHOLD, FeatureNormProbe, blob_ratio
 from vdiff.metrics.frames import frame_psnr, frame_ssim
 from vdiff.metrics.lpips import LPIPS, LpipsNet, check_lpips_weights
@@ -460,11 +461,12 @@ def load_autoencoder_from_checkpoint(
     path: str | os.PathLike, use_ema: bool = True, map_location: str | torch.device = "cpu"
 ) -> VideoAutoencoder:
     """The :class:`VideoAutoencoder` of an :class:`AutoencoderModule` checkpoint (EMA weights when present and
-    ``use_ema``), without building the discriminator or LPIPS (so no backbone file is needed)."""
+    ``use_ema``), without building the discriminator or LPIPS (so no backbone file is needed). The file is read
+    without running code (:func:`~vdiff.lit.safe_loading.load_checkpoint`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no AutoencoderModule checkpoint at {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    checkpoint = load_checkpoint(path, map_location=map_location)
     hparams = checkpoint.get("hyper_parameters", {})
     config = hparams.get("net", hparams.get("config"))  # "config": checkpoints written before the rename
     if not isinstance(config, AutoencoderConfig):

@@ -45,18 +45,14 @@ from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig, check_sampler, default_sampler, sample
 from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, format_report
 from vdiff.lit.frozen import FrozenPartsInEvalMode
+from vdiff.lit.safe_loading import allow_config_objects_in_checkpoints
 from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
 from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
 
 
-def allow_config_objects_in_checkpoints(*classes: type) -> None:
-    """Let ``torch.load(weights_only=True)`` (Lightning's default when resuming) read checkpoints of modules
-    built in Python, whose hyperparameters hold vdiff config objects rather than the CLI's plain dicts.
-    Only these data-holding classes are allowed, nothing that runs code on load."""
-    torch.serialization.add_safe_globals(list(classes))
-
-
 def _allow_vdiff_configs() -> None:
+    """Checkpoints of modules built in Python keep these config objects in their hyperparameters (the CLI's
+    hold plain dicts): let ``torch.load(weights_only=True)``, vdiff's and Lightning's, build them."""
     from vdiff.diffusion import edm, guidance, masks
     from vdiff.models.autoencoder import AutoencoderConfig
     from vdiff.models.vdt import VDTConfig

@@ -49,6 +49,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vdiff.lit.safe_loading import UnsafeCheckpointError, load_checkpoint
 from vdiff.lit.scaling import is_sharded_checkpoint
 
 TMP_SUFFIX = ".tmp"
@@ -411,9 +412,12 @@ def resume_plan(
 
 
 def checkpoint_position(path: str) -> str:
-    """``"epoch E, step S"`` of a checkpoint (read memory-mapped), or ``""`` when unreadable."""
+    """``"epoch E, step S"`` of a checkpoint (read memory-mapped), or ``""`` when unreadable. A file that
+    would run code when loaded is refused (:class:`~vdiff.lit.safe_loading.UnsafeCheckpointError`)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_checkpoint(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except Exception:  # noqa: BLE001 - only for a status line; Lightning reports real load errors
         return ""
     return f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}"

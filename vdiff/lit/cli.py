@@ -52,6 +52,7 @@ from vdiff.lit.checkpointing import (
     resume_plan,
 )
 from vdiff.lit.progress import StepProgressBar
+from vdiff.lit.safe_loading import UnsafeCheckpointError, refusing_code
 from vdiff.lit.time_budget import TimeBudget
 
 # Exceptions whose message is the whole story when a recipe is being built (not bugs).
@@ -178,13 +179,19 @@ class VdiffLightningCLI(LightningCLI):
             _rank_zero_print(warning)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a checkpoint's hyperparameters into the config: same error handling.
+        # LightningCLI reads a checkpoint's hyperparameters into the config (torch.load, weights_only=True):
+        # same error handling, and a file that would run code is refused in one message naming it.
         from jsonargparse import ArgumentError
 
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         try:
-            super()._parse_ckpt_path()
+            with refusing_code(str(ckpt_path)):
+                super()._parse_ckpt_path()
         except ArgumentError as err:
             raise RecipeError(argument_error_message(str(err))) from err
+        except UnsafeCheckpointError as err:
+            raise RecipeError(str(err)) from err
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `last.ckpt` is always written so that `--ckpt_path last` resumes a crashed run.
@@ -234,6 +241,8 @@ class VdiffLightningCLI(LightningCLI):
         """Turn ``--ckpt_path last`` into a file (or fail) and, for ``fit``, point the logger at the
         checkpoint's version folder, before the trainer is built."""
         sub = self.config_init[self.subcommand]
+        if sub.get("weights_only") is None:  # Lightning would read the file with torch's default: never run its code
+            sub["weights_only"] = True
         ckpt_path = sub.get("ckpt_path")
         if not ckpt_path or ckpt_path in ("best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
             return
@@ -258,6 +267,10 @@ class VdiffLightningCLI(LightningCLI):
             default_root_dir=default_root_dir,
         )
         sub["ckpt_path"] = plan.ckpt_path
+        try:
+            position = checkpoint_position(plan.ckpt_path)  # refuses a file that would run code, before training
+        except UnsafeCheckpointError as err:
+            raise RecipeError(str(err)) from err
         if self.subcommand != "fit":
             return
         if plan.version is not None:
@@ -272,7 +285,6 @@ class VdiffLightningCLI(LightningCLI):
         writes = plan.log_dir or (first.log_dir if first is not None else None)
         if dirpath:
             writes = f"{writes} (checkpoints: {dirpath})" if writes else str(dirpath)
-        position = checkpoint_position(plan.ckpt_path)
         _rank_zero_print(
             f"vdiff fit: resuming from {plan.ckpt_path}{f' ({position})' if position else ''}; "
             f"writing to {writes or default_root_dir}"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +43,8 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+
+from vdiff.lit.safe_loading import load_checkpoint, load_distributed_checkpoint
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -305,16 +306,13 @@ def optimizer_state_by_position(state: dict[str, Any]) -> dict[str, Any]:
     return {"state": {index[name]: value for name, value in by_name.items()}, "param_groups": new_groups}
 
 
-def load_sharded_checkpoint(
-    folder: str | os.PathLike, optimizer: bool = True, scratch_dir: str | os.PathLike | None = None
-) -> dict[str, Any]:
+def load_sharded_checkpoint(folder: str | os.PathLike, optimizer: bool = True) -> dict[str, Any]:
     """A sharded checkpoint folder (Lightning's ``ModelParallelStrategy`` / ``FSDPStrategy`` with sharded
     state, written by torch.distributed.checkpoint) as the dict of a normal single-file checkpoint, on one
-    process: full tensors under ``state_dict`` (read with DCP's ``dcp_to_torch_save`` through a scratch file
-    in ``scratch_dir``), optimizer states in ``torch.optim`` layout under ``optimizer_states`` (left out when
-    ``optimizer`` is False) and everything of ``meta.pt``."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    process: full tensors under ``state_dict``, optimizer states in ``torch.optim`` layout under
+    ``optimizer_states`` (left out when ``optimizer`` is False) and everything of ``meta.pt``. Nothing in the
+    folder runs (:mod:`vdiff.lit.safe_loading`: DCP's index and entries and ``meta.pt`` are read without
+    running code); an :class:`~vdiff.lit.safe_loading.UnsafeCheckpointError` names what was refused."""
     folder = Path(folder)
     if folder.is_file():
         raise ValueError(f"{folder} is already a single checkpoint file (nothing to consolidate)")
@@ -322,15 +320,9 @@ def load_sharded_checkpoint(
         raise FileNotFoundError(
             f"{folder}: not a sharded checkpoint folder (no {DCP_METADATA} file from torch.distributed.checkpoint)"
         )
-    handle, scratch = tempfile.mkstemp(prefix=".consolidate-", suffix=".pt", dir=scratch_dir)
-    os.close(handle)
-    try:
-        dcp_to_torch_save(folder, scratch)
-        tensors = torch.load(scratch, map_location="cpu", weights_only=False)
-    finally:
-        Path(scratch).unlink(missing_ok=True)
+    tensors = load_distributed_checkpoint(folder)
     meta = folder / META_FILE
-    checkpoint: dict[str, Any] = torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else {}
+    checkpoint: dict[str, Any] = load_checkpoint(meta) if meta.is_file() else {}
     optimizers: dict[int, Any] = {}
     # ModelParallelStrategy: state_dict, optimizer_0, ...; FSDPStrategy (and Fabric): model, optimizer_0, ...
     model_key = next((k for k in ("state_dict", "model") if k in tensors), None)
