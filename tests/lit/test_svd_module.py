@@ -126,8 +126,12 @@ def test_parameter_groups_follow_the_recipe():
 
 
 def test_channels_and_context_width_are_checked():
+    from vdiff.models.autoencoder import IdentityAutoencoder
+
+    # A given autoencoder is checked at once (without one, when the network is built or a checkpoint restored its
+    # autoencoder: tests/test_lean_checkpoints.py).
     with pytest.raises(ValueError, match="in_channels=6"):
-        SVDModule(net=NET.replace(in_channels=8), image_encoder=CLIPImageEmbedder("tiny"))
+        SVDModule(net=NET.replace(in_channels=8), image_encoder=CLIPImageEmbedder("tiny"), autoencoder=IdentityAutoencoder())
     with pytest.raises(ValueError, match="24-d embeddings"):
         SVDModule(net=NET.replace(context_dim=32), image_encoder=CLIPImageEmbedder("tiny"))
 
