@@ -62,11 +62,8 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike, optimizer: bo
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
-        raise SystemExit(f"vdiff consolidate: {args.out} exists (use --overwrite to replace it)")
-    try:
-        checkpoint = consolidate(args.checkpoint, args.out, optimizer=not args.no_optimizer)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"vdiff consolidate: {err}") from err
+        raise FileExistsError(f"{args.out} exists (use --overwrite to replace it)")
+    checkpoint = consolidate(args.checkpoint, args.out, optimizer=not args.no_optimizer)
     state = checkpoint["state_dict"]
     numel = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
     where = (

@@ -127,3 +127,54 @@ def test_cli_arguments(tmp_path):
     args = parser.parse_args([str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--clip-frames", "10", "--no-curation"])
     assert folder.run(args) == 0
     assert Manifest.load(tmp_path / "out").num_samples == 2
+
+
+def test_a_folder_without_inputs_is_an_error(tmp_path):
+    (tmp_path / "src" / "notes").mkdir(parents=True)
+    (tmp_path / "src" / "notes" / "readme.txt").write_text("no video here")
+    with pytest.raises(FileNotFoundError, match=r"src holds no video file \(.mp4 .* and no folder of images"):
+        build_folder_shards(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no manifest of 0 clips
+
+
+def test_assign_splits_by_input():
+    videos = [f"drive/{i:02d}.mp4" for i in range(20)]
+    split = folder.assign_splits(videos, 0.25, seed=0)
+    assert len(split["val"]) == 5 and len(split["train"]) == 15  # round(0.25 * 20)
+    assert set(split["train"]).isdisjoint(split["val"]) and set(split["train"]) | set(split["val"]) == set(videos)
+    assert folder.assign_splits(videos[::-1], 0.25, seed=0) == split  # the order does not matter, the seed does
+    assert len({tuple(folder.assign_splits(videos, 0.25, seed=s)["val"]) for s in range(5)}) > 1
+    assert len(folder.assign_splits(videos, 0.001)["val"]) == 1 and len(folder.assign_splits(videos, 0.999)["train"]) == 1
+    # an earlier split is kept; the new inputs bring val to round(0.25 * 24) = 6
+    more = folder.assign_splits([*videos, "new/a.mp4", "new/b.mp4", "new/c.mp4", "new/d.mp4"], 0.25, 0, recorded=split)
+    assert set(split["val"]) <= set(more["val"]) and set(split["train"]) <= set(more["train"]) and len(more["val"]) == 6
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="val_fraction must be between 0 and 1"):
+            folder.assign_splits(videos, bad)
+    with pytest.raises(ValueError, match="at least 2 inputs"):
+        folder.assign_splits(videos[:1], 0.5)
+
+
+def test_val_fraction_holds_out_whole_videos(tmp_path):
+    from vdiff.cli import main
+
+    for i in range(4):
+        write(tmp_path / "src" / f"v{i}.mp4", moving_video(20 + i, 12))
+    args = ["data", "shards", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--clip-frames", "4",
+            "--no-curation", "--val-fraction", "0.5", "--split-seed", "3"]  # fmt: skip
+    assert main(args) == 0
+    inputs = {split: {m.extra["input"] for _, m in read_shard_set(tmp_path / "out" / split).values()}
+              for split in ("train", "val")}  # fmt: skip
+    assert len(inputs["train"]) == len(inputs["val"]) == 2 and inputs["train"].isdisjoint(inputs["val"])
+    for split in ("train", "val"):  # every clip of a video is in its video's split: 3 clips of 4 frames each
+        assert Manifest.load(tmp_path / "out" / split).num_samples == 6
+    recorded = json.loads((tmp_path / "out" / folder.SPLIT_NAME).read_text())
+    assert {k: set(recorded[k]) for k in ("train", "val")} == inputs and recorded["seed"] == 3
+    assert recorded == {**folder.assign_splits([f"v{i}.mp4" for i in range(4)], 0.5, 3), "val_fraction": 0.5, "seed": 3}
+    with pytest.raises(ValueError, match=r"was split with --val-fraction 0.5 --split-seed 3"):
+        main([*args[:-1], "4"])
+    write(tmp_path / "src" / "v4.mp4", moving_video(30, 12))  # a rerun keeps the split and places the new video
+    assert main(args) == 0
+    again = json.loads((tmp_path / "out" / folder.SPLIT_NAME).read_text())
+    assert set(recorded["val"]) <= set(again["val"]) and set(recorded["train"]) <= set(again["train"])
+    assert len(again["train"]) + len(again["val"]) == 5

@@ -30,7 +30,6 @@ that looks like a bug keeps its exception and traceback. ``vdiff`` prints the me
 
 from __future__ import annotations
 
-import linecache
 import logging
 import os
 import re
@@ -43,6 +42,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from vdiff.data.datamodule import DataPathError
+from vdiff.errors import error_message, is_user_error, root_cause
 from vdiff.lit.checkpointing import (
     AtomicCheckpointIO,
     AtomicModelCheckpoint,
@@ -55,26 +56,12 @@ from vdiff.lit.progress import StepProgressBar
 from vdiff.lit.safe_loading import UnsafeCheckpointError, refusing_code
 from vdiff.lit.time_budget import TimeBudget
 
-# Exceptions whose message is the whole story when a recipe is being built (not bugs).
-MESSAGE_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, LookupError, ImportError, OSError)
-
 
 class RecipeError(ValueError):
     """A mistake in the recipe or on the command line, found while parsing it or building its objects
-    (an unknown key, a bad value, a missing weights file, nothing to resume): ``str()`` is the one
-    message a user needs; ``__cause__`` holds the original exception and its traceback."""
-
-
-def _raised_by_raise_statement(err: BaseException) -> bool:
-    """Whether ``err`` comes from an explicit ``raise`` (a checked error), not from a failing call or
-    attribute access inside code (a bug)."""
-    tb = err.__traceback__
-    if tb is None:
-        return True
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
-    return line.startswith("raise")
+    (an unknown key, a bad value, a missing weights file, nothing to resume, a data folder without
+    shards): ``str()`` is the one message a user needs; ``__cause__`` holds the original exception and
+    its traceback."""
 
 
 def user_error(err: BaseException) -> BaseException | None:
@@ -82,25 +69,25 @@ def user_error(err: BaseException) -> BaseException | None:
 
     jsonargparse wraps errors raised while instantiating classes in several ``ValueError``s
     ("Does not validate against any of the Union subtypes"); the innermost cause is the real one.
-    It is shown as a message when it is an OSError (a missing file...), a ``ResumeError``, a
-    Lightning ``MisconfigurationException``, or a ValueError / TypeError / LookupError / ImportError
-    raised by an explicit ``raise`` (a checked argument, e.g. ``ConversionError``).
+    It is shown as a message when it is a user error by :func:`vdiff.errors.is_user_error` with
+    ``library_checks`` (the libraries check the recipe's values: a ValueError / TypeError / LookupError /
+    ImportError raised by an explicit ``raise`` in any code, e.g. ``ConversionError``; an OSError such as a
+    missing file or a ``ResumeError``) or a Lightning ``MisconfigurationException``.
     """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    root = err
-    seen = {id(root)}
-    while True:
-        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
-        if nxt is None or id(nxt) in seen:
-            break
-        seen.add(id(nxt))
-        root = nxt
-    if isinstance(root, (OSError, ResumeError, MisconfigurationException)):
-        return root
-    if isinstance(root, MESSAGE_ERRORS) and _raised_by_raise_statement(root):
+    root = root_cause(err)
+    if isinstance(root, MisconfigurationException) or is_user_error(root, library_checks=True):
         return root
     return None
+
+
+def recipe_message(err: BaseException) -> str:
+    """The one-line message of a user error found while building or running a recipe; a data path is named
+    by its recipe key (``data.init_args.train: ...``)."""
+    if isinstance(err, DataPathError):
+        return f"data.init_args.{err.argument}: {err.detail}"
+    return error_message(err)
 
 
 _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$')
@@ -201,15 +188,27 @@ class VdiffLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+        except DataPathError as err:  # from check_data: named by its recipe key
+            raise RecipeError(recipe_message(err)) from err
         except Exception as err:
             cause = user_error(err)
             if cause is None:
                 raise
-            raise RecipeError(str(cause) or type(cause).__name__) from err
+            raise RecipeError(recipe_message(cause)) from err
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A data module that checks its paths only in setup (not in check_data): still one message.
+        try:
+            super()._run_subcommand(subcommand)
+        except DataPathError as err:
+            raise RecipeError(recipe_message(err)) from err
 
     # ------------------------------------------------------------------ trainer
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        check_data = getattr(self.datamodule, "check_data", None)
+        if self.subcommand is not None and callable(check_data):
+            check_data(self.subcommand)  # a missing or empty data folder fails before the trainer starts
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks")
         callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
