@@ -18,6 +18,7 @@ counts generated elements only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 # generated elements), "vb" (scalar, variational-bound term; 0 where the process has none),
 # "noise_level" (B,) (DDPM timestep or EDM sigma) and "denoised" (B, T, C, H, W) (the x0 estimate).
 LOSS_KEYS: tuple[str, ...] = ("loss", "loss_per_clip", "mse", "vb", "noise_level", "denoised")
+EXTRA_LOSS = "loss_extra"  # the sum of the added terms (add_loss_terms)
 
 
 class Denoiser(Protocol):
@@ -81,3 +83,31 @@ def check_sampler_inputs(noise: Tensor, given: Tensor | None, given_mask: Tensor
         if given_mask.dtype != torch.bool:
             raise TypeError(f"{where}: given_mask must be bool (true = given), got {given_mask.dtype}")
         torch.broadcast_shapes(given_mask.shape, noise.shape)
+
+
+def add_loss_terms(losses: Mapping[str, Tensor], terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A process's loss dict (:data:`LOSS_KEYS`) with extra terms added; returns a new dict.
+
+    terms: ``{name: per-clip (B,) tensor}`` (a scalar counts for every clip). Each adds ``loss_<name>`` (its
+    mean) and ``loss_<name>_per_clip``; their sum is ``loss_extra`` / ``loss_extra_per_clip``, added to ``loss``
+    (``loss + loss_extra``) and ``loss_per_clip``. The other keys are unchanged. No terms: ``losses`` as given.
+    """
+    out = dict(losses)
+    if not terms:
+        return out
+    clips = losses["loss_per_clip"].shape[0]
+    total: Tensor | None = None
+    for name, term in terms.items():
+        key = f"loss_{name}"
+        if key in losses or key == EXTRA_LOSS:
+            raise ValueError(f"extra loss term {name!r}: {key!r} is already a loss key; name the term otherwise")
+        if term.ndim == 0:
+            term = term.expand(clips)
+        if tuple(term.shape) != (clips,):
+            raise ValueError(f"extra loss term {name!r} must be per clip, ({clips},) or a scalar, got {tuple(term.shape)}")
+        out[key], out[f"{key}_per_clip"] = term.mean(), term
+        total = term if total is None else total + term
+    out[EXTRA_LOSS], out[f"{EXTRA_LOSS}_per_clip"] = total.mean(), total
+    out["loss"] = losses["loss"] + out[EXTRA_LOSS]
+    out["loss_per_clip"] = losses["loss_per_clip"] + total
+    return out

@@ -442,7 +442,8 @@ class GaussianDiffusion:
         scalars "loss" = "mse" + "vb": "mse" against the prediction type's target; "vb" is improved
         DDPM's variational bound term with the mean stop-gradiented (it trains the variance only),
         times ``vb_weight``; 0 without ``learn_sigma``. "loss_per_clip" ``(B,)``, "noise_level" the
-        timesteps ``(B,)`` and "denoised" the (detached) x0 estimate ``(B, T, C, H, W)``.
+        timesteps ``(B,)`` and "denoised" the x0 estimate ``(B, T, C, H, W)`` from the prediction, with its
+        gradient (for loss terms a module adds on it; the variance output does not enter it).
         """
         if x0.ndim != 5:
             raise ValueError(f"training_losses: x0 must be (B, T, C, H, W), got {tuple(x0.shape)}")
@@ -477,7 +478,7 @@ class GaussianDiffusion:
         denom = weights.sum().clamp_min(1.0)
         mse_mean = (mse * weights).sum() / denom
         vb_mean = (vb * weights).sum() / denom
-        denoised = replace_given(self.predict_x0(prediction.detach(), x_t, t), x0, given_mask)
+        denoised = replace_given(self.predict_x0(prediction, x_t, t), x0, given_mask)
         return {
             "loss": mse_mean + vb_mean,
             "loss_per_clip": mse + vb,

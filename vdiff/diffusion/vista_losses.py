@@ -44,11 +44,11 @@ import functools
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import masked_mean, replace_given
+from vdiff.diffusion.common import EXTRA_LOSS, add_loss_terms, masked_mean, replace_given
 
 LOSS_DYNAMICS = "loss_dynamics"
 LOSS_STRUCTURE = "loss_structure"
-LOSS_EXTRA = "loss_extra"
+LOSS_EXTRA = EXTRA_LOSS
 VISTA_LOSS_KEYS: tuple[str, ...] = (
     LOSS_DYNAMICS,
     f"{LOSS_DYNAMICS}_per_clip",
@@ -171,9 +171,12 @@ def vista_losses(
 def add_losses(losses: dict[str, Tensor], extra: dict[str, Tensor]) -> dict[str, Tensor]:
     """A process's loss dict (:data:`~vdiff.diffusion.common.LOSS_KEYS`) with :func:`vista_losses`' ``extra`` added:
     ``loss`` and ``loss_per_clip`` include ``loss_extra``; ``extra``'s entries are merged in (for logging). The
-    other keys (``mse``, ``vb``, ``noise_level``, ``denoised``) are unchanged. Returns a new dict."""
-    out = dict(losses)
-    out["loss"] = losses["loss"] + extra[LOSS_EXTRA]
-    out["loss_per_clip"] = losses["loss_per_clip"] + extra[f"{LOSS_EXTRA}_per_clip"]
-    out.update({key: value for key, value in extra.items() if key in VISTA_LOSS_KEYS})
-    return out
+    other keys (``mse``, ``vb``, ``noise_level``, ``denoised``) are unchanged. Returns a new dict
+    (:func:`~vdiff.diffusion.common.add_loss_terms` of the two per-clip terms)."""
+    return add_loss_terms(losses, vista_loss_terms(extra))
+
+
+def vista_loss_terms(extra: dict[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`vista_losses`' output as per-clip loss terms ``{"dynamics": (B,), "structure": (B,)}`` (what
+    :func:`~vdiff.diffusion.common.add_loss_terms` and ``extra_loss_terms`` take)."""
+    return {"dynamics": extra[f"{LOSS_DYNAMICS}_per_clip"], "structure": extra[f"{LOSS_STRUCTURE}_per_clip"]}

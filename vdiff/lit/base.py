@@ -17,7 +17,8 @@ only says how its network is built, what conditions it and how a training clip i
   instead of being stored, and reloaded (and checked) on load.
 
 Subclasses implement :meth:`build_network` and, where they differ, :meth:`conditioning`,
-:meth:`training_given_mask` and :meth:`compute_loss`. The protocol callbacks rely on:
+:meth:`training_given_mask` and :meth:`compute_loss`; a loss term of one's own needs no copy of the
+loss: :meth:`extra_loss_terms` gets the step's tensors (:class:`TrainingStep`). The protocol callbacks rely on:
 ``generate(batch, **options) -> Generated``, ``ema_parameters()`` / ``ema_named_parameters()``,
 ``evaluate_protocol_batch(batch, batch_idx)``, ``evaluation``, ``sampler``, and the checkpoint
 entries ``vdiff_module`` (class path), ``vdiff_clip`` (clip length and size trained on) and
@@ -38,6 +39,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from vdiff.data import batch as B
+from vdiff.diffusion.common import add_loss_terms
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.edm import EDMDiffusion
 from vdiff.diffusion.guidance import Guidance
@@ -82,6 +84,37 @@ class Generated:
     video: Tensor
     given_frames: Tensor
     target: Tensor | None = None
+
+
+@dataclass
+class TrainingStep:
+    """One training batch as the loss sees it (:meth:`VideoDiffusionModule.loss_step`), for
+    :meth:`VideoDiffusionModule.extra_loss_terms`.
+
+    batch:      the batch as the data module gave it.
+    x0:         ``(B, T, c, h, w)`` the clean (scaled) latents, what the process noised.
+    cond:       the training conditioning tensors the network saw (after condition dropout).
+    given_mask: bool ``(B, T, 1, h, w)`` (true = given: clean, left out of the loss), or None.
+    losses:     the process's :data:`~vdiff.diffusion.common.LOSS_KEYS`; ``noise_level`` and ``denoised``
+                below are two of them.
+    """
+
+    batch: dict[str, Any]
+    x0: Tensor
+    cond: dict[str, Tensor]
+    given_mask: Tensor | None
+    losses: dict[str, Tensor]
+
+    @property
+    def noise_level(self) -> Tensor:
+        """``(B,)``: the DDPM timestep or EDM sigma of each clip."""
+        return self.losses["noise_level"]
+
+    @property
+    def denoised(self) -> Tensor:
+        """``(B, T, c, h, w)``: the x0 estimate (from the network's output, with its gradient), given content
+        pasted in."""
+        return self.losses["denoised"]
 
 
 def given_frames_of(given_mask: Tensor) -> Tensor:
@@ -239,12 +272,27 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         batch of latents ``(B, T, c, h, w)``, or None (everything generated). Families override."""
         return None
 
-    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The diffusion loss of a batch: the process's :data:`~vdiff.diffusion.common.LOSS_KEYS`."""
+    def loss_step(self, batch: dict[str, Any]) -> TrainingStep:
+        """The process's losses of a batch with what they were computed from: the latents, the given mask
+        (:meth:`training_given_mask`, drawn first) and the conditioning (:meth:`training_conditioning`)."""
         x0 = self.batch_latents(batch)  # (B, T, c, h, w)
-        return self.diffusion.training_losses(
-            self.net, x0, self.training_conditioning(batch), self.training_given_mask(x0)
-        )
+        given_mask = self.training_given_mask(x0)
+        cond = self.training_conditioning(batch)
+        losses = self.diffusion.training_losses(self.net, x0, cond, given_mask)
+        return TrainingStep(batch=batch, x0=x0, cond=cond, given_mask=given_mask, losses=losses)
+
+    def extra_loss_terms(self, step: TrainingStep) -> dict[str, Tensor]:
+        """Loss terms to add to the process's loss: ``{name: per-clip (B,) tensor or scalar}``, each logged as
+        ``train/loss_<name>``, their sum as ``train/loss_extra`` (:func:`~vdiff.diffusion.common.add_loss_terms`).
+        None by default; override to add a term from ``step.x0``, ``step.denoised``, ``step.given_mask``,
+        ``step.noise_level`` ... (Vista adds its dynamics and structure losses here)."""
+        return {}
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The loss of a batch: the process's :data:`~vdiff.diffusion.common.LOSS_KEYS` (:meth:`loss_step`) with
+        :meth:`extra_loss_terms` added."""
+        step = self.loss_step(batch)
+        return add_loss_terms(step.losses, self.extra_loss_terms(step))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.compute_loss(batch)

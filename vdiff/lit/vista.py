@@ -35,7 +35,8 @@ from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
 from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG
 from vdiff.diffusion.masks import MaskMixture, MaskSpec
 from vdiff.diffusion.sampling import SamplerConfig
-from vdiff.diffusion.vista_losses import add_losses, vista_losses
+from vdiff.diffusion.vista_losses import vista_loss_terms, vista_losses
+from vdiff.lit.base import TrainingStep
 from vdiff.lit.evaluation import EvalProtocol
 from vdiff.lit.svd import SVDConditioning, SVDModule
 from vdiff.models.actions import VISTA_CFG_DROP, ActionEncoder
@@ -188,13 +189,10 @@ class VistaModule(SVDModule):
         given_mask, _ = self.prior.sample(b, t, h, w, device=latents.device)
         return given_mask
 
-    def compute_loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        x0 = self.batch_latents(batch)  # (B, T, c, h, w)
-        given_mask = self.training_given_mask(x0)
-        out = self.diffusion.training_losses(self.net, x0, self.training_conditioning(batch), given_mask)
-        extra = vista_losses(out["denoised"], x0, given_mask, self.diffusion.weight(out["noise_level"]),
-                             **self.extra_losses)
-        return add_losses(out, extra)
+    def extra_loss_terms(self, step: TrainingStep) -> dict[str, Tensor]:
+        """Vista's dynamics and structure losses on the x0 estimate, per clip, weighted like the denoising loss."""
+        weight = self.diffusion.weight(step.noise_level)  # (B,)
+        return vista_loss_terms(vista_losses(step.denoised, step.x0, step.given_mask, weight, **self.extra_losses))
 
     # ---------------------------------------------------------------- long rollouts
 
