@@ -16,7 +16,7 @@ from tests.lit.helpers import quiet_trainer, tiny_synthetic_data
 from vdiff.cli import main
 from vdiff.data.video_io import decode_all, probe
 from vdiff.models.unet_svd import UNetSVDConfig
-from vdiff.sample import check_size, parse_size
+from vdiff.sample import check_size
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "svd_tiny.yaml"
 
@@ -127,13 +127,6 @@ def test_the_rule_for_svd_latent_models():
         "vdiff sample: size 1000x576 (WxH) is not divisible by 64: frame sides must be multiples of the "
         "autoencoder's spatial downsampling (8) times the UNet's total downsampling (8) = 64"
     )
-
-
-def test_size_notation():
-    assert parse_size(["1024x576"]) == (576, 1024)
-    assert parse_size(["32"]) == (32, 32) and parse_size(["32", "48"]) == (32, 48) and parse_size(None) is None
-    with pytest.raises(ValueError, match=r"--size '10xa' is not WxH"):
-        parse_size(["10xa"])
 
 
 @pytest.mark.parametrize("paste", [False, True])

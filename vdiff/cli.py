@@ -73,6 +73,63 @@ A mistake (a missing file, a bad option or recipe value) prints one line, `vdiff
 """
 
 
+def _rows(rows: Sequence[tuple[str, str]], width: int = 40) -> str:
+    return "\n".join(f"  {left:<{width}} {right}" if len(left) <= width else f"  {left}\n  {'':<{width}} {right}"
+                     for left, right in rows)  # fmt: skip
+
+
+COMMON = "Common options (every recipe key can be set on the command line as --section.key VALUE):"
+FIT_HELP = f"""vdiff fit: train the model a recipe describes (recipes/*.yaml).
+
+usage: vdiff fit -c RECIPE [-c MORE.yaml ...] [--KEY VALUE ...]
+
+{COMMON}
+{_rows([
+    ("-c, --config FILE", "a recipe; later -c files and --KEY VALUE options override it"),
+    ("--print_config", "print the resolved recipe and exit (nothing is trained)"),
+    ("--ckpt_path last|FILE", "resume the newest run of the recipe (last), or from a checkpoint"),
+    ("--trainer.max_steps N", "training steps"),
+    ("--trainer.max_time DD:HH:MM:SS", "stop training after this long (null: no time limit)"),
+    ("--trainer.accelerator gpu|cpu", "and --trainer.devices N, --trainer.precision bf16-mixed"),
+    ("--trainer.logger.init_args.save_dir DIR", "where runs, logs and checkpoints go"),
+    ("--data.init_args.train SHARDS", "training shards, e.g. a folder `vdiff data shards` wrote"),
+    ("--data.init_args.batch_size N", "clips per batch and device"),
+    ("--model.init_args.KEY VALUE", "an argument of the recipe's model (--model.help CLASS lists them)"),
+])}
+
+Recipes:
+{_rows([
+    ("vdiff fit -c recipes/quickstart.yaml", "a small VDT on synthetic driving clips (CPU)"),
+    ("... --trainer.max_steps 200", "the same, shorter"),
+    ("... --ckpt_path last", "resume it after a crash"),
+    ("... --print_config > my.yaml", "start a recipe of your own"),
+    ("vdiff fit -c recipes/vdt_cityscapes.yaml -c recipes/strategy/ddp.yaml", "on several GPUs"),
+])}
+"""
+LIGHTNING_HELP: dict[str, str] = {"fit": FIT_HELP}
+for _command, _split in (("validate", "val"), ("test", "test"), ("predict", "predict")):
+    LIGHTNING_HELP[_command] = f"""vdiff {_command}: run a checkpoint on the {_split} data of a recipe.
+
+usage: vdiff {_command} -c RECIPE --ckpt_path FILE|last [--KEY VALUE ...]
+
+{COMMON}
+{_rows([
+    ("-c, --config FILE", "the recipe the checkpoint was trained with"),
+    ("--ckpt_path FILE|last", "the checkpoint (last: the newest run of the recipe)"),
+    (f"--data.init_args.{_split} SHARDS", "the shards to read"),
+    (f"--trainer.limit_{_split}_batches N", "only the first N batches"),
+    ("--print_config", "print the resolved recipe and exit"),
+])}
+"""
+
+
+def _print_lightning_help(command: str) -> None:
+    """``vdiff fit --help``: what a user looks for first, printed before Lightning is imported (seconds: it imports
+    torchmetrics, which imports torchvision and transformers); jsonargparse's full list of options follows."""
+    print(LIGHTNING_HELP[command], flush=True)
+    print("All options (loading Lightning...)\n", flush=True)
+
+
 def _run_tool(module_path: str, prog: str, description: str, argv: Sequence[str], catch: bool) -> int:
     """Parse ``argv`` with the tool's arguments and run it. With ``catch`` (from the shell, no debug switch) a
     user error (:func:`vdiff.errors.is_user_error`) is one line on stderr and exit status 2; anything else, and
@@ -173,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vdiff: unknown command {command!r}\n\n{OVERVIEW}", file=sys.stderr)
         return 2
     env_debug, argv = _debug_requested(argv)
+    if command in LIGHTNING_HELP and any(a in ("-h", "--help") for a in argv[1:]):
+        _print_lightning_help(command)
     return _run_lightning(command, argv, from_command_line, debug or env_debug)
 
 

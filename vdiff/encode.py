@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vdiff.data.frame_size import add_size_argument
 from vdiff.data.schema import (
     IMAGE_EMBED_INFO_KEY,
     MANIFEST_NAME,
@@ -503,13 +504,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--clip-stride", type=int, default=None, help="frames between clip starts (default --clip-frames)"
     )
-    parser.add_argument(
-        "--size",
-        type=int,
-        nargs="+",
-        default=None,
-        help="output size H [W]: scale to cover, center-crop (default: native size)",
-    )
+    add_size_argument(parser, None, "output frame size, scaled to cover and center-cropped (default: native size)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips per autoencoder call (default 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
@@ -539,11 +534,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vdiff encode``."""
-    size = None
-    if args.size:
-        if len(args.size) > 2:
-            raise ValueError(f"--size takes H or H W, got {args.size}")
-        size = (args.size[0], args.size[-1])
+    size = args.size  # (H, W) or None (vdiff.data.frame_size)
     if args.image_encoder is None and (args.image_encoder_layout != "auto" or args.image_encoder_config is not None):
         raise ValueError("vdiff encode: --image-encoder-layout / --image-encoder-config need --image-encoder")
     # a missing autoencoder and a missing image encoder file are named together (gather_missing_files)

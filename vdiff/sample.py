@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vdiff.data.frame_size import add_size_argument
 from vdiff.data.names import safe_name, unique_names
 from vdiff.data.schema import META_EXT, VIDEO_EXT, VideoMeta
 from vdiff.data.transforms import normalize_video
@@ -128,25 +129,6 @@ def write_grid(path: Path, videos: Tensor, given_frames: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 # Image to video (SVD conditioning)
 # ----------------------------------------------------------------------------------------------
-
-
-def parse_size(tokens: list[str] | None) -> tuple[int, int] | None:
-    """``--size`` as ``(H, W)``: one ``WxH`` token (image notation, e.g. ``1024x576``), or ``H`` / ``H W``."""
-    if not tokens:
-        return None
-    if len(tokens) == 1 and "x" in tokens[0].lower():
-        width, _, height = tokens[0].lower().partition("x")
-        try:
-            return int(height), int(width)
-        except ValueError:
-            raise ValueError(f"vdiff sample: --size {tokens[0]!r} is not WxH (e.g. 1024x576)") from None
-    try:
-        values = [int(v) for v in tokens]
-    except ValueError:
-        raise ValueError(f"vdiff sample: --size takes WxH (e.g. 1024x576) or H [W], got {' '.join(tokens)!r}") from None
-    if len(values) > 2:
-        raise ValueError(f"vdiff sample: --size takes WxH or H [W], got {' '.join(tokens)!r}")
-    return values[0], values[-1]
 
 
 def size_multiple(module: Any) -> tuple[int, int]:
@@ -633,9 +615,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="clip length per sampling window (default: the training clip length)",
     )
     parser.add_argument("--total-frames", type=int, default=None, help="roll out autoregressively to this many frames")
-    parser.add_argument(
-        "--size", nargs="+", default=None, help="frame size: WxH (e.g. 1024x576) or H [W] (default: the training size)"
-    )
+    add_size_argument(parser, None, "frame size (default: the training size)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's sampler steps)")
     parser.add_argument(
         "--sampler", default=None, help="ddim or ancestral (DDPM), euler or heun (EDM) (default: the model's)"
@@ -705,7 +685,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("vdiff sample: --frame N needs --input VIDEO (the video to take frame N from)")
     if not image_mode and args.input is None:
         raise ValueError("vdiff sample: give --input (a video or shards), --image FILE, or --input VIDEO --frame N")
-    size = parse_size(args.size)
+    size = args.size  # (H, W) or None (vdiff.data.frame_size)
     checkpoint = load_checkpoint(ckpt_path, mmap=True)  # metadata only; refuses files that would run code
     trained_frames = _training_setting(checkpoint, "num_frames")
     trained_size = _training_setting(checkpoint, "size")

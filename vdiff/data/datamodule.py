@@ -53,6 +53,7 @@ from vdiff.data import batch as B
 from vdiff.data import sampling
 from vdiff.data.clips import BAD_JSON, MISSING_JSON, MISSING_VIDEO, TOO_SMALL, ClipSpec
 from vdiff.data.eval_stream import EvalClipStream
+from vdiff.data.frame_size import frame_size
 from vdiff.data.loader import VideoLoader
 from vdiff.data.shards import NoShardsError, count_samples, expand_shard_spec, manifest_sample_counts
 from vdiff.data.skips import SkipCounter
@@ -227,9 +228,10 @@ class VideoDataModule(LightningDataModule):
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
         if target_fps is not None and not target_fps > 0:
             raise ValueError(f"target_fps must be positive, got {target_fps}")
-        out_hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
-        if len(out_hw) != 2 or min(out_hw) < 1:
-            raise ValueError(f"size must be a positive int or (H, W), got {size!r}")
+        try:
+            out_hw = frame_size(size)  # the meaning of every tool's --size (vdiff.data.frame_size)
+        except ValueError:
+            raise ValueError(f"size must be a positive int (a square) or (H, W), got {size!r}") from None
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         if isinstance(num_workers, str):

@@ -90,6 +90,7 @@ from typing import Any
 
 import numpy as np
 
+from vdiff.data.frame_size import add_size_argument
 from vdiff.data.schema import COMMANDS, MANIFEST_NAME, TRAJECTORY_STEP_S, Manifest, VideoMeta
 
 RENDERER_VERSION = 1  # bump whenever the same seed would render different frames or actions
@@ -950,7 +951,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder; shards go to OUT/train (and OUT/val)")
     parser.add_argument("--num-videos", type=int, default=256, help="training videos (default 256)")
     parser.add_argument("--frames", type=int, default=24, help="frames per video (default 24)")
-    parser.add_argument("--size", type=int, default=64, help="frame width = height in pixels, even (default 64)")
+    add_size_argument(parser, 64, "frame size, a square with an even side (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="video i uses seed (SEED, i) (default 0)")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate (default 10)")
     parser.add_argument("--shard-size", type=int, default=64, help="videos per shard (default 64)")
@@ -963,6 +964,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vdiff data synth``: write (or reuse) the shard sets and print a short summary."""
+    height, width = args.size
+    if height != width:
+        raise ValueError(f"vdiff data synth renders square frames: give one number, --size N (got {height} {width})")
+    args.size = height
     start = time.perf_counter()
     kwargs = dict(fps=args.fps, max_count=args.shard_size, crf=args.crf, workers=args.workers, progress=True)
     out = Path(args.out)

@@ -37,6 +37,7 @@ import sys
 from typing import Any
 
 import lightning as L
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ProgressBar, Timer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import Logger
@@ -88,6 +89,39 @@ def recipe_message(err: BaseException) -> str:
     if isinstance(err, DataPathError):
         return f"data.init_args.{err.argument}: {err.detail}"
     return error_message(err)
+
+
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`<]*?)\s*(?:<([^>`]*)>)?`")  # :class:`~a.B`, :ref:`text <x>`
+_LITERAL = re.compile(r"``(.+?)``")
+_DIRECTIVE = re.compile(r"\.\. (\w+)::\s*")
+
+
+def plain_text(text: str) -> str:
+    """Docstring text without Sphinx markup, for ``--help``: ``:class:`~a.b.C``` -> ``C`` (``a.b.C`` without the
+    ``~``), ``:ref:`text <target>``` -> ``text``, double backquotes dropped, ``.. warning::`` -> ``Warning:``."""
+
+    def role(match: re.Match) -> str:
+        short, title, target = match.groups()
+        if target is not None:
+            return title or target
+        return title.rsplit(".", 1)[-1] if short else title
+
+    text = _LITERAL.sub(r"\1", _ROLE.sub(role, text))
+    return _DIRECTIVE.sub(lambda m: f"{m.group(1).capitalize()}: ", text)
+
+
+class VdiffHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter over :func:`plain_text`: the help of recipe options comes from docstrings
+    (Lightning's and vdiff's), written for Sphinx."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return super()._split_lines(plain_text(text), width)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return super()._fill_text(plain_text(text), width, indent)
+
+    def start_section(self, heading: str | None) -> None:  # a group's title: its class docstring's first line
+        super().start_section(None if heading is None else plain_text(heading))
 
 
 _PARSER_KEY = re.compile(r'^Parser key "(?P<key>[^"]+)":\s*(?P<rest>.*)$')
@@ -151,7 +185,14 @@ class VdiffLightningCLI(LightningCLI):
     def init_parser(self, **kwargs: Any):
         # Raise parse errors (vdiff.cli prints them as one message) instead of printing the usage.
         kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("formatter_class", VdiffHelpFormatter)  # --help without Sphinx markup
         return super().init_parser(**kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        # one line instead of argparse's 60 lines of [--option VALUE]; `vdiff fit --help` prints the common options
+        parser.usage = f"vdiff {subcommand} -c RECIPE [--KEY VALUE ...]"
+        return parser
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         from jsonargparse import ArgumentError

@@ -35,6 +35,7 @@ import numpy as np
 
 from vdiff.data.convert import DatasetReport, parallel_map
 from vdiff.data.convert.frames import RESIZE_MODES, read_image, resize_image
+from vdiff.data.frame_size import add_size_argument
 from vdiff.data.schema import FLOAT32_MAX, SchemaError, VideoMeta, is_finite_number, parse_json
 from vdiff.data.shards import ShardWriter
 from vdiff.data.video_io import DEFAULT_CRF, encode_video
@@ -181,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("root", help="Cityscapes root holding leftImg8bit_sequence/ (and vehicle_sequence/)")
     parser.add_argument("--out", required=True, help="output folder; shards go to OUT/<split>/")
     parser.add_argument("--split", choices=CITYSCAPES_SPLITS, nargs="+", default=["train", "val"], help="splits (default train val)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[128, 128], help="output frame size (default 128 128)")
+    add_size_argument(parser, 128, "output frame size (default 128)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="squash", help="squash (benchmark protocol) or centre crop (default squash)")
     parser.add_argument("--clip-frames", type=int, default=SNIPPET_FRAMES, help="frames per clip (default 30)")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")

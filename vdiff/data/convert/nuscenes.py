@@ -61,6 +61,7 @@ from vdiff.data.convert.ego import (
 )
 from vdiff.data.convert.frames import RESIZE_MODES, crop_box, read_image, resize_image
 from vdiff.data.convert.nuscenes_splits import default_splits, scenes_in_split
+from vdiff.data.frame_size import add_size_argument
 from vdiff.data.schema import SchemaError, VideoMeta, parse_json
 from vdiff.data.shards import ShardWriter
 from vdiff.data.video_io import DEFAULT_CRF, encode_video
@@ -369,7 +370,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", default="v1.0-trainval", help="table folder (v1.0-trainval, v1.0-mini, v1.0-test)")
     parser.add_argument("--out", required=True, help="output folder; shards go to OUT/<split>/")
     parser.add_argument("--split", nargs="+", default=None, help="official splits to write (default: those of the version)")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="output frame size (default: source, 900x1600)")
+    add_size_argument(parser, None, "output frame size (default: the source's, 900 1600)")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="squash", help="squash or centre crop to --size (default squash)")
     parser.add_argument("--fps", type=float, default=NUSCENES_FPS, help="output frame rate (default 10, as Vista)")
     parser.add_argument("--clip-frames", type=int, default=None, help="cut scenes into clips of this many frames (default: one sample per scene)")
