@@ -14,6 +14,11 @@ saved atomically); a rerun skips finished inputs, deletes shard files of an inte
 continues. Changing an option that changes the clips makes the rerun refuse (use a new ``--out``).
 An unreadable input is reported and skipped, never fatal; it is retried on the next run.
 
+A held-out split (``--val-fraction F``, ``--split-seed``): whole input videos go to ``DIR/train`` or ``DIR/val``
+(``round(F * N)`` of them to val, chosen by a hash of the seed and the path, so no video has clips in both), each
+a resumable shard set as above; ``DIR/split.json`` records the split, and a rerun keeps it. A ``SRC`` without any
+input is an error, not a shard set of 0 clips.
+
 Dropped-clip reasons in the report: ``too_short`` (a scene piece, or a whole input, shorter than
 ``--min-frames``), ``static`` (motion below ``--min-motion``), ``too_much_motion``.
 
