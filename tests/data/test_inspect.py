@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -203,12 +204,16 @@ def test_nested_root_with_mixed_sets(shard_set, tmp_path):
     assert inspect_shards([root, root / "city" / "train"])["samples"] == summary["samples"]
 
 
-def test_root_without_sets_fails_naming_it(tmp_path, capsys):
+def test_root_without_sets_fails_naming_it(tmp_path, capsys, monkeypatch):
+    from vdiff.cli import main
+
     root = tmp_path / "nosets"
     (root / "a" / "b").mkdir(parents=True)
     (root / "a" / "notes.txt").write_text("no shards here")
     with pytest.raises(FileNotFoundError, match="no shard set in .*nosets"):
         inspect_shards(root)
-    assert _run([str(root)]) == 1
+    monkeypatch.setattr(sys, "argv", ["vdiff", "data", "inspect", str(root)])  # from the shell: one line, status 2
+    monkeypatch.delenv("VDIFF_DEBUG", raising=False)
+    assert main() == 2
     err = capsys.readouterr().err
-    assert str(root) in err and "manifest.json" in err
+    assert err.startswith("vdiff data inspect: error: no shard set in ") and str(root) in err and "manifest.json" in err
