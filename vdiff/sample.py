@@ -596,7 +596,8 @@ def _run_vista(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--ckpt", required=True, help="checkpoint written by `vdiff fit` (e.g. runs/x/checkpoints/last.ckpt)"
+        "--ckpt", required=True,
+        help="checkpoint written by `vdiff fit` (e.g. runs/x/checkpoints/last.ckpt), or a `vdiff export` .safetensors",
     )
     parser.add_argument("--input", default=None, help="a video file, or shards (folder, manifest, brace pattern, glob)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -670,8 +671,7 @@ def _training_setting(ckpt: dict, key: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vdiff.callbacks.checkpoint_eval import load_module
-    from vdiff.lit.safe_loading import load_checkpoint
+    from vdiff.callbacks.checkpoint_eval import checkpoint_entries, checkpoint_module_class, load_module
 
     ckpt_path = Path(args.ckpt)
     if not ckpt_path.is_file():
@@ -686,7 +686,8 @@ def run(args: argparse.Namespace) -> int:
     if not image_mode and args.input is None:
         raise ValueError("vdiff sample: give --input (a video or shards), --image FILE, or --input VIDEO --frame N")
     size = args.size  # (H, W) or None (vdiff.data.frame_size)
-    checkpoint = load_checkpoint(ckpt_path, mmap=True)  # metadata only; refuses files that would run code
+    checkpoint = checkpoint_entries(ckpt_path)  # a .ckpt or an export's entries; refuses files that would run code
+    checkpoint_module_class(checkpoint, ckpt_path)  # a weights file, or a class that cannot be imported: refused
     trained_frames = _training_setting(checkpoint, "num_frames")
     trained_size = _training_setting(checkpoint, "size")
     del checkpoint

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -49,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from vdiff.callbacks.ema import EMA_KEY, full_tensor, local_tensor, reshard_fsdp
+from vdiff.lit.load_hooks import after_on_load_checkpoint
 from vdiff.models.lora_targets import DEFAULT_LORA_PRESET, lora_preset
 from vdiff.models.unet_svd import UNetSVD
 from vdiff.models.vdt import VDT
@@ -359,34 +359,17 @@ def apply_lora_entry(pl_module: nn.Module, entry: Mapping[str, Any]) -> None:
     set_trainable(pl_module, net, entry.get("trainable", list(entry["adapters"])), entry.get("extra_trainable", ()))
 
 
-_PATCH_LOCK = threading.Lock()
-_MISSING = object()
-
-
 @contextmanager
 def adapters_reapplied(cls: type, entry: Mapping[str, Any] | None) -> Iterator[None]:
     """Within the block, ``cls.load_from_checkpoint`` injects the recorded adapters right before the
     state dict is loaded: Lightning calls ``configure_model`` (which builds the network, without the
-    hook: there is no trainer) and then ``on_load_checkpoint``, which this wraps for the block."""
+    hook: there is no trainer) and then ``on_load_checkpoint``, after which this injects them
+    (:func:`vdiff.lit.load_hooks.after_on_load_checkpoint`)."""
     if not entry:
         yield
         return
-    with _PATCH_LOCK:
-        own = cls.__dict__.get("on_load_checkpoint", _MISSING)
-        inherited = cls.on_load_checkpoint
-
-        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-            inherited(self, checkpoint)  # may rebuild the network (an autoencoder rebuilt from the checkpoint)
-            apply_lora_entry(self, entry)
-
-        cls.on_load_checkpoint = on_load_checkpoint
-        try:
-            yield
-        finally:
-            if own is _MISSING:
-                del cls.on_load_checkpoint
-            else:
-                cls.on_load_checkpoint = own
+    with after_on_load_checkpoint(cls, lambda module, _checkpoint: apply_lora_entry(module, entry)):
+        yield
 
 
 STRUCTURE_FIELDS = (

@@ -326,8 +326,9 @@ def _check_norm_eps(config: UNetSVDConfig, layout: Literal["diffusers", "sgm"]) 
         raise UNetSVDConfigError(
             f"UNetSVDConfig.norm_eps={config.norm_eps!r} has no {layout} equivalent: {layout}'s UNet hard-codes its "
             "own ResBlock GroupNorm epsilons (sgm 1e-5 everywhere; diffusers 1e-6 in cross-attention down blocks and "
-            f"up blocks), so the exported model would compute something else. To convert on purpose, load the "
-            f"weights into UNetSVD(config.replace(norm_eps={layout!r})) and export that."
+            f"up blocks), so the exported model would compute something else. To convert on purpose (the weights "
+            f"then run with {layout}'s epsilons): `vdiff export --layout {layout} --convert-norm-eps`, or "
+            "save_unet_svd(..., convert_norm_eps=True)."
         )
 
 
@@ -707,7 +708,9 @@ def load_unet_svd(
     return model
 
 
-def save_unet_svd(model: UNetSVD, path: str | os.PathLike, layout: SaveLayout = "vdiff") -> Path:
+def save_unet_svd(
+    model: UNetSVD, path: str | os.PathLike, layout: SaveLayout = "vdiff", convert_norm_eps: bool = False
+) -> Path:
     """Write ``model``'s weights; returns the path of the weights file written.
 
     layout:
@@ -715,8 +718,13 @@ def save_unet_svd(model: UNetSVD, path: str | os.PathLike, layout: SaveLayout = 
         ``"diffusers"``: a FOLDER at ``path`` (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
             ``diffusers.UNetSpatioTemporalConditionModel.from_pretrained(path)`` loads (needs ``norm_eps="diffusers"``).
         ``"sgm"``: one file with sgm names under ``model.diffusion_model.`` (the UNet part of an SVD checkpoint).
+    convert_norm_eps: write the weights for the layout's own ResBlock GroupNorm epsilons even when ``model``'s
+        differ (``norm_eps``; the presets are sgm's): a deliberate conversion, the exported model computes with
+        the other epsilons (1e-5 vs 1e-6 in some ResBlocks). Without it such an export is refused.
     """
     config, state_dict, path = model.config, model.state_dict(), Path(path)
+    if convert_norm_eps and layout in ("diffusers", "sgm"):
+        config = config.replace(norm_eps=layout)  # the epsilons are no weights: the tensors stay as they are
     if layout == "vdiff":
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: a vdiff UNet-SVD file is .safetensors (its config lives in the metadata)")
