@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from vdiff import __version__
+from vdiff.cpu_threads import share_cores_fairly
 from vdiff.errors import debug_requested, error_message, is_user_error
 
 # Tool name -> module path. A tool module exposes add_arguments(parser) and run(args) -> int.
@@ -209,6 +210,7 @@ def _run_lightning(command: str, argv: list[str], from_command_line: bool, debug
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    share_cores_fairly()  # before torch is imported: waiting OpenMP threads sleep, not spin (vdiff.cpu_threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vdiff never downloads at run time
     debug = False
     if argv and argv[0] == "--debug":
