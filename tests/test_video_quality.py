@@ -150,17 +150,22 @@ def test_second_run_reads_cached_real_statistics_and_another_protocol_misses(wei
 def test_missing_weights_fail_at_setup_with_the_file_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path / "w"))
+    monkeypatch.setenv("VDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     module = SimpleNamespace(evaluation=EvalProtocol())
     callback = VideoQuality(fvd_weights="i3d_torchscript.pt", lpips=None)
     with pytest.raises(FileNotFoundError) as err:
         callback.setup(None, module, "fit")
+    cached = tmp_path / "cache" / "weights" / "i3d_torchscript.pt"
     assert str(err.value).startswith(
         f"FVD I3D (StyleGAN-V's TorchScript Kinetics-400 I3D) not found: i3d_torchscript.pt or "
-        f"{tmp_path}/w/i3d_torchscript.pt ($VDIFF_WEIGHTS={tmp_path}/w)."
+        f"{tmp_path}/w/i3d_torchscript.pt or {cached} ($VDIFF_WEIGHTS={tmp_path}/w). i3d_torchscript.pt is not in "
+        f"{cached.parent} and downloads are off (HF_HUB_OFFLINE=1)"
     )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="VideoQuality: pass lpips: null to skip LPIPS"):
+    with pytest.raises(FileNotFoundError, match="VideoQuality: pass lpips: null to skip LPIPS") as err:
         VideoQuality(lpips="alex").setup(None, module, "fit")
+    assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in str(err.value)
 
 
 def test_select_frames_keeps_generated_frames_in_order():

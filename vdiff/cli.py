@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +46,7 @@ TOP_TOOLS: dict[str, tuple[str, str]] = {
     "export": ("vdiff.export", "a checkpoint's network (EMA weights, LoRA merged or not) -> safetensors"),
     "evaluate": ("vdiff.evaluate", "video-quality metrics (PSNR/SSIM/LPIPS/FVD/FID) between two folders or shard sets"),
     "consolidate": ("vdiff.consolidate", "a sharded checkpoint folder (FSDP/ModelParallel) -> one checkpoint file"),
+    "weights": ("vdiff.weights.tool", "pretrained weights: list the presets, download ahead of a job, verify hashes"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -211,7 +211,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     share_cores_fairly()  # before torch is imported: waiting OpenMP threads sleep, not spin (vdiff.cpu_threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # vdiff never downloads at run time
     debug = False
     if argv and argv[0] == "--debug":
         debug, argv = True, argv[1:]

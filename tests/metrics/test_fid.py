@@ -149,13 +149,17 @@ def test_fid_value_equals_clean_fid_and_torchmetrics(tmp_path):
 def test_torchmetrics_backend_and_missing_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
+    monkeypatch.setenv("VDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default name is downloadable: offline, the error says from where
     with pytest.raises(FileNotFoundError) as err:
         find_feature_weights("clean_fid")
+    cached = tmp_path / "cache" / "weights" / "inception-2015-12-05.pt"
     assert str(err.value) == (
-        "FID Inception (clean-fid's TorchScript Inception) not found: inception-2015-12-05.pt ($VDIFF_WEIGHTS is "
-        "not set). vdiff never downloads weights: copy the file there, pass an absolute path, or set VDIFF_WEIGHTS "
-        "to the directory that holds it. The file is "
-        "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt."
+        f"FID Inception (clean-fid's TorchScript Inception) not found: inception-2015-12-05.pt or {cached} "
+        f"($VDIFF_WEIGHTS is not set). inception-2015-12-05.pt is not in {cached.parent} and downloads are off "
+        "(HF_HUB_OFFLINE=1): put the file there by hand (https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/"
+        f"pretrained/metrics/inception-2015-12-05.pt saved as {cached}), or run `vdiff weights download "
+        "clean-fid-inception` where there is network."
     )
     with pytest.raises(FileNotFoundError, match=r"weights-inception-2015-12-05-6726825d\.pth"):
         build_fid(None, FIDProtocol(backend="torchmetrics"))

@@ -204,19 +204,26 @@ def test_vdiff_i3d_path_through_converted_weights(tmp_path):
 def test_missing_weights_error_names_file_variable_and_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("VDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default name is downloadable: offline, the error says from where
     with pytest.raises(FileNotFoundError) as err:
         find_feature_weights("i3d_torchscript")
+    cached = tmp_path / "cache" / "weights" / "i3d_torchscript.pt"
     assert str(err.value) == (
         f"FVD I3D (StyleGAN-V's TorchScript Kinetics-400 I3D) not found: i3d_torchscript.pt or "
-        f"{tmp_path}/weights/i3d_torchscript.pt ($VDIFF_WEIGHTS={tmp_path}/weights). vdiff never downloads "
-        f"weights: copy the file there, pass an absolute path, or set VDIFF_WEIGHTS to the directory that holds "
-        f"it. The file is StyleGAN-V's https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt."
+        f"{tmp_path}/weights/i3d_torchscript.pt or {cached} ($VDIFF_WEIGHTS={tmp_path}/weights). i3d_torchscript.pt "
+        f"is not in {cached.parent} and downloads are off (HF_HUB_OFFLINE=1): put the file there by hand "
+        f"(https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1 saved as {cached}), or run "
+        "`vdiff weights download i3d-torchscript` where there is network."
     )
     monkeypatch.delenv("VDIFF_WEIGHTS")
     with pytest.raises(FileNotFoundError) as err:
         build_fvd("nowhere/i3d.pt")
-    assert str(err.value).startswith(
-        "FVD I3D (StyleGAN-V's TorchScript Kinetics-400 I3D) not found: nowhere/i3d.pt ($VDIFF_WEIGHTS is not set)."
+    assert str(err.value) == (
+        "FVD I3D (StyleGAN-V's TorchScript Kinetics-400 I3D) not found: nowhere/i3d.pt ($VDIFF_WEIGHTS is not set). "
+        "Copy the file there, pass an absolute path or a hub id (hf://ORG/NAME/FILE), or set VDIFF_WEIGHTS to the "
+        "directory that holds it. The file is https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1 "
+        "(`vdiff weights download i3d-torchscript`)."
     )
     # Found under $VDIFF_WEIGHTS by its default name.
     (tmp_path / "weights").mkdir()

@@ -78,13 +78,15 @@ def build_fid(weights: str | os.PathLike | None, protocol: FIDProtocol | None = 
 
 
 def build_lpips(net: str | None):
-    """vdiff's LPIPS with a local backbone, or None; the error says how to switch it off."""
+    """vdiff's LPIPS with its torchvision backbone (``$TORCH_HOME``'s, else downloaded into the weights cache on
+    first use: :func:`vdiff.weights.registry.lpips_backbone`), or None; the error says how to switch it off."""
     if net is None:
         return None
     from vdiff.metrics.lpips import LPIPS
+    from vdiff.weights.registry import lpips_backbone
 
     try:
-        return LPIPS(net)
+        return LPIPS(net, backbone=lpips_backbone(net))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} VideoQuality: pass lpips: null to skip LPIPS.") from None
 

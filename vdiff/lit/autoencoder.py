@@ -41,7 +41,7 @@ from vdiff.lit.frozen import FrozenPartsInEvalMode
 from vdiff.lit.safe_loading import load_checkpoint
 from vdiff.metrics.blob import DEFAULT_BLOB_THRESHOLD, FeatureNormProbe, blob_ratio
 from vdiff.metrics.frames import frame_psnr, frame_ssim
-from vdiff.metrics.lpips import LPIPS, LpipsNet, check_lpips_weights
+from vdiff.metrics.lpips import LPIPS, LpipsNet
 from vdiff.models.autoencoder import AutoencoderConfig, DiagonalGaussian, TemporalDecoder, VideoAutoencoder
 from vdiff.models.discriminator import (
     DiscNorm,
@@ -51,6 +51,7 @@ from vdiff.models.discriminator import (
     hinge_g_loss,
 )
 from vdiff.weights.autoencoder import LoadLayout, SaveLayout, load_autoencoder, save_autoencoder
+from vdiff.weights.registry import lpips_backbone
 from vdiff.weights.safetensors_io import resolve_weights_path
 
 
@@ -90,8 +91,9 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
         pretrained_layout: key layout of ``pretrained``: ``auto`` (detected), ``vdiff``, ``diffusers`` or ``sgm``.
         freeze_encoder: train only the decoder (and post-quant conv); encoder and quant conv stay fixed.
         rec_loss: ``l1`` or ``l2`` pixel reconstruction loss.
-        lpips_weight: LPIPS weight (SD: 1.0). Its backbone must be local (see :mod:`vdiff.metrics.lpips`)
-            unless this is 0 and ``val_lpips`` is off.
+        lpips_weight: LPIPS weight (SD: 1.0). Its torchvision backbone is read from ``$TORCH_HOME`` or downloaded
+            into the weights cache when the module is built (:func:`vdiff.weights.registry.lpips_backbone`), unless
+            this is 0 and ``val_lpips`` is off.
         lpips_net: LPIPS backbone: ``alex`` (standard), ``vgg`` or ``squeeze``.
         val_lpips: log LPIPS in validation; None = when ``lpips_weight`` > 0.
         kl_weight: KL weight after warm-up (SD: 1e-6).
@@ -159,8 +161,8 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
         # Fail before any training when a local file is missing (both raise FileNotFoundError naming it).
         if pretrained is not None:
             resolve_weights_path(pretrained, what="pretrained autoencoder weights", allow_dir=True)
-        if self.use_lpips_loss or self.use_val_lpips:
-            check_lpips_weights(lpips_net)
+        # LPIPS' torchvision backbone: $TORCH_HOME's, else downloaded into the weights cache (before any training).
+        self.lpips_backbone = lpips_backbone(lpips_net) if self.use_lpips_loss or self.use_val_lpips else None
         self.optimizer_factory = optimizer
         self.disc_optimizer_factory = disc_optimizer
         self.automatic_optimization = False
@@ -195,7 +197,7 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
                 self.autoencoder.config.out_channels, hp.disc_channels, hp.disc_layers, hp.disc_norm
             )
         if self.use_lpips_loss or self.use_val_lpips:
-            self.lpips = LPIPS(hp.lpips_net)
+            self.lpips = LPIPS(hp.lpips_net, backbone=self.lpips_backbone)
             # Fixed, local weights: kept out of checkpoints (see on_save_checkpoint) and restored from the
             # built network when a state dict lacks them.
             self.lpips.register_load_state_dict_pre_hook(_keep_own_weights)

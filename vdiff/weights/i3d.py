@@ -1,9 +1,10 @@
 """Feature-network weights for the Fréchet metrics: I3D for FVD (and clean-fid's Inception for FID).
 
-Everything here reads local files; nothing downloads. Each file kind has a default name
-(:data:`FEATURE_WEIGHTS`) that is looked up as given and then under ``$VDIFF_WEIGHTS``
-(:func:`find_feature_weights`); a missing file is a ``FileNotFoundError`` naming the file, the paths
-searched, the environment variable and where the file comes from.
+Each file kind has a default name (:data:`FEATURE_WEIGHTS`) that is looked up as given and then under
+``$VDIFF_WEIGHTS`` (:func:`find_feature_weights`); StyleGAN-V's I3D and the Inception files, named by that default
+name, are downloaded into the weights cache on first use (their URLs are in :mod:`vdiff.weights.registry`). A missing
+file is a ``FileNotFoundError`` naming the file, the paths searched, the environment variable and where the file
+comes from.
 
 FVD, main path: StyleGAN-V's ``i3d_torchscript.pt`` (the TF-Hub Kinetics-400 I3D that the original FVD
 code uses, exported to TorchScript), read with ``torch.jit.load`` (:func:`load_torchscript`).
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor
 
 from vdiff.models.i3d import I3D
+from vdiff.weights.registry import PRESETS
 from vdiff.weights.safetensors_io import (
     WEIGHTS_ENV,
     MissingWeightsError,
@@ -66,40 +68,38 @@ class WeightsFile:
     source: str
 
 
+def _preset(name: str, what: str) -> WeightsFile:
+    """A feature network that :mod:`vdiff.weights.registry` can download: its file name there and its URL."""
+    preset = PRESETS[name]
+    return WeightsFile(preset.file, what, f"{preset.source} (`vdiff weights download {name}`)")
+
+
 FEATURE_WEIGHTS: dict[str, WeightsFile] = {
-    "i3d_torchscript": WeightsFile(
-        "i3d_torchscript.pt",
-        "FVD I3D (StyleGAN-V's TorchScript Kinetics-400 I3D)",
-        "StyleGAN-V's https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt",
-    ),
+    "i3d_torchscript": _preset("i3d-torchscript", "FVD I3D (StyleGAN-V's TorchScript Kinetics-400 I3D)"),
     "vdiff_i3d": WeightsFile(
         "i3d_kinetics400.safetensors",
         "FVD I3D (vdiff I3D weights)",
         "convert a PyTorch I3D port's Kinetics-400 state dict with `python -m vdiff.weights.i3d SRC DST`",
     ),
-    "clean_fid": WeightsFile(
-        "inception-2015-12-05.pt",
-        "FID Inception (clean-fid's TorchScript Inception)",
-        "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt",
-    ),
-    "torchmetrics": WeightsFile(
-        "weights-inception-2015-12-05-6726825d.pth",
-        "FID Inception (torch-fidelity weights for torchmetrics)",
-        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-    ),
+    "clean_fid": _preset("clean-fid-inception", "FID Inception (clean-fid's TorchScript Inception)"),
+    "torchmetrics": _preset("torch-fidelity-inception", "FID Inception (torch-fidelity weights for torchmetrics)"),
 }
 
 
 def find_feature_weights(kind: str, path: str | os.PathLike | None = None) -> Path:
     """The local file of feature network ``kind`` (a :data:`FEATURE_WEIGHTS` key): ``path`` (default: the
-    kind's file name) as given, else under ``$VDIFF_WEIGHTS``. Raises FileNotFoundError naming the file,
-    the paths searched, the environment variable and the file's origin."""
+    kind's file name) as given, else under ``$VDIFF_WEIGHTS``, else, for the file name of a downloadable network
+    (``i3d_torchscript.pt``, ``inception-2015-12-05.pt``) or a hub id, fetched into the weights cache on first use
+    (:func:`~vdiff.weights.safetensors_io.resolve_weights_path`). Raises FileNotFoundError naming the file,
+    the paths searched, the environment variable and the file's origin (offline: the URL and the folder)."""
     if kind not in FEATURE_WEIGHTS:
         raise ValueError(f"unknown feature weights kind {kind!r}; known: {sorted(FEATURE_WEIGHTS)}")
     spec = FEATURE_WEIGHTS[kind]
     try:
         return resolve_weights_path(path if path is not None else spec.name, what=spec.what)
     except MissingWeightsError as err:
+        if err.advice is not None:  # a downloadable file that could not be fetched: the advice names URL and folder
+            raise
         raise MissingWeightsError(err.what, err.tried, note=f"The file is {spec.source}.") from None
 
 

@@ -2,7 +2,8 @@
 
 Torch checkpoints are opened with ``weights_only=True`` (no arbitrary code runs); wrapper dicts such as
 Lightning's / sgm's ``{"state_dict": {...}}`` are unwrapped. Relative paths that do not exist are also looked
-up in ``$VDIFF_WEIGHTS``.
+up in ``$VDIFF_WEIGHTS``; hub ids (``hf://ORG/NAME/...``) and the downloadable presets' names are fetched on first use
+(:func:`resolve_weights_path`).
 
 Every safetensors file vdiff reads is opened by :func:`open_safetensors` (or :func:`read_safetensors` on top of
 it): a truncated, empty or corrupt file raises :class:`WeightsFileError` naming the file and its size, where
@@ -72,11 +73,27 @@ def read_safetensors(
 
 
 def resolve_weights_path(path: str | os.PathLike, what: str = "weights", allow_dir: bool = False) -> Path:
-    """Return ``path`` if it exists, else ``$VDIFF_WEIGHTS/path`` for a relative path; raise a helpful error.
+    """The local file (or, with ``allow_dir``, folder: e.g. a diffusers model folder) that a weights path names.
 
-    ``allow_dir`` also accepts a directory (e.g. a diffusers model folder); otherwise only files count.
+    * a hub id ``hf://ORG/NAME[@REVISION][/PATH]``: the file or folder in huggingface_hub's cache, downloaded on first
+      use (only what vdiff's readers read: :mod:`vdiff.weights.hub`);
+    * a path: as given, else ``$VDIFF_WEIGHTS/path`` for a relative one;
+    * a bare name of a downloadable preset (``i3d_torchscript.pt``, ``alexnet-owt-7be5be79.pth``, or the preset's
+      name, :mod:`vdiff.weights.registry`) found in neither place: its file in the weights cache, downloaded and
+      verified on first use.
+
+    Raises :class:`MissingWeightsError` (a FileNotFoundError) naming every place tried and what to do; offline it
+    also names the URL or hub id to fetch and the folder to put it in.
     """
-    p = Path(path).expanduser()
+    text = os.fspath(path)
+    if text.startswith("hf:/"):
+        from vdiff.weights.hub import resolve_hub_path
+
+        local = resolve_hub_path(text, what)
+        if local.is_dir() and not allow_dir:
+            raise IsADirectoryError(f"{what}: {text} is a folder ({local}); a file is expected: {text.rstrip('/')}/FILE")
+        return local
+    p = Path(text).expanduser()
 
     def found(candidate: Path) -> bool:
         return candidate.is_file() or (allow_dir and candidate.is_dir())
@@ -90,22 +107,37 @@ def resolve_weights_path(path: str | os.PathLike, what: str = "weights", allow_d
         if found(candidate):
             return candidate
         tried.append(str(candidate))
-    raise MissingWeightsError(what, tried)
+    from vdiff.weights.registry import cached_file, fetch, url_preset
+
+    preset = url_preset(text)
+    if preset is None:
+        raise MissingWeightsError(what, tried)
+    from vdiff.weights.download import WeightsUnavailableError
+
+    tried.append(str(cached_file(preset)))
+    try:
+        return fetch(preset)
+    except WeightsUnavailableError as err:
+        raise MissingWeightsError(what, tried, advice=f"{err}.") from None
+
+
+LOCAL_ADVICE = (
+    f"copy the file there, pass an absolute path or a hub id (hf://ORG/NAME/FILE), or set {WEIGHTS_ENV} to the "
+    "directory that holds it."
+)
 
 
 class MissingWeightsError(FileNotFoundError):
     """A weights file found neither at its path nor under ``$VDIFF_WEIGHTS``: ``what`` file, the paths ``tried``,
-    and a ``note`` on where the file comes from (may be empty). ``str()`` is the whole message."""
+    and a ``note`` on where the file comes from (may be empty); ``advice`` replaces the default one (how to fetch a
+    downloadable file). ``str()`` is the whole message."""
 
-    def __init__(self, what: str, tried: list[str], note: str = "") -> None:
+    def __init__(self, what: str, tried: list[str], note: str = "", advice: str | None = None) -> None:
         root = os.environ.get(WEIGHTS_ENV)
-        self.what, self.tried, self.note = what, list(tried), note
+        self.what, self.tried, self.note, self.advice = what, list(tried), note, advice
         self.where = f"${WEIGHTS_ENV}={root}" if root else f"${WEIGHTS_ENV} is not set"
-        super().__init__(
-            f"{what} not found: {' or '.join(self.tried)} ({self.where}). vdiff never downloads weights: copy the "
-            f"file there, pass an absolute path, or set {WEIGHTS_ENV} to the directory that holds it."
-            + (f" {note}" if note else "")
-        )
+        text = advice if advice is not None else LOCAL_ADVICE[0].upper() + LOCAL_ADVICE[1:]
+        super().__init__(f"{what} not found: {' or '.join(self.tried)} ({self.where}). {text}" + (f" {note}" if note else ""))
 
 
 def gather_missing_files(loaders: Sequence[Callable[[], Any]]) -> list[Any]:
@@ -123,13 +155,14 @@ def gather_missing_files(loaders: Sequence[Callable[[], Any]]) -> list[Any]:
     if missing:
         items = [
             f"{err.what}: {' or '.join(err.tried)}" + (f" ({err.note.removeprefix('The file is ').rstrip('.')})" if err.note else "")
+            + (f" ({err.advice.rstrip('.')})" if err.advice else "")
             if isinstance(err, MissingWeightsError)
             else str(err).rstrip(".")
             for err in missing
         ]
         weights = next((err for err in missing if isinstance(err, MissingWeightsError)), None)
         advice = (
-            f" ({weights.where}). vdiff never downloads weights: copy the files there, pass absolute paths, or set "
+            f" ({weights.where}). Copy the files there, pass absolute paths or hub ids (hf://ORG/NAME/FILE), or set "
             f"{WEIGHTS_ENV} to the directory that holds them."
             if weights is not None
             else "."
