@@ -125,7 +125,10 @@ def check_recorded_config_file(entry: dict[str, Any], weights_path: str, what: s
     if path is None:
         return
     if not os.path.isfile(path):
-        check_config_file(entry, None, None, what)  # raises: missing
+        raise ValueError(
+            f"{path}: the {what} config file this checkpoint was trained with is missing beside {weights_path} "
+            f"(recorded as {entry[CONFIG_FILE]['path']}); put it back"
+        )
     try:
         with open(path) as f:
             content = json.load(f)
