@@ -28,6 +28,10 @@ def test_the_lora_block_appends_to_the_recipes_callbacks(capsys):
     assert [c["class_path"] for c in callbacks] == [EMA, LORA]
     assert callbacks[0]["init_args"]["decay"] == 0.99  # the recipe's EMA, unchanged
     assert callbacks[1]["init_args"]["preset"] == "attention" and callbacks[1]["init_args"]["target_modules"] is None
+    # a setting of the appended callback from the command line (the block's comment says how)
+    callbacks = printed_callbacks(["-c", str(SVD_TINY), "-c", str(RECIPES / "callbacks" / "lora.yaml"),
+                                   "--trainer.callbacks.init_args.rank", "8"], capsys)  # fmt: skip
+    assert [c["class_path"] for c in callbacks] == [EMA, LORA] and callbacks[1]["init_args"]["rank"] == 8
     # the same from the command line (LoRA's defaults: the network's attention preset)
     callbacks = printed_callbacks(["-c", str(SVD_TINY), f"--trainer.callbacks+={LORA}"], capsys)
     assert [c["class_path"] for c in callbacks] == [EMA, LORA] and callbacks[1]["init_args"]["preset"] is None
