@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 import torchvision
 
+from tests.weights.servers import FileServer
 from vdiff.weights import registry
 from vdiff.weights.download import (
     DownloadError,
@@ -27,54 +26,6 @@ from vdiff.weights.i3d import find_feature_weights
 from vdiff.weights.safetensors_io import MissingWeightsError, resolve_weights_path
 
 PAYLOAD = bytes(range(256)) * 400  # 100 KiB
-
-
-class FileServer:
-    """Serves ``files`` over HTTP with Range support; ``modes[name]``: ``corrupt`` (other bytes), ``truncate`` (stops
-    half-way, once), ``norange`` (ignores Range). ``requests`` records (path, Range header)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.modes: dict[str, str] = {}
-        self.requests: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                name = self.path.lstrip("/").split("?")[0]
-                ranged = self.headers.get("Range")
-                server.requests.append((name, ranged))
-                if name not in server.files:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                data, mode = server.files[name], server.modes.get(name, "ok")
-                if mode == "corrupt":
-                    data = data[:-1] + bytes([data[-1] ^ 0xFF])
-                start = int(ranged.removeprefix("bytes=").rstrip("-")) if ranged and mode != "norange" else 0
-                if start >= len(data) and ranged:
-                    self.send_response(416)
-                    self.end_headers()
-                    return
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if mode == "truncate":
-                    server.modes[name] = "ok"  # the next request gets the rest
-                    body = body[: len(body) // 2]
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

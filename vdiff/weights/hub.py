@@ -78,8 +78,11 @@ def is_hub_id(path: str | os.PathLike) -> bool:
     return bool(_ID.match(os.fspath(path)))
 
 
-def parse_hub_id(text: str | os.PathLike) -> HubId:
-    """``hf://ORG/NAME[@REVISION][/PATH]`` -> :class:`HubId`; ValueError naming the text and the grammar."""
+def parse_hub_id(text: str | os.PathLike | HubId) -> HubId:
+    """``hf://ORG/NAME[@REVISION][/PATH]`` -> :class:`HubId` (a HubId is returned as it is); ValueError naming the
+    text and the grammar."""
+    if isinstance(text, HubId):
+        return text
     raw = os.fspath(text)
     body = _ID.sub("", raw)
     grammar = "expected hf://ORG/NAME[@REVISION][/PATH] (a model repository)"
@@ -209,7 +212,7 @@ def _local_listing(snapshot: Path) -> list[str]:
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
 
 
-def cached_hub_path(text: str | os.PathLike) -> Path | None:
+def cached_hub_path(text: str | os.PathLike | HubId) -> Path | None:
     """Where a hub id is in the cache now (no network): the file, or the folder when every model folder in it has its
     weights file; None when it is not (fully) cached."""
     hub = parse_hub_id(text)
@@ -234,7 +237,7 @@ def _unavailable(hub: HubId, what: str, reason: str) -> WeightsUnavailableError:
     )
 
 
-def resolve_hub_path(text: str | os.PathLike, what: str = "") -> Path:
+def resolve_hub_path(text: str | os.PathLike | HubId, what: str = "") -> Path:
     """The local file or folder of hub id ``text``, downloading what is missing (only what the readers read; module
     docstring). ``what`` (e.g. ``"SVDModule net_weights"``) starts the error messages.
 
@@ -349,7 +352,7 @@ def _resolve_online(hub: HubId, what: str) -> Path:
 # ------------------------------------------------------------------------------------------------ verifying
 
 
-def verify_cached(text: str | os.PathLike) -> list[tuple[str, bool | None, str]]:
+def verify_cached(text: str | os.PathLike | HubId) -> list[tuple[str, bool | None, str]]:
     """Re-hash the cached files of a hub id against the hub's digests (the blob names of the cache: an LFS file's
     sha256, a small file's git blob sha1): ``(path, ok, detail)`` per file; ``ok`` None when the cache holds copies
     instead of links to blobs (no digest to compare). Empty when nothing is cached."""

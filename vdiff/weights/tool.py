@@ -52,10 +52,11 @@ def list_presets() -> int:
 
 
 def download(names: list[str]) -> int:
+    targets = [hub.parse_hub_id(name) if hub.is_hub_id(name) else get_preset(name) for name in names]  # names checked
     failed = []
-    for name in names:
+    for name, target in zip(names, targets, strict=True):
         try:
-            path = hub.resolve_hub_path(name) if hub.is_hub_id(name) else fetch(get_preset(name))
+            path = hub.resolve_hub_path(target) if isinstance(target, hub.HubId) else fetch(target)
         except (OSError, ValueError) as err:
             failed.append(f"{name}: {err}")
             print(f"{name}: FAILED", file=sys.stderr)
