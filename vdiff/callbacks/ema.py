@@ -547,6 +547,11 @@ class EMA(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         self.swap_out(pl_module)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Stopped inside validation/test/predict (SIGTERM, Ctrl-C, an error): put the trained weights back
+        # before a checkpoint is written on the way out (callbacks' on_exception run before ModelCheckpoint's).
+        self.swap_out(pl_module)
+
     def on_test_start(self, trainer, pl_module) -> None:
         if self.use_for_validation:
             self.swap_in(pl_module)

@@ -12,7 +12,10 @@ can use the pieces directly:
   replaces ``last.ckpt`` atomically too (Lightning removes the old link, then creates the new one),
   and which keeps its ``last.ckpt`` bookkeeping on resume when the same folder is spelled
   differently (relative vs absolute ``save_dir``). Every other write goes through the trainer's
-  ``CheckpointIO``.
+  ``CheckpointIO``. On SIGTERM (what schedulers send before a time limit or a preemption) it writes
+  ``last.ckpt`` once the current step is done, says so in one line, and the process exits with
+  status 143 (128 + SIGTERM) instead of Lightning's 0, so a ``&&`` chain stops and a requeue script
+  sees it (:meth:`AtomicModelCheckpoint.on_exception`).
 * :class:`RNGState` - a callback that saves the global torch (CPU and CUDA), numpy and python
   ``random`` states in checkpoints and restores them when training resumes, so mask sampling,
   diffusion noise and timesteps continue the uninterrupted run's sequence bitwise.
@@ -38,6 +41,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +53,14 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vdiff.lit.safe_loading import UnsafeCheckpointError, load_checkpoint
 from vdiff.lit.scaling import is_sharded_checkpoint
 
 TMP_SUFFIX = ".tmp"
+SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM  # 143: the shell's status of a process ended by SIGTERM
 _LAST_PATTERN = re.compile(rf"^{re.escape(ModelCheckpoint.CHECKPOINT_NAME_LAST)}(-v\d+)?\.ckpt$")
 _VERSION_PATTERN = re.compile(r"^version_(\d+)$")
 
@@ -145,6 +153,38 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         # so a run with periodic checkpoints ended with a stale `last.ckpt`: write the final state.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException):
+            self._stop_on_sigterm(trainer, exception)
+
+    def _stop_on_sigterm(self, trainer: L.Trainer, exception: SIGTERMException) -> None:
+        """Lightning's SIGTERM handler only sets ``trainer.received_sigterm``; its loops raise
+        ``SIGTERMException`` (a ``SystemExit`` with status 0) once the current step (or validation batch)
+        is done. Write ``last.ckpt`` (unless it already holds this step), say where in one line, and make
+        the exit status 143."""
+        if exception.code is None:
+            exception.code = SIGTERM_EXIT_STATUS
+        step = trainer.global_step
+        if trainer.state.fn != TrainerFn.FITTING:
+            where = "not training, no checkpoint written"
+        elif trainer.sanity_checking or step == 0:
+            where = "nothing trained yet, no checkpoint written"
+        elif not self.save_last:
+            where = "no checkpoint written (checkpoint.save_last is off)"
+        else:
+            if self._last_global_step_saved != step or not self.last_model_path:
+                save_last = self.save_last
+                self.save_last = True  # a file, not a link to an older top-k checkpoint
+                try:
+                    self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                finally:
+                    self.save_last = save_last
+            where = f"saved {self.last_model_path}; continue with --ckpt_path last"
+        if trainer.is_global_zero:
+            print(f"vdiff: stopped by SIGTERM at step {step} (epoch {trainer.current_epoch}): {where} "
+                  f"(exit status {exception.code})", file=sys.stderr, flush=True)
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
