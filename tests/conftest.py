@@ -5,12 +5,20 @@ Tests run tiny tensors, for which torch's intra-op threads cost far more than th
 load). ``VDIFF_TEST_THREADS`` overrides the count.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test sees the developer's Hugging Face cache (recipes name hf:// ids: a cached SVD would be loaded) or token.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="vdiff-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+for _name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "VDIFF_WEIGHTS_CACHE"):
+    os.environ.pop(_name, None)
 SLOW_TEST_TIMEOUT = 1800  # seconds; the default tests' limit is pyproject's ``timeout``
 torch.set_num_threads(int(os.environ.get("VDIFF_TEST_THREADS", "1")))
 

@@ -108,7 +108,9 @@ def test_an_abbreviated_option_is_an_error_not_another_option(tmp_path):
 
 
 def test_missing_vae_weights_print_the_message_once_without_a_traceback(tmp_path):
-    result = _vdiff(["fit", "-c", str(REPO / "recipes" / "vdt_cityscapes.yaml")], tmp_path)
+    # The recipe names sd-vae-ft-mse by hub id; offline and not in the (empty) Hugging Face cache of the tests.
+    result = _vdiff(["fit", "-c", str(REPO / "recipes" / "vdt_cityscapes.yaml")], tmp_path, HF_HUB_OFFLINE="1",
+                    HF_HOME=str(tmp_path / "hf"))  # fmt: skip
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert "Traceback" not in result.stderr
@@ -116,8 +118,9 @@ def test_missing_vae_weights_print_the_message_once_without_a_traceback(tmp_path
     assert lines[0] == "Seed set to 0"  # Lightning's line, before the recipe is built
     # the message is vdiff.models.pretrained's, printed once
     assert lines[1].startswith("vdiff fit: error: PretrainedAutoencoder weights ")
-    assert "sd-vae-ft-mse.safetensors" in lines[1]
-    for needle in ("not found", "$VDIFF_WEIGHTS", 'README section "Pretrained weights"'):
+    assert "hf://stabilityai/sd-vae-ft-mse" in lines[1]
+    for needle in ("is not in the Hugging Face cache", "HF_HUB_OFFLINE=1", "vdiff weights download", "$VDIFF_WEIGHTS",
+                   'README section "Pretrained weights"'):  # fmt: skip
         assert result.stderr.count(needle) == 1, needle
     assert lines[2] == HINT
 

@@ -52,7 +52,8 @@ def test_recipe_records_vistas_protocol(capsys):
 def test_missing_weights_are_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
-    with pytest.raises(RecipeError, match=r"weights/vista(_unet)?\.safetensors.*VDIFF_WEIGHTS"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError, match=r"(hf://OpenDriveLab/Vista/vista\.safetensors is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*vdiff weights download.*VDIFF_WEIGHTS)|(weights/vista_unet\.safetensors.*VDIFF_WEIGHTS)"):
         main(["validate", "-c", str(RECIPE), "--trainer.accelerator", "cpu"])
 
 
@@ -65,8 +66,9 @@ def test_sampling_is_action_free():
 
 
 def test_validate_prints_the_protocol_with_stub_networks(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the recipe's weights/... paths resolve here
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VDIFF_WEIGHTS", str(tmp_path / "weights"))  # the recipe's bare file names are found here
     write_stub_i3d_at(tmp_path / "weights" / "i3d_torchscript.pt")
     write_stub_inception(tmp_path / "weights" / "inception-2015-12-05.pt")
     main([

@@ -108,18 +108,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fvd-weights",
         default=None,
-        help="I3D file for FVD: StyleGAN-V's i3d_torchscript.pt or vdiff I3D weights (also looked up under $VDIFF_WEIGHTS)",
+        help="I3D file for FVD: StyleGAN-V's i3d_torchscript.pt (that bare name: downloaded into $VDIFF_CACHE/weights "
+        "on first use) or vdiff I3D weights (also looked up under $VDIFF_WEIGHTS)",
     )
     parser.add_argument(
         "--fid-weights",
         default=None,
-        help="Inception file for FID: clean-fid's inception-2015-12-05.pt (or torch-fidelity's with --fid-backend torchmetrics)",
+        help="Inception file for FID: clean-fid's inception-2015-12-05.pt (or torch-fidelity's with --fid-backend "
+        "torchmetrics); those bare names are downloaded into $VDIFF_CACHE/weights on first use",
     )
     parser.add_argument("--fid-backend", choices=("clean-fid", "torchmetrics"), default="clean-fid")
     parser.add_argument(
         "--lpips",
         default="none",
-        help="LPIPS backbone: alex, vgg, squeeze (its file under $TORCH_HOME/hub/checkpoints) or none",
+        help="LPIPS backbone: alex, vgg, squeeze (torchvision's file: $TORCH_HOME/hub/checkpoints', else downloaded "
+        "into $VDIFF_CACHE/weights on first use) or none",
     )
     parser.add_argument(
         "--given-frames",

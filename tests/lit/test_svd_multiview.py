@@ -17,7 +17,7 @@ from vdiff.data.schema import Manifest
 from vdiff.lit.cli import RecipeError
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "svd_multiview.yaml"
-WEIGHTS = "weights/stable-video-diffusion-img2vid"
+WEIGHTS = "hf://stabilityai/stable-video-diffusion-img2vid"
 TINY_CLIP = json.dumps({"class_path": "vdiff.models.conditioners.CLIPImageEmbedder", "init_args": {"config": "tiny"}})
 TINY_NET = {"in_channels": 6, "out_channels": 3, "concat_channels": 3, "model_channels": 32, "channel_mult": [1, 2],
             "num_res_blocks": 1, "attention_levels": [1], "head_dim": 16, "context_dim": 24,
@@ -50,7 +50,8 @@ def test_recipe_prints_its_config(capsys):
 def test_each_missing_weights_file_fails_before_training_naming_it(missing, overrides, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
-    with pytest.raises(RecipeError, match=rf"{WEIGHTS}/{missing}.*VDIFF_WEIGHTS"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError, match=rf"{WEIGHTS}/{missing} is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*vdiff weights download.*VDIFF_WEIGHTS"):
         main(["fit", "-c", str(RECIPE), *overrides, *quiet_trainer(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
 

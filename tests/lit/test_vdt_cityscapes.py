@@ -119,7 +119,7 @@ def test_recipe_prints_its_config(capsys):
         main(["fit", "-c", str(RECIPE), "--print_config"])
     assert exit_info.value.code in (0, None)
     config = capsys.readouterr().out
-    for needle in ("VDT-L/2", "vdiff.weights.pretrained.PretrainedAutoencoder", "weights/sd-vae-ft-mse.safetensors",
+    for needle in ("VDT-L/2", "vdiff.weights.pretrained.PretrainedAutoencoder", "path: hf://stabilityai/sd-vae-ft-mse",
                    "samples_per_video: 5", "fvd_frames: generated", "given_frames: 2", "size: 128"):
         assert needle in config, needle
 

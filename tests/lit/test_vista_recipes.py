@@ -72,7 +72,7 @@ def test_recipe_prints_vistas_settings(recipe, capsys):
     lora = [c for c in trainer["callbacks"] if c["class_path"] == "vdiff.callbacks.LoRA"]
     if recipe == "vista.yaml":
         assert model["lr"] == 1e-5 and model["spatial_lr_scale"] == 0.1 and data["size"] == [576, 1024]
-        assert model["net_weights"] == "weights/svd_xt.safetensors" and not lora
+        assert model["net_weights"] == "hf://stabilityai/stable-video-diffusion-img2vid-xt/svd_xt.safetensors" and not lora
         assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
         assert trainer["devices"] * trainer["accumulate_grad_batches"] * data["batch_size"] == 256
     else:
@@ -105,11 +105,13 @@ def test_data_blocks_swap_in(block, capsys):
 def test_missing_weights_fail_before_training_naming_the_file(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
-    with pytest.raises(RecipeError, match=r"weights/(svd_xt|vista_phase\w+)\.safetensors.*VDIFF_WEIGHTS"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # SVD-XT's file by hub id, not in the (empty) Hugging Face cache
+    with pytest.raises(RecipeError, match=r"hf://stabilityai/stable-video-diffusion-img2vid-xt/svd_xt\.safetensors is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*vdiff weights download.*VDIFF_WEIGHTS"):
         main(["fit", "-c", str(RECIPES / recipe), *quiet_trainer(tmp_path / "runs")])
-    net_weights = {"vista.yaml": "svd_xt", "vista_phase2.yaml": "vista_phase1_unet",
-                   "vista_phase2_hires.yaml": "vista_phase2_unet"}[recipe]  # fmt: skip
-    with pytest.raises(RecipeError, match=rf"weights/{net_weights}\.safetensors.*VDIFF_WEIGHTS"):
+    net_weights = {"vista.yaml": r"hf://stabilityai/stable-video-diffusion-img2vid-xt/svd_xt\.safetensors is not in",
+                   "vista_phase2.yaml": r"weights/vista_phase1_unet\.safetensors.*VDIFF_WEIGHTS",
+                   "vista_phase2_hires.yaml": r"weights/vista_phase2_unet\.safetensors.*VDIFF_WEIGHTS"}[recipe]  # fmt: skip
+    with pytest.raises(RecipeError, match=net_weights):
         main(["fit", "-c", str(RECIPES / recipe), "--model.init_args.image_encoder", json.dumps(TINY_CLIP),
               "--model.init_args.autoencoder", "null", *quiet_trainer(tmp_path / "runs")])  # fmt: skip
     assert not (tmp_path / "runs").exists()

@@ -378,9 +378,10 @@ def test_the_recipe_names_missing_weights_before_training(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
-    with pytest.raises(RecipeError, match=r"weights/.*VDIFF_WEIGHTS"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the recipe's hub ids, not in the (empty) Hugging Face cache
+    with pytest.raises(RecipeError, match=r"hf://laion/CLIP-ViT-H-14-laion2B-s32B-b79K/open_clip_pytorch_model\.bin is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*vdiff weights download.*VDIFF_WEIGHTS"):
         main(["fit", "-c", str(RECIPE), *quiet_trainer(tmp_path / "runs")])
-    with pytest.raises(RecipeError, match=r"weights/stable-diffusion-2-1/unet.*VDIFF_WEIGHTS"):
+    with pytest.raises(RecipeError, match=r"hf://stabilityai/stable-diffusion-2-1/unet is not in the Hugging Face cache .*HF_HUB_OFFLINE=1.*vdiff weights download.*VDIFF_WEIGHTS"):
         main(["fit", "-c", str(RECIPE), "--model.init_args.image_encoder", "null", "--model.init_args.autoencoder",
               "null", *quiet_trainer(tmp_path / "runs")])  # fmt: skip
     assert not (tmp_path / "runs").exists()

@@ -77,7 +77,7 @@ def test_download_fetches_ahead_and_offline_says_what_it_could_not_fetch(caches,
     err = capsys.readouterr().err
     assert err.count("vdiff weights: error: ") == 1 and served_i3d.url in err and str(weights_cache) in err
     assert served_i3d.requests == []
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # a user's environment: vdiff itself does not turn downloads off
     assert main(["weights", "download", "i3d-torchscript"]) == 0
     assert (weights_cache / "i3d_torchscript.pt").read_bytes() == PAYLOAD
     assert f"i3d-torchscript: {weights_cache / 'i3d_torchscript.pt'}" in capsys.readouterr().out
@@ -104,3 +104,42 @@ def test_verify_rehashes_cached_files_and_fails_on_a_mismatch(caches, served_i3d
     assert "2 files: 1 match, 1 do not" in out
     with pytest.raises(FileNotFoundError, match="svd-xt: nothing cached to verify"):
         main(["weights", "verify", "svd-xt"])
+
+
+def test_recipes_name_public_weights_by_hub_id_that_presets_cover_and_the_readme_shows_them_first():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from vdiff.weights.hub import parse_hub_id
+
+    root = Path(__file__).resolve().parents[2]
+
+    def strings(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+        elif isinstance(node, str):
+            yield node
+
+    preset_repos = {parse_hub_id(p.source).repo_id for p in registry.PRESETS.values() if p.is_hub}
+    named = {}
+    for recipe in sorted((root / "recipes").glob("*.yaml")):
+        ids = [s for s in strings(yaml.safe_load(recipe.read_text())) if s.startswith("hf://")]
+        named[recipe.name] = ids
+        for hub_id in ids:  # each parses, and a preset names its repository (`vdiff weights list` shows it)
+            assert parse_hub_id(hub_id).repo_id in preset_repos, (recipe.name, hub_id)
+    for recipe in ("svd_img2vid.yaml", "svd_xt.yaml", "svd_interpolate.yaml", "svd_multiview.yaml", "svd_from_sd21.yaml",
+                   "svd_temporal_decoder.yaml", "vista.yaml", "vista_phase2.yaml", "vista_phase2_hires.yaml",
+                   "vista_nuscenes_eval.yaml", "vdt_cityscapes.yaml"):  # fmt: skip
+        assert named[recipe], f"{recipe} names no hub id"
+    readme = (root / "README.md").read_text()
+    svd = readme[readme.index("## Stable Video Diffusion"):readme.index("## Pretrained weights")]
+    first = re.search(r"(hf://stabilityai/stable-video-diffusion|weights/stable-video-diffusion)", svd)
+    assert first and first.group(1).startswith("hf://")  # the hub form first, the local form after it
+    for name in registry.PRESETS:  # the README lists the presets (LPIPS' three as lpips-alex|vgg|squeeze)
+        assert f"`{name}`" in readme or name.startswith("lpips-"), name

@@ -199,16 +199,26 @@ def restore_autoencoder(entry: dict[str, Any], current: nn.Module) -> VideoAutoe
 
 
 def find_recorded_weights(entry: dict[str, Any]) -> str:
-    """The recorded weights file, or, when it is gone (a checkpoint moved to another machine), the file under
+    """The recorded weights file, or, when it is gone (a checkpoint moved to another machine): for a file of
+    huggingface_hub's cache (the part was named by a hub id), the same file of the same commit in this machine's cache
+    (fetched when missing and online: :func:`vdiff.weights.hub.hub_id_of_cached_path`); else the file under
     ``$VDIFF_WEIGHTS`` that ends like the recorded path, the longest match first: ``sd-vae/diffusion_pytorch_model.safetensors``
     for a diffusers folder moved there, ``tiny-vae.safetensors`` for a bare file. The caller's sha256 check makes
     sure it is the same file. Used for every frozen, file-backed part a checkpoint records (autoencoder, image
     encoder)."""
+    from vdiff.weights.download import WeightsUnavailableError
+    from vdiff.weights.hub import hub_id_of_cached_path, resolve_hub_path
     from vdiff.weights.safetensors_io import WEIGHTS_ENV
 
     path = entry["path"]
     if os.path.isfile(path):
         return path
+    hub, unavailable = hub_id_of_cached_path(path), None
+    if hub is not None:
+        try:
+            return str(resolve_hub_path(hub))
+        except WeightsUnavailableError as err:  # offline and not cached here: a copy under $VDIFF_WEIGHTS may do
+            unavailable = err
     tried = [path]
     root = os.environ.get(WEIGHTS_ENV)
     if root:
@@ -225,4 +235,5 @@ def find_recorded_weights(entry: dict[str, Any]) -> str:
         "which does not exist "
         f"(tried: {', '.join(tried)}; ${WEIGHTS_ENV} {'is ' + root if root else 'is not set'}); put that file back "
         "(same sha256) or set $VDIFF_WEIGHTS to a folder holding it (or its model folder, by the same name)"
+        + (f"; {unavailable}" if unavailable is not None else "")
     )

@@ -1,7 +1,10 @@
 """Pretrained weights: safetensors / torch checkpoint I/O and converters from peer layouts.
 
-Nothing here downloads. Weights are local files (or, for diffusers, local model folders); a relative path is
-also looked up in the directory named by the environment variable ``VDIFF_WEIGHTS``.
+The readers read local files (or, for diffusers, model folders); every weights path goes through
+:func:`~vdiff.weights.safetensors_io.resolve_weights_path` first: a relative path is also looked up in the directory
+named by ``VDIFF_WEIGHTS``, a Hugging Face hub id ``hf://ORG/NAME[@REVISION][/PATH]`` becomes a path in
+huggingface_hub's cache (:mod:`vdiff.weights.hub`), and the metric files vdiff knows by name are fetched into the
+weights cache on first use (:mod:`vdiff.weights.registry`, :mod:`vdiff.weights.download`; ``vdiff weights``).
 
 Autoencoders: :func:`vdiff.weights.autoencoder.load_autoencoder` / ``save_autoencoder`` (vdiff files, diffusers
 folders and files, sgm checkpoints), :class:`vdiff.weights.pretrained.PretrainedAutoencoder` (the same loader

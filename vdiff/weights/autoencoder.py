@@ -309,12 +309,12 @@ def read_autoencoder(
     layout: LoadLayout = "auto",
     config: AutoencoderConfig | Mapping[str, Any] | str | None = None,
 ) -> AutoencoderWeights:
-    """Read autoencoder weights from a LOCAL file or diffusers folder into our names (nothing is downloaded).
+    """Read autoencoder weights from a LOCAL file or diffusers folder into our names; a hub id is fetched first.
 
     Args:
         path: a diffusers folder (``config.json`` + weights, or a pipeline folder with ``vae/``), a
-            ``.safetensors`` / ``.pt`` / ``.ckpt`` / ``.bin`` file; a relative path that does not exist is also
-            looked up in ``$VDIFF_WEIGHTS``.
+            ``.safetensors`` / ``.pt`` / ``.ckpt`` / ``.bin`` file, or a hub id ``hf://ORG/NAME[/PATH]`` of either; a
+            relative path that does not exist is also looked up in ``$VDIFF_WEIGHTS``.
         layout: ``"auto"`` (a folder is diffusers; a file by its metadata and key names), ``"vdiff"``,
             ``"diffusers"`` or ``"sgm"``.
         config: the architecture (an :class:`AutoencoderConfig`, a mapping of its fields or a preset name of

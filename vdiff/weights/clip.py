@@ -488,12 +488,13 @@ def read_clip_image_embedder(
     layout: ClipLayout = "auto",
     config: CLIPImageEmbedderConfig | Mapping[str, Any] | str | None = None,
 ) -> CLIPWeights:
-    """Read CLIP image-embedder weights from a LOCAL folder or file into our names (nothing is downloaded).
+    """Read CLIP image-embedder weights from a LOCAL folder or file into our names; a hub id is fetched first.
 
     Args:
         path: a transformers folder (``config.json`` + weights, or a pipeline folder with ``image_encoder/``), or a
             ``.safetensors`` / ``.pt`` / ``.ckpt`` / ``.bin`` file (open_clip keys, SVD's ``svd.safetensors``, a
-            transformers weights file); a relative path that does not exist is also looked up in ``$VDIFF_WEIGHTS``.
+            transformers weights file), or a hub id ``hf://ORG/NAME[/PATH]`` of either; a relative path that does not
+            exist is also looked up in ``$VDIFF_WEIGHTS``.
         layout: ``"auto"`` (a folder is transformers; a file by its key names), ``"transformers"`` or ``"open_clip"``.
         config: the architecture (a :class:`CLIPImageEmbedderConfig`, a mapping of its fields or a name of
             ``CLIP_IMAGE_CONFIGS``). Where the weights come with a ``config.json`` that one is used and a

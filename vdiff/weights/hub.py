@@ -233,7 +233,7 @@ def _unavailable(hub: HubId, what: str, reason: str) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"{what}{hub} is not in the Hugging Face cache {repo_cache_folder(hub.repo_id)} and {reason}: run "
         f"`vdiff weights download {hub}` (or `huggingface-cli download {hub.repo_id}`) where there is network, with the "
-        "same HF_HOME, or name a local copy instead"
+        "same HF_HOME, or name a local copy instead (a path; a relative one is also looked up under $VDIFF_WEIGHTS)"
     )
 
 

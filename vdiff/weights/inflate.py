@@ -9,7 +9,8 @@ Entry points: :func:`load_inflated_state_dict` (``path, config -> state dict``, 
 :func:`inflate_unet` (a built :class:`UNetSVD`), and ``python -m vdiff.weights.inflate SRC OUT.safetensors`` (writes
 a vdiff UNet-SVD file that ``SVDModule(net_weights=...)`` reads like any other).
 
-Sources (nothing is downloaded; a relative path that does not exist is also looked up under ``$VDIFF_WEIGHTS``):
+Sources (local, or a hub id ``hf://ORG/NAME[/PATH]`` fetched first; a relative path that does not exist is also
+looked up under ``$VDIFF_WEIGHTS``):
 
 ``diffusers``  a ``UNet2DConditionModel`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, the
                ``.fp16`` variant, a sharded index or ``.bin``), or a pipeline folder holding it under ``unet/``

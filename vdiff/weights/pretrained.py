@@ -38,8 +38,8 @@ class PretrainedAutoencoder(VideoAutoencoder):
     Args:
         path: a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``, or a
             pipeline folder with ``vae/``; recommended: the config comes with the weights) or a weights file
-            (.safetensors, .pt, .ckpt). A relative path that does not exist is also looked up in
-            ``$VDIFF_WEIGHTS``; nothing is downloaded.
+            (.safetensors, .pt, .ckpt), or a hub id ``hf://ORG/NAME[/PATH]`` of either (fetched into the Hugging
+            Face cache on first use). A relative path that does not exist is also looked up in ``$VDIFF_WEIGHTS``.
         layout: ``"auto"`` (detected), ``"diffusers"`` (``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder``,
             e.g. ``sd-vae-ft-mse``), ``"sgm"`` (the original SVD checkpoint) or ``"vdiff"``
             (:func:`vdiff.weights.autoencoder.save_autoencoder`).

@@ -232,8 +232,10 @@ def load_svd(
     """Read a whole SVD from a LOCAL diffusers pipeline folder or an original single file (module docstring).
 
     Args:
-        path: the pipeline folder, or ``svd.safetensors`` / ``svd_xt.safetensors`` / an sgm ``.ckpt``; a relative
-            path that does not exist is also looked up under ``$VDIFF_WEIGHTS``.
+        path: the pipeline folder, or ``svd.safetensors`` / ``svd_xt.safetensors`` / an sgm ``.ckpt``, or a hub id
+            of either (``hf://stabilityai/stable-video-diffusion-img2vid-xt``: only the fp32 ``unet/``, ``vae/`` and
+            ``image_encoder/`` files are fetched); a relative path that does not exist is also looked up under
+            ``$VDIFF_WEIGHTS``.
         layout: ``auto`` (a folder is diffusers, a file sgm), ``diffusers`` or ``sgm``.
         unet_config, autoencoder_config, image_encoder_config: each part's architecture (a config, a preset name
             or its dict). Where the weights bring a config (``config.json``, the metadata :func:`save_svd` writes)

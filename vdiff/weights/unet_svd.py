@@ -603,11 +603,12 @@ def read_unet_svd(
     layout: LoadLayout = "auto",
     config: UNetSVDConfig | Mapping[str, Any] | str | None = None,
 ) -> UNetSVDWeights:
-    """Read UNet-SVD weights from a LOCAL file or diffusers folder into our names (nothing is downloaded).
+    """Read UNet-SVD weights from a LOCAL file or diffusers folder into our names; a hub id is fetched first.
 
     Args:
-        path: a diffusers UNet or pipeline folder, or a weights file (``.safetensors``, ``.pt``, ``.ckpt``, ``.bin``);
-            a relative path that does not exist is also looked up under ``$VDIFF_WEIGHTS``.
+        path: a diffusers UNet or pipeline folder, or a weights file (``.safetensors``, ``.pt``, ``.ckpt``, ``.bin``),
+            or a hub id ``hf://ORG/NAME[/PATH]`` of either; a relative path that does not exist is also looked up under
+            ``$VDIFF_WEIGHTS``.
         layout: ``auto`` (a folder is diffusers; a file's layout is found from its metadata and keys), or one of
             ``vdiff``, ``diffusers`` (a bare ``diffusion_pytorch_model.*`` file; its ``config.json`` beside it
             is used) and ``sgm``.

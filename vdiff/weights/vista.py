@@ -301,8 +301,9 @@ def read_vista(
     """Read a LOCAL Vista checkpoint's UNet into our names (see the module docstring for the mapping and the files).
 
     Args:
-        path: ``vista.safetensors``, a Lightning ``.ckpt`` or a DeepSpeed ``pytorch_model.bin``; a relative path
-            that does not exist is also looked up under ``$VDIFF_WEIGHTS``.
+        path: ``vista.safetensors``, a Lightning ``.ckpt`` or a DeepSpeed ``pytorch_model.bin``, or a hub id
+            (``hf://OpenDriveLab/Vista/vista.safetensors``); a relative path that does not exist is also looked up under
+            ``$VDIFF_WEIGHTS``.
         config: the UNet architecture (default: :func:`vista_unet_config` with the file's action width, 0 when
             the file has no action projections). Vista's layers must be on: every Vista file holds
             ``cond_time_stack_embed``.
@@ -541,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert an OpenDriveLab/Vista checkpoint's UNet into a vdiff UNet-SVD file (VistaModule "
         "net_weights); Vista's LoRA adapters go to OUT_lora/default/ in peft's format, or are merged.",
     )
-    parser.add_argument("src", help="vista.safetensors, a Lightning .ckpt or a DeepSpeed pytorch_model.bin")
+    parser.add_argument("src", help="vista.safetensors (or its hub id hf://OpenDriveLab/Vista/vista.safetensors), "
+                        "a Lightning .ckpt or a DeepSpeed pytorch_model.bin")  # fmt: skip
     parser.add_argument("out", help="output .safetensors (vdiff layout, config in the metadata)")
     parser.add_argument("--weights", choices=("auto", "ema", "trained"), default="auto",
                         help="EMA or trained values (auto: EMA when the file has them)")  # fmt: skip
