@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, _update_n
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -94,7 +94,7 @@ class StepProgressBar(TQDMProgressBar):
         step = trainer.global_step
         bar = self.train_progress_bar
         if bar is not None and step != bar.n and self._should_update(step, bar.total):
-            _update_n(bar, step)
+            _show_step(bar, step)
             bar.set_postfix(self.get_metrics(trainer, pl_module))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -105,7 +105,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.counts_steps and not self.train_progress_bar.disable:
-            _update_n(self.train_progress_bar, trainer.global_step)
+            _show_step(self.train_progress_bar, trainer.global_step)
         super().on_train_end(trainer, pl_module)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float]:
@@ -113,3 +113,9 @@ class StepProgressBar(TQDMProgressBar):
         if self.counts_steps:
             metrics["epoch"] = trainer.current_epoch
         return metrics
+
+
+def _show_step(bar: Tqdm, step: int) -> None:
+    if not bar.disable:
+        bar.n = step
+        bar.refresh()
