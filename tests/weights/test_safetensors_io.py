@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from tests.callbacks.test_lora import tiny_net
+from vdiff.callbacks.checkpoint_eval import load_module
+from vdiff.callbacks.exported_module import is_export
 from vdiff.callbacks.lora import (
     ADAPTER_WEIGHTS,
     VDT_TEMPORAL_ATTENTION,
@@ -90,6 +92,16 @@ def test_a_cut_adapter_file_names_itself(tmp_path):
         read_adapter_weights(folder)
     with pytest.raises(WeightsFileError, match=re.escape(f"{weights}: not a readable safetensors file (100 bytes")):
         load_adapter(tiny_net(), folder)
+
+
+def test_a_cut_export_names_itself_instead_of_being_read_as_a_checkpoint(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_whole(tmp_path / "whole.safetensors")[:20])
+    with pytest.raises(WeightsFileError, match=re.escape(f"{path}: not a readable safetensors file (20 bytes")):
+        load_module(str(path))
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"not safetensors")
+    assert not is_export(checkpoint) and not is_export(tmp_path / "missing.ckpt")
 
 
 def test_a_folder_in_place_of_the_file_names_it(tmp_path):

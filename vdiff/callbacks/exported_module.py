@@ -68,13 +68,19 @@ def module_entries(checkpoint: Mapping[str, Any], state: Mapping[str, Tensor], l
 
 
 def is_export(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a safetensors file (as ``vdiff export`` writes) rather than a training checkpoint."""
-    from safetensors import SafetensorError, safe_open
+    """Whether ``path`` is a safetensors file (as ``vdiff export`` writes) rather than a training checkpoint. A
+    ``.safetensors`` file that cannot be read (truncated, empty) raises
+    :class:`~vdiff.weights.safetensors_io.WeightsFileError` naming it, instead of being read as a checkpoint."""
+    from vdiff.weights.safetensors_io import WeightsFileError, open_safetensors
 
     try:
-        with safe_open(str(path), framework="pt"):
+        with open_safetensors(path):
             return True
-    except (SafetensorError, OSError, ValueError):
+    except WeightsFileError:
+        if str(path).endswith(".safetensors"):
+            raise
+        return False
+    except OSError:
         return False
 
 
