@@ -131,14 +131,21 @@ def _print_lightning_help(command: str) -> None:
     print("All options (loading Lightning...)\n", flush=True)
 
 
+def tool_parser(module_path: str, prog: str, description: str) -> argparse.ArgumentParser:
+    """The argparse parser of one tool (``vdiff data shards``, ``vdiff sample`` ...): its module's
+    ``add_arguments``. Parsing with it checks a command line without running the tool (tests check the
+    commands the docs show with it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    importlib.import_module(module_path).add_arguments(parser)
+    return parser
+
+
 def _run_tool(module_path: str, prog: str, description: str, argv: Sequence[str], catch: bool) -> int:
     """Parse ``argv`` with the tool's arguments and run it. With ``catch`` (from the shell, no debug switch) a
     user error (:func:`vdiff.errors.is_user_error`) is one line on stderr and exit status 2; anything else, and
     every error without ``catch``, propagates with its traceback."""
     module = importlib.import_module(module_path)
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    module.add_arguments(parser)
-    args = parser.parse_args(list(argv))
+    args = tool_parser(module_path, prog, description).parse_args(list(argv))
     try:
         return int(module.run(args) or 0)
     except Exception as err:
