@@ -195,3 +195,26 @@ def test_offline_an_uncached_id_says_what_to_fetch_where(hub_home, monkeypatch):
                    "huggingface-cli download stabilityai/stable-video-diffusion-img2vid-xt"):  # fmt: skip
         assert needle in message, needle
     assert "\n" not in message and isinstance(err.value, FileNotFoundError)
+
+
+def test_a_sharded_folder_brings_the_shards_its_index_names_and_not_the_fp16_ones(hub_home, monkeypatch):
+    shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    half = "diffusion_pytorch_model.fp16-00001-of-00001.safetensors"
+    files = {
+        "unet/config.json": b"{}",
+        "unet/diffusion_pytorch_model.safetensors.index.json": json.dumps({"weight_map": dict(zip("ab", shards))}).encode(),
+        f"unet/{shards[0]}": b"1",
+        f"unet/{shards[1]}": b"2",
+        "unet/diffusion_pytorch_model.fp16.safetensors.index.json": json.dumps({"weight_map": {"a": half}}).encode(),
+        f"unet/{half}": b"h",
+    }
+    hub = FakeHub({"org/sharded": files})
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        folder = resolve_hub_path("hf://org/sharded/unet")
+        assert sorted(hub.downloads()) == sorted(f for f in files if f != f"unet/{half}")  # the fp16 index is json
+        assert (folder / shards[1]).read_bytes() == b"2"
+    finally:
+        hub.close()

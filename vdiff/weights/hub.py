@@ -343,7 +343,12 @@ def _resolve_online(hub: HubId, what: str) -> Path:
                 f"{what}{hub}: {hub.repo_id} has no folder {hub.path!r} (its top level: {', '.join(top[:20])})"
             )
     snapshot = _download(hub, wanted)
-    indexes = [snapshot / f for f in wanted if f.endswith(".index.json") and PurePosixPath(f).name in weights_preference()]
+    if hub.is_file:
+        indexes = [snapshot / hub.path] if hub.path.endswith(".index.json") else []
+    else:  # the shard index a model folder's reader picks (not the fp16 variant's index beside it)
+        picks = _model_folders(wanted).items()
+        indexes = [snapshot / (pick if model == "." else f"{model}/{pick}") for model, pick in picks
+                   if pick is not None and pick.endswith(".index.json")]  # fmt: skip
     if indexes:
         _download(hub, _shards(indexes, snapshot))
     return snapshot / hub.path if hub.path else snapshot

@@ -224,7 +224,7 @@ def cached_file(preset: WeightsPreset) -> Path:
 
 
 def fetch(preset: WeightsPreset | str, progress: bool = True) -> Path:
-    """The local path of a preset: a URL preset's cached file (downloaded and verified on first use), a hub preset's
+    """The local path of a preset: a URL preset's :func:`local_file` (else downloaded and verified), a hub preset's
     file or folder in the Hugging Face cache (downloaded on first use). Errors are one line naming what to fetch and
     where (:class:`vdiff.weights.download.WeightsUnavailableError` when offline)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
@@ -234,10 +234,11 @@ def fetch(preset: WeightsPreset | str, progress: bool = True) -> Path:
         return resolve_hub_path(preset.source, what=preset.name)
     from vdiff.weights.download import download
 
-    target = cached_file(preset)
-    if target.is_file():
-        return target
-    return download(preset.source, target, preset.sha256, progress=progress, hint=f"vdiff weights download {preset.name}")
+    found = local_file(preset)
+    if found is not None:
+        return found
+    return download(preset.source, cached_file(preset), preset.sha256, progress=progress,
+                    hint=f"vdiff weights download {preset.name}")  # fmt: skip
 
 
 def local_file(preset: WeightsPreset) -> Path | None:
@@ -254,5 +255,4 @@ def local_file(preset: WeightsPreset) -> Path | None:
 def lpips_backbone(net: str) -> Path:
     """The torchvision backbone file of LPIPS ``net`` (``alex``, ``vgg``, ``squeeze``): :func:`local_file` of the
     ``lpips-<net>`` preset, else downloaded into the weights cache on first use (hash checked)."""
-    preset = get_preset(f"lpips-{net}")
-    return local_file(preset) or fetch(preset)
+    return fetch(f"lpips-{net}")
