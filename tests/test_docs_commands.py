@@ -169,6 +169,17 @@ def _spans(paragraph: list[tuple[int, str]], name: str) -> list[DocCommand]:
     return found
 
 
+def _command_line(
+    pending: tuple[int, str] | None, lineno: int, line: str, name: str
+) -> tuple[tuple[int, str] | None, list[DocCommand]]:
+    """One more line of a command line: (the command still continued with `\\`, or None; the commands completed)."""
+    start, command = pending if pending else (lineno, "")
+    command = f"{command} {line.strip()}".strip()
+    if command.endswith("\\"):
+        return (start, command[:-1].rstrip()), []
+    return None, commands_in_shell(command, f"{name}:{start}", mention=False, last=lineno)
+
+
 def commands_in_markdown(text: str, name: str) -> list[DocCommand]:
     found: list[DocCommand] = []
     paragraph: list[tuple[int, str]] = []
@@ -187,13 +198,8 @@ def commands_in_markdown(text: str, name: str) -> list[DocCommand]:
                 found += _spans(paragraph, name)
                 paragraph = []
         elif fence in SHELL_FENCES:
-            start, command = pending if pending else (lineno, "")
-            command = f"{command} {line.strip()}".strip()
-            if command.endswith("\\"):
-                pending = (start, command[:-1].rstrip())
-                continue
-            pending = None
-            found += commands_in_shell(command, f"{name}:{start}", mention=False, last=lineno)
+            pending, done = _command_line(pending, lineno, line, name)
+            found += done
     return found + _spans(paragraph, name)
 
 
@@ -216,13 +222,8 @@ def commands_in_recipe(text: str, name: str) -> list[DocCommand]:
             continue
         body = stripped[1:]
         if pending or RECIPE_COMMAND_LINE.match(body):
-            start, command = pending if pending else (lineno, "")
-            command = f"{command} {body.strip()}".strip()
-            if command.endswith("\\"):
-                pending = (start, command[:-1].rstrip())
-                continue
-            pending = None
-            found += commands_in_shell(command, f"{name}:{start}", mention=False, last=lineno)
+            pending, done = _command_line(pending, lineno, body, name)
+            found += done
         else:
             paragraph.append((lineno, body))
     return found + _spans(paragraph, name)
