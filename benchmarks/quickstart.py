@@ -80,6 +80,7 @@ def main() -> int:
     extra = [a for a in args.fit_args if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "free"
+        free_load = os.getloadavg()[0]
         seconds, result = fit(args.recipe, work, extra)
         if result.returncode != 0:
             print(result.stderr[-3000:])
@@ -94,7 +95,7 @@ def main() -> int:
         rates = []
         if args.background:
             free_rate = training_rate(work, args.rate_from, args.rate_steps)
-            rates.append((0, os.getloadavg()[0], free_rate))
+            rates.append((0, free_load, free_rate))
             for n in args.background:
                 run = Path(tmp) / f"background{n}"
                 load = os.getloadavg()[0]
