@@ -107,7 +107,7 @@ def export(
         raise ValueError(f"vdiff export: {out} should end in .safetensors")
     from vdiff.callbacks.checkpoint_eval import load_module
     from vdiff.callbacks.exported_module import ENTRIES_KEY, module_entries
-    from vdiff.callbacks.lora import adapter_names, save_adapter, unload_adapters
+    from vdiff.callbacks.lora import adapter_names, named_adapter_folder, save_adapter, unload_adapters
     from vdiff.weights.safetensors_io import save_state_dict
 
     module = load_module(str(ckpt), map_location="cpu", use_ema=ema)
@@ -118,7 +118,7 @@ def export(
     if lora and not merge_lora:
         folder = out.with_name(f"{out.stem}_lora")
         for name in adapter_names(net):
-            written.append(save_adapter(net, name, folder / name))
+            written.append(save_adapter(net, name, named_adapter_folder(folder, name)))
     if lora:
         unload_adapters(net, merge=merge_lora)
     metadata = {"vdiff_module": class_path, "vdiff_weights": "ema" if ema else "trained", ENTRIES_KEY: entries}

@@ -149,3 +149,19 @@ def test_a_kill_between_the_renames_reads_the_new_folder_and_the_next_write_reco
     assert loaded_value(folder) == 2.0  # the new, complete folder (it matches the checkpoint written before it)
     lora.recover_adapter_folders(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_lora"] and loaded_value(folder) == 2.0
+
+
+@pytest.mark.parametrize("name", ["../escaped", "/abs/adapter", "sub/dir", "..", "a.b"])
+def test_an_adapter_name_never_chooses_a_folder_outside_its_own(tmp_path, name):
+    """Adapter names come from recipes and from checkpoints someone sent: a name that is not plain is refused
+    (naming it) before anything is written, by the checkpoint writer and by `vdiff export`/loading alike."""
+    configs, states = adapters(0.5)
+    configs = {name: configs["temporal"]}
+    states = {name: states["temporal"]}
+    folder = tmp_path / "box" / "last_lora"
+    with pytest.raises(ValueError, match="cannot name a folder"):
+        write_adapter_folders(folder, configs, states)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.resolve().is_relative_to((tmp_path / "box").resolve()) for p in written), written
+    assert not any(p.name == ADAPTER_WEIGHTS for p in written)
+    assert lora.named_adapter_folder(folder, "spatial-2_x") == folder / "spatial-2_x"

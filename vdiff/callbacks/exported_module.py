@@ -111,7 +111,7 @@ def load_exported_module(path: str | os.PathLike, map_location: str | torch.devi
     ``load_from_checkpoint`` of the exported entries, the network's weights added to the state dict right
     before its strict load), with separate LoRA adapters loaded from ``<stem>_lora/``; in eval mode."""
     from vdiff.callbacks.checkpoint_eval import checkpoint_module_class
-    from vdiff.callbacks.lora import LORA_KEY, load_adapter
+    from vdiff.callbacks.lora import LORA_KEY, load_adapter, named_adapter_folder
     from vdiff.lit.load_hooks import after_on_load_checkpoint
     from vdiff.lit.safe_loading import refusing_code
     from vdiff.weights.safetensors_io import read_safetensors
@@ -138,7 +138,8 @@ def load_exported_module(path: str | os.PathLike, map_location: str | torch.devi
     if lora:  # kept separate: the base network in the file, the adapters in peft folders beside it
         folder = path.with_name(f"{path.stem}_lora")
         for name in lora["adapters"]:
-            if not (folder / name).is_dir():
-                raise FileNotFoundError(f"{path}: its LoRA adapter {name!r} is missing (expected the folder {folder / name})")
-            load_adapter(getattr(module, NETWORK), folder / name, name)
+            adapter = named_adapter_folder(folder, name)
+            if not adapter.is_dir():
+                raise FileNotFoundError(f"{path}: its LoRA adapter {name!r} is missing (expected the folder {adapter})")
+            load_adapter(getattr(module, NETWORK), adapter, name)
     return module.eval()

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from vdiff.callbacks.ema import EMA_KEY, full_tensor, local_tensor, reshard_fsdp
+from vdiff.data.names import safe_name
 from vdiff.lit.load_hooks import after_on_load_checkpoint
 from vdiff.models.lora_targets import DEFAULT_LORA_PRESET, lora_preset
 from vdiff.models.unet_svd import UNetSVD
@@ -394,6 +395,17 @@ def adapter_folder(checkpoint_path: str | Path, ema: bool = False) -> Path:
     return path.with_name(f"{path.stem}_lora{'_ema' if ema else ''}")
 
 
+def named_adapter_folder(folder: str | Path, name: str) -> Path:
+    """``folder/<name>``, the folder of adapter ``name`` beside a checkpoint or an export. Adapter names come
+    from recipes and from checkpoints (a stranger's file too), so only plain names (letters, digits, ``_``,
+    ``-``) may name a folder: ``../x`` or ``/abs`` would write or read outside ``folder``."""
+    if safe_name(name) != name:
+        raise ValueError(
+            f"LoRA adapter name {name!r} cannot name a folder under {folder}: use letters, digits, '_' and '-' only"
+        )
+    return Path(folder) / name
+
+
 def _swap_names(folder: Path) -> tuple[Path, Path]:
     """``(X_lora.tmp, X_lora.old)``: the new folder being written and the replaced one, beside ``folder``."""
     return folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
@@ -409,7 +421,7 @@ def write_adapter_folders(folder: Path, configs: Mapping[str, Any], states: Mapp
     tmp, old = _swap_names(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     for name, state in states.items():
-        write_adapter(tmp / name, configs[name], state)
+        write_adapter(named_adapter_folder(tmp, name), configs[name], state)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
