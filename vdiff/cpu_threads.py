@@ -4,13 +4,13 @@ PyTorch runs its CPU kernels on OpenMP threads, one per core (libgomp in the Lin
 thread that has finished its part of a kernel spins (about 300,000 turns) waiting for the next one. On a machine
 where other processes want the cores too, the spinning thread holds a core that another process needs while its
 partner thread waits to be scheduled, and every kernel then waits for a scheduler time slice. On 2 cores the
-quickstart VDT trained about 4x slower beside 4-6 busy processes than its fair share would give
-(``benchmarks/quickstart.py --background N`` measures it); with waiting threads that sleep at once
-(``OMP_WAIT_POLICY=PASSIVE``) it trained about as fast as one thread alone, its fair share.
+quickstart VDT trained 5-8x slower with the default than with passive waits whenever other processes were running
+(``benchmarks/quickstart.py --background N`` measures it): with waiting threads that sleep at once
+(``OMP_WAIT_POLICY=PASSIVE``) it kept within ~15% of one thread running alone on the core left free.
 
 :func:`share_cores_fairly` sets that policy for the ``vdiff`` command before PyTorch is imported (the OpenMP runtime
 reads it when it loads). A wait policy the user chose (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) is kept:
-``OMP_WAIT_POLICY=ACTIVE vdiff fit ...`` restores the spinning on a machine that runs nothing else.
+``GOMP_SPINCOUNT=300000 vdiff fit ...`` restores libgomp's own default (spin, then sleep).
 """
 
 from __future__ import annotations
