@@ -1,7 +1,7 @@
 """Reading checkpoint files without running code from them.
 
 A ``.ckpt`` file is a pickle, and unpickling runs whatever callables the file names: a checkpoint someone
-sends you, read with ``torch.load(weights_only=False)``, can run any code. Every checkpoint vdiff reads goes
+sends you, read by a plain unrestricted ``torch.load``, can run any code. Every checkpoint vdiff reads goes
 through this module instead:
 
 * :func:`load_checkpoint` reads a file with torch's ``weights_only`` unpickler, which builds tensors,
@@ -179,7 +179,7 @@ def load_distributed_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
 
     class SafePlanner(_EmptyStateDictLoadPlanner):  # rebuilds the state dict from the metadata
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            # DCP reads non-tensor entries with torch.load(weights_only=False): check them with vdiff's
+            # DCP reads non-tensor entries with an unrestricted torch.load: check them with vdiff's
             # loader first (a pickle that loads with weights_only=True builds the same allowed objects either way).
             with refusing_code(f"{folder} (entry {read_item.dest_index.fqn})", file=value):
                 torch.load(value, map_location="cpu", weights_only=True)
