@@ -25,6 +25,7 @@ import pytest
 # Layer order, bottom (0) to top. Same rank = siblings that may not import each other.
 LAYERS: dict[str, int] = {
     "vdiff.__init__": 0,  # vdiff/__init__.py (``__version__``): runs before every vdiff module
+    "vdiff.cache": 0,  # the cache root ($VDIFF_CACHE; stdlib only): every layer may use it
     "vdiff.errors": 0,  # which exceptions are user errors (stdlib only): every layer may use it
     "vdiff.nn": 1,  # building blocks: attention, norms, embeddings, resnet blocks
     "vdiff.models": 2,  # plain nn.Module networks: VDT, autoencoders, discriminators

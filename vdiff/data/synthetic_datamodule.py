@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from vdiff.cache import cache_root
 from vdiff.data.datamodule import VideoDataModule
 from vdiff.data.synthetic import ensure_synthetic_splits
 
 
 def default_cache_dir() -> Path:
     """``$VDIFF_CACHE`` or ``$XDG_CACHE_HOME/vdiff`` or ``~/.cache/vdiff``."""
-    if os.environ.get("VDIFF_CACHE"):
-        return Path(os.environ["VDIFF_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vdiff"
+    return cache_root()
 
 
 class SyntheticDrivingDataModule(VideoDataModule):

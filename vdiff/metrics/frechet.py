@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from vdiff.cache import cache_root
+
 CovDivisor = Literal["N", "N-1"]
 COV_DIVISORS: tuple[str, ...] = ("N", "N-1")
 STATS_FORMAT = "vdiff-frechet-stats-1"
@@ -236,9 +238,7 @@ def to_uint8(video: Tensor) -> Tensor:
 
 def default_stats_dir() -> Path:
     """``$VDIFF_CACHE/frechet_stats`` (else ``$XDG_CACHE_HOME/vdiff`` or ``~/.cache/vdiff``)."""
-    root = os.environ.get("VDIFF_CACHE")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vdiff"
-    return base / "frechet_stats"
+    return cache_root() / "frechet_stats"
 
 
 def stats_key(protocol: Mapping[str, Any], data_id: str) -> str:

@@ -31,6 +31,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vdiff.cache import cache_root
+
 HUB_SCHEME = "hf://"
 CACHE_ENV = "VDIFF_WEIGHTS_CACHE"  # overrides $VDIFF_CACHE/weights
 SVD_LICENCE = (
@@ -194,9 +196,7 @@ def weights_cache_dir() -> Path:
     ``$XDG_CACHE_HOME/vdiff/weights`` (``~/.cache/vdiff/weights``)."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
-    root = os.environ.get("VDIFF_CACHE")
-    base = Path(root).expanduser() if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vdiff"
-    return base / "weights"
+    return cache_root() / "weights"
 
 
 def get_preset(name: str) -> WeightsPreset:
