@@ -190,3 +190,43 @@ def test_fit_checks_data_paths_before_training(tmp_path, monkeypatch, capsys):
     assert "`vdiff data shards VIDEO_FOLDER" in empty
     assert "GPU available" not in err  # before the Trainer (and its banner)
     assert not (tmp_path / "runs").exists()  # nothing trained or logged
+
+
+def test_fit_names_every_missing_weights_file_before_building(tmp_path, monkeypatch, capsys):
+    """svd_img2vid.yaml with local paths for its three weights: all three named in one line, before anything is
+    built (the first loader alone used to stop at the UNet)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing reaches the network even if a hub id were left
+    monkeypatch.delenv("VDIFF_WEIGHTS", raising=False)
+    w = tmp_path / "weights"
+    code, err = shell(monkeypatch, capsys, "fit", "-c", REPO / "recipes" / "svd_img2vid.yaml",
+                      "--model.init_args.net_weights", w / "unet",
+                      "--model.init_args.image_encoder.init_args.path", w / "image_encoder",
+                      "--model.init_args.autoencoder.init_args.path", w / "vae",
+                      "--trainer.default_root_dir", tmp_path / "runs")  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("vdiff fit: error: ")]
+    assert "3 files are missing: " in line
+    for option, name in (("model.init_args.net_weights", "unet"),
+                         ("model.init_args.image_encoder.init_args.path", "image_encoder"),
+                         ("model.init_args.autoencoder.init_args.path", "vae")):  # fmt: skip
+        assert f"{option}: {w / name}" in line
+    assert "VDIFF_WEIGHTS" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipe_weight_paths_finds_weights_keys_and_hub_ids():
+    from vdiff.lit.weights_check import recipe_weight_paths
+
+    config = {
+        "model": {"class_path": "vdiff.lit.svd.SVDModule", "init_args": {
+            "net_weights": "w/unet", "prior_weights": {1: 1.0}, "path": "not/a/weights/class",
+            "image_encoder": {"class_path": "vdiff.weights.clip.PretrainedCLIPImageEmbedder",
+                              "init_args": {"path": "w/clip"}},
+            "extra": ["hf://org/repo/file.safetensors", {"fvd_weights": None}],
+        }},
+    }  # fmt: skip
+    assert list(recipe_weight_paths(config)) == [
+        ("model.init_args.net_weights", "w/unet"),
+        ("model.init_args.image_encoder.init_args.path", "w/clip"),
+        ("model.init_args.extra[0]", "hf://org/repo/file.safetensors"),
+    ]

@@ -21,7 +21,8 @@ def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, 
 
 class FileServer:
     """Serves ``files`` over HTTP with Range support; ``modes[name]``: ``corrupt`` (other bytes), ``truncate`` (stops
-    half-way, once), ``norange`` (ignores Range). ``requests`` records (path, Range header)."""
+    half-way, once), ``norange`` (ignores Range), ``page`` (an HTML page instead of the file, as a file host's
+    confirmation or login page). ``requests`` records (path, Range header)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -42,6 +43,14 @@ class FileServer:
                     self.end_headers()
                     return
                 data, mode = server.files[name], server.modes.get(name, "ok")
+                if mode == "page":
+                    page = b"<!DOCTYPE html><html><body>Google Drive can't scan this file for viruses.</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 if mode == "corrupt":
                     data = data[:-1] + bytes([data[-1] ^ 0xFF])
                 start = int(ranged.removeprefix("bytes=").rstrip("-")) if ranged and mode != "norange" else 0

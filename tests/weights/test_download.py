@@ -217,3 +217,51 @@ def test_every_url_preset_names_a_file_and_pins_only_published_hashes():
             assert preset.note, preset.name  # why there is no pin
     assert {p.file for p in registry.PRESETS.values() if p.name.startswith("lpips-")} == {
         "alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "squeezenet1_1-b8a52dc0.pth"}  # fmt: skip
+
+
+def test_a_web_page_instead_of_the_file_is_refused_and_nothing_is_recorded(server, online):
+    """An unpinned file (no published hash) would record whatever arrives first: a file host's HTML page (Google
+    Drive's virus-scan confirmation, a login wall) must never become the cached weights."""
+    server.modes["i3d_torchscript.pt"] = "page"
+    target = online / "i3d_torchscript.pt"
+    with pytest.raises(DownloadError) as err:
+        download(f"{server.url}/i3d_torchscript.pt", target, None)
+    message = str(err.value)
+    assert "web page (text/html)" in message and "i3d_torchscript.pt" in message and "\n" not in message
+    assert not target.exists() and recorded_digest(target) is None
+    assert not target.with_name("i3d_torchscript.pt.partial").exists()
+    server.modes["i3d_torchscript.pt"] = "ok"  # the link fixed: the real file arrives
+    assert download(f"{server.url}/i3d_torchscript.pt", target, None).read_bytes() == PAYLOAD
+
+
+def test_a_vdt_release_is_fetched_by_its_preset_name_and_loads_strictly(online, monkeypatch, tmp_path):
+    """`vdiff weights download vdt-sky-timelapse` / load_vdt_checkpoint(model, "vdt-sky-timelapse"): the reference's
+    DiT-style training checkpoint ({model, ema, args}: an argparse.Namespace pickled beside the tensors) is fetched
+    from its (here: local) address into the weights cache and its EMA weights load strictly."""
+    import argparse
+    import io
+
+    from vdiff.models.vdt import VDT, VDTConfig
+    from vdiff.weights.vdt import load_vdt_checkpoint
+
+    config = VDTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                       num_frames=4, learn_sigma=False)  # fmt: skip
+    torch.manual_seed(0)
+    reference = VDT(config)
+    params = dict(reference.named_parameters())
+    ema = {k: v + 0.5 if k in params else v for k, v in reference.state_dict().items()}  # buffers: fixed tables
+    buffer = io.BytesIO()
+    torch.save({"model": reference.state_dict(), "ema": ema, "args": argparse.Namespace(model="VDT-L/2")}, buffer)
+    preset = registry.PRESETS["vdt-sky-timelapse"]
+    assert preset.source.startswith("https://drive.usercontent.google.com/download?id=") and "confirm=t" in preset.source
+    s = FileServer()
+    try:
+        s.files[preset.file] = buffer.getvalue()
+        monkeypatch.setitem(registry.PRESETS, preset.name, dataclasses.replace(preset, source=f"{s.url}/{preset.file}"))
+        monkeypatch.chdir(tmp_path)
+        model = load_vdt_checkpoint(VDT(config), "vdt-sky-timelapse")
+    finally:
+        s.close()
+    assert (online / preset.file).is_file() and recorded_digest(online / preset.file) == sha(buffer.getvalue())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ema[key]), key

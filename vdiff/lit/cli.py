@@ -56,6 +56,7 @@ from vdiff.lit.checkpointing import (
 from vdiff.lit.progress import StepProgressBar
 from vdiff.lit.safe_loading import UnsafeCheckpointError, refusing_code
 from vdiff.lit.time_budget import TimeBudget
+from vdiff.lit.weights_check import check_recipe_weights
 
 
 class RecipeError(ValueError):
@@ -228,6 +229,9 @@ class VdiffLightningCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         try:
+            subcommand = self.config.get("subcommand")
+            # every missing weights file named at once, before the first loader stops at its own
+            check_recipe_weights(self.config[subcommand] if subcommand else self.config)
             super().instantiate_classes()
         except DataPathError as err:  # from check_data: named by its recipe key
             raise RecipeError(recipe_message(err)) from err

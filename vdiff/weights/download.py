@@ -133,6 +133,12 @@ def _download_locked(url: str, target: Path, sha256: str | None, progress: bool,
         reason = getattr(err, "reason", err)
         raise WeightsUnavailableError(f"{target.name} is not in {target.parent} and {url} cannot be reached ({reason}): {where}") from None
     with response:
+        kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind == "text/html":  # a file host's confirmation, login or error page: never a weights file
+            raise DownloadError(
+                f"{url}: the server sent a web page (text/html), not {target.name}; the link may need a login or a "
+                f"confirmation in a browser, or have moved: {where}"
+            )
         if start and response.status != 206:  # the server ignored the Range header: start again
             start, digest = 0, hashlib.sha256()
         length = response.headers.get("Content-Length")

@@ -94,6 +94,21 @@ def _torchvision(name: str, file: str, prefix: str, size: str, net: str) -> Weig
     )
 
 
+def _vdt_release(name: str, drive_id: str, what: str) -> WeightsPreset:
+    """A RERV/VDT release: a Google Drive file, fetched through Drive's direct-download address (``confirm=t`` skips
+    the virus-scan page that large files get; a page instead of the file is refused by the downloader)."""
+    return WeightsPreset(
+        name=name,
+        source=f"https://drive.usercontent.google.com/download?id={drive_id}&export=download&confirm=t",
+        file=f"{name.replace('-', '_')}.pt",
+        size="not published (a VDT-L/2 training checkpoint: several GB)",
+        licence="CC BY-NC 4.0 (RERV/VDT's LICENSE.txt): non-commercial use only",
+        purpose=f"{what}: a DiT-style {{model, ema, args}} file; load_vdt_checkpoint(VDT(config), {name!r}) reads "
+        "its EMA weights strictly (vdiff.weights.vdt), with the VDT-L/2 config of the reference's inference notebook",
+        note="RERV/VDT publishes no hash for it",
+    )
+
+
 PRESETS: dict[str, WeightsPreset] = {
     p.name: p
     for p in (
@@ -155,6 +170,17 @@ PRESETS: dict[str, WeightsPreset] = {
             "SD's KL-f8 autoencoder, decoder fine-tuned with MSE: VDT's latent space (recipe vdt_cityscapes)",
             "MIT",
             "335 MB",
+        ),
+        _vdt_release(
+            "vdt-sky-timelapse",
+            "1WIAOm4n0HkmOHMhUj3y6wLLemtz_Xj8b",
+            "VDT's released Sky Time-Lapse checkpoint (unified generation: prediction, backward, unconditional, "
+            "interpolation, spatial-temporal masks)",
+        ),
+        _vdt_release(
+            "vdt-physion-collide",
+            "108XteBW8omQhGOqwkS4Rnd1YfzOxN3YL",
+            "VDT's released Physion-Collision checkpoint (conditional generation: video prediction)",
         ),
         WeightsPreset(
             "i3d-torchscript",
