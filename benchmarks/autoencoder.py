@@ -6,7 +6,7 @@ decode peak memory (vdiff chunking with overlap; diffusers chunked as its SVD pi
 
     python benchmarks/autoencoder.py --quick                 # tiny config, CPU, seconds
     python benchmarks/autoencoder.py --config small          # 4 levels (64..256 ch), 128 px, 8 frames
-    python benchmarks/autoencoder.py --config svd --device cuda --size 576x1024 --frames 14
+    python benchmarks/autoencoder.py --config svd --device cuda --size 576 1024 --frames 14
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the call; on CPU the
 process's resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) above the RSS
@@ -17,7 +17,7 @@ copies of both models (no compute); MFU = FLOPs / fastest time / the matmul rate
 (``matmul_rate`` of ``benchmarks/unet_step.py``: 8192^3 on CUDA). Overlapped chunks decode more frames, so their
 FLOPs are higher for the same output. ``--json PATH`` also writes the table as JSON.
 
-    python benchmarks/autoencoder.py --config svd --device cuda --dtype bfloat16 --size 576x1024 --frames 14 --chunk 4 --overlap 1
+    python benchmarks/autoencoder.py --config svd --device cuda --dtype bfloat16 --size 576 1024 --frames 14 --chunk 4 --overlap 1
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vdiff.data.frame_size import add_size_argument  # noqa: E402
 from vdiff.models.autoencoder import VideoAutoencoder, window_starts  # noqa: E402
 from vdiff.weights.autoencoder import config_from_diffusers  # noqa: E402
 from vdiff.weights.autoencoder_convert import from_diffusers  # noqa: E402
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny config, 2 repeats")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--size", help="HxW (default per config)")
+    add_size_argument(parser, None, "frame size (default per config)")
     parser.add_argument("--frames", type=int, help="frames per clip (default per config)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--chunk", type=int, default=4, help="frames per decode chunk")
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     _, _, (h, w), frames = PRESETS[args.config]
     if args.size:
-        h, w = (int(v) for v in args.size.lower().split("x"))
+        h, w = args.size
     frames = args.frames or frames
     b, t = args.batch, frames
 

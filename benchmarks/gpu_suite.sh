@@ -78,7 +78,7 @@ for part in "${PARTS[@]}"; do
       if [ "$SMOKE" = 1 ]; then
         run decode "$PY" benchmarks/autoencoder.py "${DEV[@]}" --quick --json "$OUT/decode.json"
       else
-        run decode "$PY" benchmarks/autoencoder.py --device cuda --dtype bfloat16 --config svd --size 576x1024 \
+        run decode "$PY" benchmarks/autoencoder.py --device cuda --dtype bfloat16 --config svd --size 576 1024 \
           --frames 14 --chunk 4 --overlap 1 --repeats 3 --json "$OUT/decode.json"
       fi ;;
     maxbatch)
