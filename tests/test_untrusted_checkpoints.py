@@ -228,3 +228,32 @@ print(h["conditioning"].cond_aug_lognormal, h["guidance"][0].max_scale, type(h["
     types, values = result.stdout.splitlines()
     assert types == str(sorted((k, type(v).__name__) for k, v in hparams.items()))
     assert values == "(-3.0, 0.5) 2.5 VScalingPrecond"
+
+
+@pytest.mark.parametrize("where", [".metadata", "entry", "meta.pt"])
+def test_vdiff_fit_ckpt_path_refuses_a_sharded_folder_before_training(where, marker, tmp_path):
+    """Resuming from a sharded (DCP) folder: Lightning's loader unpickles its `.metadata` and non-tensor entries
+    without limits, so the folder is checked first (only those parts are read) and refused in one message."""
+    import pickle
+
+    from vdiff.lit.cli import RecipeError
+
+    folder = sharded_folder(tmp_path, {"extra": Evil(marker)} if where == "entry" else None)
+    if where == ".metadata":
+        (folder / ".metadata").write_bytes(pickle.dumps(Evil(marker)))
+    elif where == "meta.pt":
+        torch.save(vdiff_like(Evil(marker)), folder / "meta.pt")
+    named = {"meta.pt": folder / "meta.pt", ".metadata": folder / ".metadata", "entry": f"{folder} (entry extra)"}
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    with pytest.raises(RecipeError) as err:
+        main(["fit", "-c", str(QUICKSTART), *TINY_VDT, *tiny_synthetic_data(cache), *quiet_trainer(runs),
+              "--ckpt_path", str(folder)])  # fmt: skip
+    assert_refused(str(err.value), named[where], marker)
+    assert not cache.exists()
+
+
+def test_a_clean_sharded_folder_passes_the_check(tmp_path):
+    from vdiff.lit.checkpointing import checkpoint_position
+
+    folder = sharded_folder(tmp_path, {"extra": {"lr": 0.1, "name": "x", "betas": (0.9, 0.99)}})
+    assert checkpoint_position(str(folder)) == "epoch 0, step 2"

@@ -56,7 +56,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vdiff.lit.safe_loading import UnsafeCheckpointError, load_checkpoint
+from vdiff.lit.safe_loading import UnsafeCheckpointError, check_distributed_checkpoint, load_checkpoint
 from vdiff.lit.scaling import is_sharded_checkpoint
 
 TMP_SUFFIX = ".tmp"
@@ -453,7 +453,13 @@ def resume_plan(
 
 def checkpoint_position(path: str) -> str:
     """``"epoch E, step S"`` of a checkpoint (read memory-mapped), or ``""`` when unreadable. A file that
-    would run code when loaded is refused (:class:`~vdiff.lit.safe_loading.UnsafeCheckpointError`)."""
+    would run code when loaded is refused (:class:`~vdiff.lit.safe_loading.UnsafeCheckpointError`); so is a
+    sharded checkpoint folder whose DCP index or non-tensor entries would, or whose ``meta.pt`` would."""
+    if Path(path).is_dir():
+        check_distributed_checkpoint(path)
+        path = str(Path(path) / "meta.pt")
+        if not Path(path).is_file():
+            return ""
     try:
         ckpt = load_checkpoint(path, mmap=True)
     except UnsafeCheckpointError:

@@ -153,6 +153,37 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 
 
 def load_distributed_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
+def _read_dcp_metadata(folder: Path) -> Any:
+    """The ``.metadata`` index of a DCP folder, unpickled without running code (:class:`UnsafeCheckpointError`)."""
+    from vdiff.lit.scaling import DCP_METADATA
+
+    index = folder / DCP_METADATA
+    with refusing_code(index), index.open("rb") as stream:
+        return _DCPMetadataUnpickler(stream).load()
+
+
+def check_distributed_checkpoint(folder: str | os.PathLike) -> None:
+    """Refuse a torch.distributed.checkpoint folder that would run code when Lightning resumes from it: DCP
+    unpickles its ``.metadata`` index and its non-tensor entries without limits. Only those are read (no tensor):
+    the index through :class:`_DCPMetadataUnpickler`, each entry with ``torch.load(weights_only=True)``;
+    :class:`UnsafeCheckpointError` names the file or entry and the refused objects."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = Path(folder)
+    metadata = _read_dcp_metadata(folder)
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue  # tensors: DCP reads their bytes, it does not unpickle them
+        if getattr(info, "transform_descriptors", None):  # compressed or otherwise transformed: read as DCP does
+            load_distributed_checkpoint(folder)
+            return
+        with open(folder / info.relative_path, "rb") as stream:
+            stream.seek(info.offset)
+            value = io.BytesIO(stream.read(info.length))
+        with refusing_code(f"{folder} (entry {index.fqn})", file=value):
+            torch.load(value, map_location="cpu", weights_only=True)
+
+
     """The state dict saved in a torch.distributed.checkpoint folder (every rank's shards put together),
     on one process. Unlike DCP's own readers, the ``.metadata`` index and the non-tensor entries are read
     without running code (:class:`UnsafeCheckpointError` otherwise); tensors are read as DCP reads them."""
@@ -163,12 +194,8 @@ def load_distributed_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
     from torch.distributed.checkpoint.metadata import StorageMeta
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from vdiff.lit.scaling import DCP_METADATA
-
     folder = Path(folder)
-    index = folder / DCP_METADATA
-    with refusing_code(index), index.open("rb") as stream:
-        metadata = _DCPMetadataUnpickler(stream).load()
+    metadata = _read_dcp_metadata(folder)
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # DCP's own unpickles with pickle.load
