@@ -152,7 +152,6 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name} was not an allowed global")
 
 
-def load_distributed_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
 def _read_dcp_metadata(folder: Path) -> Any:
     """The ``.metadata`` index of a DCP folder, unpickled without running code (:class:`UnsafeCheckpointError`)."""
     from vdiff.lit.scaling import DCP_METADATA
@@ -184,6 +183,7 @@ def check_distributed_checkpoint(folder: str | os.PathLike) -> None:
             torch.load(value, map_location="cpu", weights_only=True)
 
 
+def load_distributed_checkpoint(folder: str | os.PathLike) -> dict[str, Any]:
     """The state dict saved in a torch.distributed.checkpoint folder (every rank's shards put together),
     on one process. Unlike DCP's own readers, the ``.metadata`` index and the non-tensor entries are read
     without running code (:class:`UnsafeCheckpointError` otherwise); tensors are read as DCP reads them."""
