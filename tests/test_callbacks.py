@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import torch
 
-from vdiff.callbacks.ema import EMA, load_ema_weights
-from vdiff.callbacks.sample_videos import GENERATED_COLOUR, GIVEN_COLOUR, mark_frames
+from vdiff.callbacks.ema import EMA
+from vdiff.lit.checkpointing import load_ema_weights
+from vdiff.lit.frame_marks import GENERATED_COLOUR, GIVEN_COLOUR, mark_frames
 
 
 class Tiny(torch.nn.Module):

@@ -6,8 +6,12 @@ prefixes its dotted name: ``vdiff.data.convert.cityscapes`` is in ``vdiff.data``
 ``vdiff/__init__.py`` itself is ``vdiff.__init__``: Python runs it before every vdiff module, so it
 sits at the bottom and may import nothing from vdiff; so does ``vdiff.errors`` (a module, not a package).
 
-Packages with the same rank are siblings that may not import each other: ``vdiff.data``,
-``vdiff.metrics`` and ``vdiff.weights`` are independent (none imports another).
+Packages with the same rank are siblings that may not import each other: ``vdiff.models`` and
+``vdiff.diffusion`` are independent (the diffusion core knows no model, and the networks know no process), and
+so are ``vdiff.data``, ``vdiff.metrics`` and ``vdiff.weights`` (none imports another).
+
+``LEAVES`` are packages that nothing outside them imports, whatever its layer: ``vdiff.callbacks`` (recipes name
+the callbacks by ``class_path``; the mechanisms they use live below them, so the tools never import a callback).
 
 Every ``.py`` under ``vdiff/`` is parsed with :mod:`ast`; imports at module level, inside functions
 and classes and under ``if TYPE_CHECKING:`` all count, relative imports are resolved, and so are
@@ -28,15 +32,17 @@ LAYERS: dict[str, int] = {
     "vdiff.cache": 0,  # the cache root ($VDIFF_CACHE; stdlib only): every layer may use it
     "vdiff.errors": 0,  # which exceptions are user errors (stdlib only): every layer may use it
     "vdiff.nn": 1,  # building blocks: attention, norms, embeddings, resnet blocks
-    "vdiff.models": 2,  # plain nn.Module networks: VDT, autoencoders, discriminators
-    "vdiff.diffusion": 3,  # EDM / DDPM processes, samplers, guidance, masks (know no model)
-    "vdiff.data": 4,  # shards, schema, decoding, datamodules, converters (vdiff.data.convert)
-    "vdiff.metrics": 4,  # PSNR/SSIM, LPIPS, blob probes
-    "vdiff.weights": 4,  # safetensors I/O, checkpoint converters
-    "vdiff.lit": 5,  # LightningModules and the Lightning CLI
-    "vdiff.callbacks": 6,  # Lightning callbacks: EMA, sample videos, checkpoint evaluation
-    "vdiff": 7,  # top-level tools: vdiff/cli.py, sample.py, encode.py, any other vdiff/*.py
+    "vdiff.models": 2,  # plain nn.Module networks: VDT, autoencoders, discriminators (know no process)
+    "vdiff.diffusion": 2,  # EDM / DDPM processes, samplers, guidance, masks (know no model)
+    "vdiff.data": 3,  # shards, schema, decoding, datamodules, converters (vdiff.data.convert)
+    "vdiff.metrics": 3,  # PSNR/SSIM, LPIPS, blob probes
+    "vdiff.weights": 3,  # safetensors I/O, checkpoint converters, peft's adapter files
+    "vdiff.lit": 4,  # LightningModules, the Lightning CLI, module loading, adapters, scaling
+    "vdiff.callbacks": 5,  # Lightning callbacks: EMA, LoRA, sample videos, checkpoint evaluation
+    "vdiff": 6,  # top-level tools: vdiff/cli.py, sample.py, encode.py, any other vdiff/*.py
 }
+# Packages nothing outside them may import (a tool or a module imports the mechanism below, never a callback).
+LEAVES: tuple[str, ...] = ("vdiff.callbacks",)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "vdiff"
@@ -118,12 +124,18 @@ def imported_modules(source: str, module: str, is_package: bool, known: set[str]
 
 
 def upward_imports(source: str, module: str, path: str, is_package: bool, known: set[str]) -> list[str]:
-    """One line per import of ``source`` that goes to a higher layer or to a sibling package."""
+    """One line per import of ``source`` that goes to a higher layer, to a sibling package, or into a leaf
+    package (``LEAVES``) from outside it."""
     own = layer_of(module)
     problems = []
     for line, target in imported_modules(source, module, is_package, known):
         other = layer_of(target)
-        if other == own or LAYERS[other] < LAYERS[own]:
+        if other == own:
+            continue
+        if other in LEAVES:
+            problems.append(f"{path}:{line} imports {target} (nothing outside {layer_label(other)} may import it)")
+            continue
+        if LAYERS[other] < LAYERS[own]:
             continue
         relation = "above" if LAYERS[other] > LAYERS[own] else "a sibling of"
         problems.append(f"{path}:{line} imports {target} ({layer_label(other)} is {relation} {layer_label(own)})")
@@ -192,15 +204,30 @@ def other():
     assert problems == [
         "vdiff/models/fake.py:10 imports vdiff.weights.autoencoder_convert (weights is above models)",
         "vdiff/models/fake.py:15 imports vdiff.lit.base (lit is above models)",
-        "vdiff/models/fake.py:16 imports vdiff.callbacks.ema (callbacks is above models)",
+        "vdiff/models/fake.py:16 imports vdiff.callbacks.ema (nothing outside callbacks may import it)",
         "vdiff/models/fake.py:17 imports vdiff.cli (top-level vdiff/*.py is above models)",
         "vdiff/models/fake.py:20 imports vdiff.metrics.frames (metrics is above models)",
     ]
     sibling = upward_imports("from vdiff.data.shards import x\n", "vdiff.metrics.frames", "m.py", False, known)
     assert sibling == ["m.py:1 imports vdiff.data.shards (data is a sibling of metrics)"]
-    # A top-level tool may import anything; the bottom may import nothing.
+    # The networks and the diffusion core know nothing of each other, either way.
+    known |= {"vdiff.diffusion", "vdiff.diffusion.edm"}
+    assert upward_imports("from vdiff.models.vdt import VDT\n", "vdiff.diffusion.edm", "d.py", False, known) == [
+        "d.py:1 imports vdiff.models.vdt (models is a sibling of diffusion)"
+    ]
+    assert upward_imports("from ..diffusion import edm\n", "vdiff.models.fake", "f.py", False, known) == [
+        "f.py:1 imports vdiff.diffusion.edm (diffusion is a sibling of models)"
+    ]
+    # A top-level tool may import anything but a callback; callbacks import each other; the bottom imports nothing.
     top = "from vdiff.callbacks import ema\nimport vdiff.lit.base\n"
-    assert upward_imports(top, "vdiff.cli", "c.py", False, known) == []
+    assert upward_imports(top, "vdiff.cli", "c.py", False, known) == [
+        "c.py:1 imports vdiff.callbacks.ema (nothing outside callbacks may import it)"
+    ]
+    lazy = "def f():\n    return importlib.import_module('vdiff.callbacks')\n"
+    assert upward_imports(lazy, "vdiff.lit.base", "l.py", False, known) == [
+        "l.py:2 imports vdiff.callbacks (nothing outside callbacks may import it)"
+    ]
+    assert upward_imports("from . import ema\nimport vdiff.lit.base\n", "vdiff.callbacks.lora", "x.py", False, known) == []
     assert upward_imports("from vdiff.nn import attention\n", "vdiff", "vdiff/__init__.py", True, known) == [
         "vdiff/__init__.py:1 imports vdiff.nn.attention (nn is above vdiff/__init__.py)"
     ]

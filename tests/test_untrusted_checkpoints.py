@@ -72,7 +72,7 @@ def test_load_checkpoint_refuses_and_names_the_file_and_object(evil, marker):
 
 
 def test_load_module_refuses(evil, marker):
-    from vdiff.callbacks.checkpoint_eval import load_module
+    from vdiff.lit.module_loading import load_module
 
     with pytest.raises(UnsafeCheckpointError) as err:
         load_module(str(evil))
@@ -80,14 +80,15 @@ def test_load_module_refuses(evil, marker):
 
 
 def test_evaluate_checkpoint_and_its_ema_check_refuse(evil, marker):
-    from vdiff.callbacks.checkpoint_eval import EvaluateCheckpoint, _has_ema
+    from vdiff.callbacks.checkpoint_eval import EvaluateCheckpoint
+    from vdiff.lit.checkpointing import has_ema_weights
 
     trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(last_model_path=str(evil)))
     with pytest.raises(UnsafeCheckpointError) as err:
         EvaluateCheckpoint().on_fit_end(trainer, SimpleNamespace(device=torch.device("cpu")))
     assert_refused(str(err.value), evil, marker)
     with pytest.raises(UnsafeCheckpointError) as err:
-        _has_ema(str(evil))
+        has_ema_weights(str(evil))
     assert_refused(str(err.value), evil, marker)
 
 

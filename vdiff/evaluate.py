@@ -11,8 +11,9 @@ takes: a folder of shards, a manifest, a brace pattern, a glob, a tar). Clips ar
   frames only: ``--given-frames K`` marks the first K frames of each clip as given (conditioning), which
   these metrics leave out, and which FVD/FID leave out too with ``--frames generated``.
 
-Each pass over the clips shows a progress bar on stderr. The table is printed under the protocols (:func:`vdiff.callbacks.video_quality.format_quality_report`), the
-same report as the :class:`~vdiff.callbacks.video_quality.VideoQuality` callback prints in training.
+Each pass over the clips shows a progress bar on stderr. The table is printed under the protocols
+(:func:`vdiff.lit.quality_metrics.format_quality_report`), the same report as the
+:class:`~vdiff.callbacks.video_quality.VideoQuality` callback prints in training.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vdiff.callbacks.video_quality import (
+from vdiff.data.shards import expand_shard_spec, split_member_name
+from vdiff.data.video_io import decode_all
+from vdiff.lit.evaluation import ScoreTotals
+from vdiff.lit.quality_metrics import (
     build_fid,
     build_fvd,
     build_lpips,
@@ -35,9 +39,6 @@ from vdiff.callbacks.video_quality import (
     per_frame_scores,
     select_frames,
 )
-from vdiff.data.shards import expand_shard_spec, split_member_name
-from vdiff.data.video_io import decode_all
-from vdiff.lit.evaluation import ScoreTotals
 from vdiff.metrics.fid import FIDProtocol
 from vdiff.metrics.frechet import FrechetMetric, StatsCache, stats_key
 from vdiff.metrics.fvd import FVD_PRESETS, FVDProtocol

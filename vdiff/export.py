@@ -2,13 +2,13 @@
 
     vdiff export [--ema] [--merge-lora] [--layout vdiff|diffusers|sgm] [--convert-norm-eps] CKPT OUT
 
-* Diffusion modules (anything :func:`~vdiff.callbacks.checkpoint_eval.load_module` loads, e.g.
+* Diffusion modules (anything :func:`~vdiff.lit.module_loading.load_module` loads, e.g.
   ``VDTModule``): OUT is a ``.safetensors`` file of the network (``module.net``) under vdiff's names,
   which load strictly into the network class (for VDT: :func:`vdiff.weights.vdt.load_vdt_checkpoint`);
   the network's config is in the metadata (``vdiff_config``, JSON) beside ``vdiff_module`` and
   ``vdiff_weights`` (``ema`` or ``trained``), and so is what rebuilding the module needs
   (``vdiff_checkpoint``: hyperparameters, clip size, autoencoder and image encoder entries and the weights
-  the checkpoint stores outside the network; :mod:`vdiff.callbacks.exported_module`), so
+  the checkpoint stores outside the network; :mod:`vdiff.lit.exported_module`), so
   ``vdiff sample --ckpt OUT`` samples as from the checkpoint. VDT has no diffusers layout.
 * SVD and Vista UNets also export in the diffusers (a folder) and sgm layouts. vdiff's UNet-SVD presets use
   sgm's ResBlock GroupNorm epsilons, which diffusers' UNet does not: ``--convert-norm-eps`` exports them
@@ -23,7 +23,8 @@
 * LoRA checkpoints (``checkpoint["vdiff_lora"]``): with ``--merge-lora`` the adapters are merged into
   the base weights and OUT is a plain network; without it OUT holds the base network (the adapters
   unloaded, not merged) and the adapters go beside it in peft's format,
-  ``<OUT stem>_lora/<adapter>/adapter_model.safetensors`` + ``adapter_config.json``.
+  ``<OUT stem>_lora/<adapter>/adapter_model.safetensors`` + ``adapter_config.json``
+  (:func:`vdiff.weights.peft_files.adapter_folder`).
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def export(
     convert_norm_eps: bool = False,
 ) -> list[Path]:
     """Write the checkpoint's network to ``out`` (see the module docstring); returns the paths written."""
-    from vdiff.callbacks.checkpoint_eval import checkpoint_module_class
-    from vdiff.callbacks.ema import EMA_KEY
-    from vdiff.callbacks.lora import LORA_KEY
+    from vdiff.lit.adapters import LORA_KEY
+    from vdiff.lit.checkpointing import EMA_KEY
+    from vdiff.lit.module_loading import checkpoint_module_class
     from vdiff.lit.safe_loading import load_checkpoint
 
     ckpt, out = Path(ckpt), Path(out)
@@ -105,9 +106,10 @@ def export(
         return _export_unet_svd(ckpt, out, ema, merge_lora, lora, layout, convert_norm_eps)
     if out.suffix != ".safetensors":
         raise ValueError(f"vdiff export: {out} should end in .safetensors")
-    from vdiff.callbacks.checkpoint_eval import load_module
-    from vdiff.callbacks.exported_module import ENTRIES_KEY, module_entries
-    from vdiff.callbacks.lora import adapter_names, named_adapter_folder, save_adapter, unload_adapters
+    from vdiff.lit.adapters import adapter_names, save_adapter, unload_adapters
+    from vdiff.lit.exported_module import ENTRIES_KEY, module_entries
+    from vdiff.lit.module_loading import load_module
+    from vdiff.weights.peft_files import adapter_folder
     from vdiff.weights.safetensors_io import save_state_dict
 
     module = load_module(str(ckpt), map_location="cpu", use_ema=ema)
@@ -116,9 +118,8 @@ def export(
     net = module.net
     written: list[Path] = []
     if lora and not merge_lora:
-        folder = out.with_name(f"{out.stem}_lora")
         for name in adapter_names(net):
-            written.append(save_adapter(net, name, named_adapter_folder(folder, name)))
+            written.append(save_adapter(net, name, adapter_folder(out, name)))
     if lora:
         unload_adapters(net, merge=merge_lora)
     metadata = {"vdiff_module": class_path, "vdiff_weights": "ema" if ema else "trained", ENTRIES_KEY: entries}
@@ -135,8 +136,8 @@ def _export_unet_svd(
     ckpt: Path, out: Path, ema: bool, merge_lora: bool, lora: bool, layout: str, convert_norm_eps: bool
 ) -> list[Path]:
     """An SVDModule's UNet in the diffusers (a ``unet/``-style folder) or sgm (single file) layout."""
-    from vdiff.callbacks.checkpoint_eval import load_module
-    from vdiff.callbacks.lora import unload_adapters
+    from vdiff.lit.adapters import unload_adapters
+    from vdiff.lit.module_loading import load_module
     from vdiff.weights.unet_svd import save_unet_svd
 
     if lora and not merge_lora:

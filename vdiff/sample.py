@@ -118,7 +118,7 @@ def write_grid(path: Path, videos: Tensor, given_frames: Tensor) -> None:
     """PNG grid: one row per clip, one column per frame; given frames green-framed, generated red."""
     from PIL import Image
 
-    from vdiff.callbacks.sample_videos import mark_frames
+    from vdiff.lit.frame_marks import mark_frames
 
     marked = mark_frames((videos.float().clamp(-1, 1) + 1) / 2, given_frames, width=2)  # (B, T, 3, H, W)
     b, t, _, h, w = marked.shape
@@ -671,7 +671,7 @@ def _training_setting(ckpt: dict, key: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from vdiff.callbacks.checkpoint_eval import checkpoint_entries, checkpoint_module_class, load_module
+    from vdiff.lit.module_loading import checkpoint_entries, checkpoint_module_class, load_module
 
     ckpt_path = Path(args.ckpt)
     if not ckpt_path.is_file():

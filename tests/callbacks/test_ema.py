@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 
 from tests.callbacks.helpers import Regression, expected_ema, quiet_trainer
-from vdiff.callbacks.ema import EMA, EMA_KEY
+from vdiff.callbacks.ema import EMA
+from vdiff.lit.checkpointing import EMA_KEY
 
 
 def per_step(decay: float, warmup: bool, n: int) -> float:

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tests.callbacks.helpers import Regression, quiet_trainer, run_two_ranks
-from vdiff.callbacks.ema import EMA, EMA_KEY, is_dtensor
+from vdiff.callbacks.ema import EMA
+from vdiff.lit.checkpointing import EMA_KEY
+from vdiff.lit.scaling import is_dtensor
 
 
 def ema(placement: str = "device") -> EMA:

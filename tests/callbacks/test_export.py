@@ -15,9 +15,10 @@ from safetensors import safe_open
 from tests.callbacks.test_lora import Pretrained, probe, tiny_module
 from tests.lit.test_network_hook import Clips
 from vdiff import export as export_tool
-from vdiff.callbacks.checkpoint_eval import load_module
 from vdiff.callbacks.ema import EMA
-from vdiff.callbacks.lora import VDT_TEMPORAL_ATTENTION, LoRA, LoRAAdapter, load_adapter
+from vdiff.callbacks.lora import LoRA
+from vdiff.lit.adapters import VDT_TEMPORAL_ATTENTION, LoRAAdapter, load_adapter
+from vdiff.lit.module_loading import load_module
 from vdiff.models.vdt import VDT
 from vdiff.weights.vdt import load_vdt_checkpoint
 

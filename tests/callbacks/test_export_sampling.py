@@ -20,10 +20,10 @@ from tests.callbacks.test_lora_presets import Randomize
 from tests.lit.test_network_hook import Clips
 from tests.lit.test_svd_module import NET as SVD_NET
 from tests.lit.test_svd_module import clip_batch
-from vdiff.callbacks.checkpoint_eval import load_module
 from vdiff.callbacks.lora import LoRA
 from vdiff.cli import main
 from vdiff.data.video_io import encode_video
+from vdiff.lit.module_loading import load_module
 from vdiff.lit.svd import SVDModule
 from vdiff.models.conditioners import CLIPImageEmbedder
 

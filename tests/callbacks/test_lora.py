@@ -13,16 +13,12 @@ import torch
 
 from tests.lit.helpers import vdt_module
 from tests.lit.test_network_hook import Clips
-from vdiff.callbacks.checkpoint_eval import load_module
-from vdiff.callbacks.ema import EMA, EMA_KEY
-from vdiff.callbacks.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
+from vdiff.callbacks.ema import EMA
+from vdiff.callbacks.lora import LoRA
+from vdiff.lit.adapters import (
     LORA_KEY,
     VDT_TEMPORAL_ATTENTION,
-    LoRA,
     LoRAAdapter,
-    adapter_folder,
     adapter_names,
     inject_adapters,
     load_adapter,
@@ -31,7 +27,10 @@ from vdiff.callbacks.lora import (
     unload_adapters,
     unmerge_adapters,
 )
+from vdiff.lit.checkpointing import EMA_KEY
+from vdiff.lit.module_loading import load_module
 from vdiff.models.vdt import VDT, VDTConfig
+from vdiff.weights.peft_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_folder
 
 TINY = dict(patch_size=8, depth=2, hidden_size=32, num_heads=2, learn_sigma=False, prediction="x0")
 SPATIAL_ATTENTION = r"blocks\.\d+\.attn\.(qkv|proj)"
@@ -117,7 +116,7 @@ def test_only_adapters_and_extras_train_and_the_checkpoint_reloads(tmp_path):
     # peft-format folders beside the checkpoint: trained weights and EMA weights.
     for ema_folder in (False, True):
         for name in ("temporal", "spatial"):
-            folder = adapter_folder(path, ema_folder) / name
+            folder = adapter_folder(path, name, ema=ema_folder)
             assert (folder / ADAPTER_WEIGHTS).is_file(), folder
             assert json.loads((folder / ADAPTER_CONFIG).read_text())["peft_type"] == "LORA"
 
@@ -137,7 +136,7 @@ def test_only_adapters_and_extras_train_and_the_checkpoint_reloads(tmp_path):
     fresh.configure_model()  # no trainer: no hook, a plain network
     fresh.net.load_state_dict({k: v for k, v in loaded.net.state_dict().items() if ".lora_" not in k}, strict=False)
     for name in ("temporal", "spatial"):
-        load_adapter(fresh.net, adapter_folder(path, ema=True) / name, name)
+        load_adapter(fresh.net, adapter_folder(path, name, ema=True), name)
     with torch.no_grad():
         for key, value in checkpoint[EMA_KEY].items():
             if "final_layer" in key:

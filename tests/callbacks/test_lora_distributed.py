@@ -14,17 +14,13 @@ import torch
 from tests.callbacks.helpers import run_two_ranks
 from tests.callbacks.test_lora import SPATIAL_ATTENTION, Pretrained, probe, randomize, tiny_module
 from tests.lit.test_network_hook import Clips
-from vdiff.callbacks.checkpoint_eval import load_module
-from vdiff.callbacks.ema import EMA, is_dtensor
-from vdiff.callbacks.lora import (
-    VDT_TEMPORAL_ATTENTION,
-    LoRA,
-    LoRAAdapter,
-    adapter_folder,
-    adapter_names,
-    load_adapter,
-)
+from vdiff.callbacks.ema import EMA
+from vdiff.callbacks.lora import LoRA
+from vdiff.lit.adapters import VDT_TEMPORAL_ATTENTION, LoRAAdapter, adapter_names, load_adapter
+from vdiff.lit.module_loading import load_module
+from vdiff.lit.scaling import is_dtensor
 from vdiff.lit.vdt import VDTModule
+from vdiff.weights.peft_files import adapter_folder
 
 
 def lora() -> LoRA:
@@ -138,7 +134,7 @@ def test_lora_adapters_survive_sharding(tmp_path):
     randomize(fresh.net)
     before = probe(fresh.net.eval())
     for name in ("temporal", "spatial"):
-        load_adapter(fresh.net, adapter_folder(ranks[0]["path"]) / name, name)
+        load_adapter(fresh.net, adapter_folder(ranks[0]["path"], name), name)
     assert sorted(adapter_names(fresh.net)) == ["spatial", "temporal"]
     after = probe(fresh.net.eval())
     assert not torch.allclose(after, before)  # the adapters trained

@@ -11,17 +11,16 @@ import pytest
 import torch
 
 from tests.callbacks.test_lora import tiny_net
-from vdiff.callbacks import lora
-from vdiff.callbacks.lora import (
-    ADAPTER_WEIGHTS,
+from vdiff.lit.adapters import (
     VDT_TEMPORAL_ATTENTION,
     LoRAAdapter,
     adapter_parameters,
     adapter_state_dict,
     inject_adapters,
     load_adapter,
-    write_adapter_folders,
 )
+from vdiff.weights import peft_files
+from vdiff.weights.peft_files import ADAPTER_WEIGHTS, write_adapter_folders
 
 SPATIAL_ATTENTION = r"blocks\.\d+\.attn\.(qkv|proj)"
 ADAPTERS = {"temporal": VDT_TEMPORAL_ATTENTION, "spatial": SPATIAL_ATTENTION}
@@ -60,7 +59,7 @@ class KillAt:
 
     def __init__(self, monkeypatch, k: int) -> None:
         self.k, self.steps = k, 0
-        real_rename, real_replace, real_rmtree, real_write = os.rename, os.replace, shutil.rmtree, lora.write_adapter
+        real_rename, real_replace, real_rmtree, real_write = os.rename, os.replace, shutil.rmtree, peft_files.write_adapter
 
         def step(partial=None):
             self.steps += 1
@@ -98,7 +97,7 @@ class KillAt:
         monkeypatch.setattr(os, "rename", rename)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(shutil, "rmtree", rmtree)
-        monkeypatch.setattr(lora, "write_adapter", write_adapter)
+        monkeypatch.setattr(peft_files, "write_adapter", write_adapter)
 
 
 def test_a_kill_at_any_step_of_the_replacement_leaves_a_complete_folder(tmp_path, monkeypatch):
@@ -147,7 +146,7 @@ def test_a_kill_between_the_renames_reads_the_new_folder_and_the_next_write_reco
     monkeypatch.setattr(os, "replace", real_replace)
     assert not folder.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["last_lora.old", "last_lora.tmp"]
     assert loaded_value(folder) == 2.0  # the new, complete folder (it matches the checkpoint written before it)
-    lora.recover_adapter_folders(folder)
+    peft_files.recover_adapter_folders(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_lora"] and loaded_value(folder) == 2.0
 
 
@@ -164,4 +163,4 @@ def test_an_adapter_name_never_chooses_a_folder_outside_its_own(tmp_path, name):
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to((tmp_path / "box").resolve()) for p in written), written
     assert not any(p.name == ADAPTER_WEIGHTS for p in written)
-    assert lora.named_adapter_folder(folder, "spatial-2_x") == folder / "spatial-2_x"
+    assert peft_files.named_adapter_folder(folder, "spatial-2_x") == folder / "spatial-2_x"

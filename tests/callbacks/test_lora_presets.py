@@ -16,7 +16,8 @@ from tests.lit.test_svd_module import NET as SVD_TINY_NET
 from tests.lit.test_svd_module import clip_batch
 from tests.lit.test_vista_module import ENCODER, driving_batch
 from tests.lit.test_vista_module import NET as VISTA_NET
-from vdiff.callbacks.lora import LoRA, LoRAAdapter, adapter_names, inject_adapters, tuner_layers
+from vdiff.callbacks.lora import LoRA
+from vdiff.lit.adapters import LoRAAdapter, adapter_names, inject_adapters, tuner_layers
 from vdiff.lit.svd import SVDModule
 from vdiff.lit.vista import VistaModule
 from vdiff.models.actions import ActionEncoder

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from tests.lit.test_vista_module import NET, driving_batch
 from tests.metrics.test_steering import shifted, smooth_image
-from vdiff.callbacks.checkpoint_eval import load_module
 from vdiff.callbacks.steering import SteeringTest, format_table, summarize, with_steering
 from vdiff.lit.base import Generated
+from vdiff.lit.module_loading import load_module
 
 
 class StubWorldModel:

@@ -9,11 +9,20 @@ import sys
 import pytest
 import torch
 
+from tests.models.test_conditioners import lognormal
 from vdiff.cli import main
-from vdiff.data.motion_buckets import NoMotionScores, fit_shard_buckets, read_motion_scores
+from vdiff.data.motion_buckets import (
+    NoMotionScores,
+    fit_shard_buckets,
+    load_motion_buckets,
+    motion_buckets_dict,
+    motion_buckets_from_dict,
+    read_motion_scores,
+    save_motion_buckets,
+)
 from vdiff.data.schema import VideoMeta
 from vdiff.data.shards import ShardWriter
-from vdiff.models.conditioners import MotionBuckets, fit_motion_buckets
+from vdiff.models.conditioners import DEFAULT_MOTION_BUCKETS, fit_motion_buckets
 
 NOT_A_VIDEO = b"\x00 not an mp4: the tool must never decode it " * 20
 
@@ -33,7 +42,7 @@ def test_fits_saves_and_prints_from_the_jsons(tmp_path, capsys):
     out = tmp_path / "b" / "buckets.json"
     assert main(["data", "motion-buckets", str(tmp_path / "set"), "--out", str(out), "--rows", "8"]) == 0
     printed = capsys.readouterr().out
-    buckets = MotionBuckets.load(out)
+    buckets = load_motion_buckets(out)
     expected = fit_motion_buckets(torch.tensor(scores, dtype=torch.float64), source=buckets.source)
     assert buckets == expected and (buckets.flow_fps, buckets.flow_size) == (2.0, 128)
     assert json.loads(out.read_text())["format"] == "vdiff.motion_buckets"
@@ -72,3 +81,30 @@ def test_refuses_mixed_units_and_counts_bad_jsons(tmp_path, capsys, monkeypatch)
         writer.write_raw("broken", {"mp4": NOT_A_VIDEO, "json": b"{not json"})
     found = read_motion_scores([str(tmp_path / "a"), str(tmp_path / "c")])
     assert found.scores == [1.0, 2.0, 3.0] and found.bad == {"bad_json": 1} and found.samples == 3
+
+
+def test_motion_buckets_json_round_trip(tmp_path):
+    """The file format lives in the data layer (vdiff.models.conditioners.MotionBuckets knows no file)."""
+    buckets = fit_motion_buckets(lognormal(1000, 4), source="unit test")
+    path = save_motion_buckets(buckets, tmp_path / "sub" / "buckets.json")
+    again = load_motion_buckets(path)
+    assert again == buckets
+    probe = lognormal(100, 5)
+    assert torch.equal(again(probe), buckets(probe))
+    data = json.loads(path.read_text())
+    assert data["format"] == "vdiff.motion_buckets" and data["num_buckets"] == 256 and len(data["scores"]) == 257
+    assert motion_buckets_from_dict(motion_buckets_dict(DEFAULT_MOTION_BUCKETS)) == DEFAULT_MOTION_BUCKETS
+    (tmp_path / "extra.json").write_text(json.dumps({**data, "gamma": 2}))
+    with pytest.raises(ValueError, match=r"extra.json: unknown field\(s\) \['gamma'\]"):
+        load_motion_buckets(tmp_path / "extra.json")
+    (tmp_path / "bad.json").write_text(json.dumps({**data, "scores": data["scores"][::-1]}))
+    with pytest.raises(ValueError, match="bad.json: .*strictly increasing"):
+        load_motion_buckets(tmp_path / "bad.json")
+    (tmp_path / "newer.json").write_text(json.dumps({**data, "version": 2}))
+    with pytest.raises(ValueError, match="newer.json: version 2; this vdiff reads version 1"):
+        load_motion_buckets(tmp_path / "newer.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: a motion-buckets file holds a JSON object"):
+        load_motion_buckets(tmp_path / "list.json")
+    with pytest.raises(ValueError, match="missing.json: not a readable motion-buckets JSON file"):
+        load_motion_buckets(tmp_path / "missing.json")

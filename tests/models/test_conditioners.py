@@ -31,7 +31,6 @@ from vdiff.models.conditioners import (
     SVD_MOTION_BUCKET_ID,
     CLIPImageEmbedder,
     CLIPImageEmbedderConfig,
-    MotionBuckets,
     SVDConditioner,
     added_time_ids,
     cfg_drop_probs,
@@ -254,27 +253,9 @@ def test_fit_merges_tied_scores_at_mid_rank():
         fit_motion_buckets([1.0, float("nan")])
 
 
-def test_motion_buckets_json_round_trip(tmp_path):
-    buckets = fit_motion_buckets(lognormal(1000, 4), source="unit test")
-    path = buckets.save(tmp_path / "buckets.json")
-    again = MotionBuckets.load(path)
-    assert again == buckets
-    probe = lognormal(100, 5)
-    assert torch.equal(again(probe), buckets(probe))
-    data = json.loads(path.read_text())
-    assert data["format"] == "vdiff.motion_buckets" and data["num_buckets"] == 256 and len(data["scores"]) == 257
-    (tmp_path / "extra.json").write_text(json.dumps({**data, "gamma": 2}))
-    with pytest.raises(ValueError, match=r"extra.json: unknown field\(s\) \['gamma'\]"):
-        MotionBuckets.load(tmp_path / "extra.json")
-    (tmp_path / "bad.json").write_text(json.dumps({**data, "scores": data["scores"][::-1]}))
-    with pytest.raises(ValueError, match="bad.json: .*strictly increasing"):
-        MotionBuckets.load(tmp_path / "bad.json")
-
-
 def test_default_motion_buckets_anchors():
     ids = DEFAULT_MOTION_BUCKETS(torch.tensor([0.0, 0.25, 0.5, 1.0, 2.0, 3.7, 4.0, 8.0, 16.0, 32.0, 64.0, 1e3]))
     assert ids.tolist() == [0, 0, 32, 64, 96, 123, 128, 160, 192, 224, 255, 255]
-    assert MotionBuckets.from_dict(DEFAULT_MOTION_BUCKETS.to_dict()) == DEFAULT_MOTION_BUCKETS
 
 
 def test_score_of_reads_curation_extra_and_checks_units():

@@ -41,8 +41,9 @@ at ``start_step > 0`` the shadows are first set to the weights (with ``start_ste
 warm-up this is exactly Lightning's ``EMAWeightAveraging``).
 
 Checkpoints hold the shadows once, by name, as full fp32 tensors under ``checkpoint["ema_state_dict"]``
-(so a checkpoint can be sampled with EMA weights: :func:`load_ema_weights`); the callback's own state
-holds only its counters. Resuming restores both exactly.
+(so a checkpoint can be sampled with EMA weights: :func:`vdiff.lit.module_loading.load_ema_weights`); the
+callback's own state holds only its counters. Resuming restores both exactly. The sharded-tensor helpers
+(``local_tensor``, ``full_tensor``, ``shard_like``, ``reshard_fsdp``) are :mod:`vdiff.lit.scaling`'s.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-EMA_KEY = "ema_state_dict"
+from vdiff.lit.checkpointing import EMA_KEY, load_ema_weights  # noqa: F401 - load_ema_weights: older code's name
+from vdiff.lit.scaling import full_tensor, is_dtensor, local_tensor, reshard_fsdp, shard_like
+
 Placement = Literal["device", "cpu"]
 CHUNK_NUMEL = 1 << 24  # elements converted to fp32 at once when the weights are not fp32 (64 MiB)
 
 
-# ---------------------------------------------------------------------------- parameters and shards
+# ---------------------------------------------------------------------------- parameters
 
 
 def tracked_parameters(pl_module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -77,62 +80,6 @@ def tracked_parameters(pl_module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         wanted = {id(p) for p in pl_module.ema_parameters()}
         return [(n, p) for n, p in pl_module.named_parameters() if id(p) in wanted]
     return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-
-
-def is_dtensor(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (a sharded or replicated FSDP2 / tensor-parallel parameter)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(tensor, DTensor)
-
-
-def local_tensor(param: Tensor) -> Tensor:
-    """The tensor this rank holds: the local shard of a DTensor (a view, writes reach the
-    parameter), else the parameter's data."""
-    return param.to_local() if is_dtensor(param) else param.data
-
-
-def full_tensor(param: Tensor, local: Tensor) -> Tensor:
-    """The full tensor of which ``local`` is this rank's shard laid out like ``param`` (a collective
-    for DTensors: every rank must call it), on the CPU."""
-    if not is_dtensor(param):
-        return local.detach().cpu()
-    from torch.distributed.tensor import DTensor
-
-    dist = DTensor.from_local(
-        local.to(param.device),
-        param.device_mesh,
-        param.placements,
-        shape=param.shape,
-        stride=param.stride(),
-        run_check=False,
-    )
-    return dist.full_tensor().cpu()
-
-
-def shard_like(param: Tensor, full: Tensor) -> Tensor:
-    """This rank's shard of ``full`` (a tensor of ``param``'s full shape) laid out like ``param``;
-    no communication: every rank holds ``full``."""
-    if not is_dtensor(param):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
-
-
-def reshard_fsdp(module: nn.Module) -> None:
-    """Put FSDP2 modules back into their sharded state. After a forward without backward (validation)
-    the root module keeps its parameters unsharded, and its attributes are then plain full tensors:
-    a swap must see (and write) the shards, and the next forward must gather them again."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
 
 
 def _chunks(pairs: list[tuple[Tensor, Tensor]], numel: int) -> Iterator[list[tuple[Tensor, Tensor]]]:
@@ -636,17 +583,3 @@ def _collect_logs(module: nn.Module, sink) -> Iterator[None]:
     finally:
         del module.log
 
-
-def load_ema_weights(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
-    """Copy ``checkpoint["ema_state_dict"]`` into ``module`` if present; return whether it was."""
-    ema = checkpoint.get(EMA_KEY)
-    if not ema:
-        return False
-    params = dict(module.named_parameters())
-    missing = [n for n in ema if n not in params]
-    if missing:
-        raise KeyError(f"EMA weights name parameters the module lacks: {missing[:5]}")
-    with torch.no_grad():
-        for name, value in ema.items():
-            params[name].copy_(value.to(params[name].dtype))
-    return True

@@ -2,7 +2,7 @@
 
 Talks to the LightningModule only through ``generate(batch, **options) -> Generated`` (see
 ``vdiff.lit.base``). Each panel shows ground truth | sample side by side; frames that were given
-(conditioning) carry a green border, generated frames a red one.
+(conditioning) carry a green border, generated frames a red one (:func:`vdiff.lit.frame_marks.mark_frames`).
 
 The conditions are fixed for the whole run, so panels of different steps compare like with like: the
 first ``num_videos`` clips of the first validation batch ever seen are kept (on the CPU) and sampled
@@ -22,29 +22,11 @@ import torch
 from torch import Tensor
 
 from vdiff.lit.base import Generated
+from vdiff.lit.frame_marks import GENERATED_COLOUR, GIVEN_COLOUR, mark_frames  # noqa: F401 - colours: older code's names
 
 
 class GeneratesVideo(Protocol):
     def generate(self, batch: dict[str, Any], **options: Any) -> Generated: ...
-
-
-GIVEN_COLOUR = (0.0, 1.0, 0.0)
-GENERATED_COLOUR = (1.0, 0.0, 0.0)
-
-
-def mark_frames(video: Tensor, given_frames: Tensor, width: int = 1) -> Tensor:
-    """Paint a border on every frame: green where given, red where generated.
-
-    video ``(B, T, 3, H, W)`` in [0, 1]; given_frames bool ``(B, T)``. Returns a new tensor.
-    """
-    out = video.clone()
-    given = torch.tensor(GIVEN_COLOUR, device=video.device).view(1, 1, 3, 1, 1)
-    generated = torch.tensor(GENERATED_COLOUR, device=video.device).view(1, 1, 3, 1, 1)
-    colour = torch.where(given_frames.view(*given_frames.shape, 1, 1, 1), given, generated)  # (B, T, 3, 1, 1)
-    border = torch.zeros(video.shape[-2:], dtype=torch.bool, device=video.device)
-    border[:width, :] = border[-width:, :] = True
-    border[:, :width] = border[:, -width:] = True
-    return torch.where(border, colour.expand_as(out), out)
 
 
 def panel(generated: Generated) -> Tensor:

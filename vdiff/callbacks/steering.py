@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 from vdiff.data import batch as B
+from vdiff.lit.checkpointing import has_ema_weights
+from vdiff.lit.module_loading import load_module
 from vdiff.lit.progress import phase_progress
 from vdiff.metrics.steering import lateral_shift
 
@@ -166,8 +168,6 @@ class SteeringTest(L.Callback):
     # ---------------------------------------------------------------- Lightning hooks
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from vdiff.callbacks.checkpoint_eval import _has_ema, load_module
-
         if "fit" not in self.run_on:
             return
         callback = trainer.checkpoint_callback
@@ -182,7 +182,7 @@ class SteeringTest(L.Callback):
         with phase_progress(trainer, batches, "Steering test on held-out clips", total=total) as batches:
             self.evaluate(module, batches)
         if trainer.is_global_zero:
-            weights = "EMA weights" if self.use_ema and _has_ema(path) else "trained weights"
+            weights = "EMA weights" if self.use_ema and has_ema_weights(path) else "trained weights"
             print(self.table(path, weights))
         self.check()
 

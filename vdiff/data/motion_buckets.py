@@ -7,8 +7,14 @@ no video is read), so it takes seconds on sets of any size. Latent sets from ``v
 jsons keep the score of the video clip they were encoded from.
 
 The scores go through :func:`vdiff.models.conditioners.fit_motion_buckets` (quantile knots, so that the buckets
-are equally populated on this set); the map is saved as JSON (:meth:`MotionBuckets.save`), read by
-``SVDModule``'s ``conditioning.motion_buckets``, and a histogram of the set's clips per bucket group is printed.
+are equally populated on this set); the map is saved as JSON (:func:`save_motion_buckets`), read by
+``SVDModule``'s ``conditioning.motion_buckets`` (:func:`load_motion_buckets`), and a histogram of the set's clips
+per bucket group is printed.
+
+The file (``format: vdiff.motion_buckets``, ``version: 1``) holds the fields of
+:class:`~vdiff.models.conditioners.MotionBuckets`, the model-side map: ``num_buckets``, ``flow_fps``,
+``flow_size``, ``source``, ``scores`` and ``levels`` (the knots). Another format, a newer version, an unknown
+field or a map the class refuses is a ValueError naming the file.
 
 A set without any score (synthetic data, converters that do not score, ``--no-motion`` / ``--no-curation``) is
 refused with a message saying so; clips without a score beside scored ones are left out and counted. Scores
@@ -20,13 +26,17 @@ measured with different units (``motion_fps`` / ``motion_size``) are refused: th
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
+import os
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +53,68 @@ from vdiff.data.shards import expand_shard_spec, split_member_name
 from vdiff.models.conditioners import FLOW_FPS, FLOW_SIZE, NUM_MOTION_BUCKETS, MotionBuckets, fit_motion_buckets
 
 HISTOGRAM_WIDTH = 40  # characters of the longest bar
+MOTION_BUCKETS_FORMAT = "vdiff.motion_buckets"  # the file's "format" field
+MOTION_BUCKETS_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- the file
+
+
+def motion_buckets_dict(buckets: MotionBuckets) -> dict[str, Any]:
+    """The JSON object of a motion-buckets file: ``format``, ``version`` and the map's fields."""
+    return {
+        "format": MOTION_BUCKETS_FORMAT,
+        "version": MOTION_BUCKETS_VERSION,
+        "num_buckets": buckets.num_buckets,
+        "flow_fps": buckets.flow_fps,
+        "flow_size": buckets.flow_size,
+        "source": buckets.source,
+        "scores": list(buckets.scores),
+        "levels": list(buckets.levels),
+    }
+
+
+def motion_buckets_from_dict(data: Mapping[str, Any], source: str = "motion buckets") -> MotionBuckets:
+    """Inverse of :func:`motion_buckets_dict`; another format, another version, unknown fields or a map
+    :class:`MotionBuckets` refuses are ValueErrors starting with ``source``."""
+    data = dict(data)
+    if data.pop("format", None) != MOTION_BUCKETS_FORMAT:
+        raise ValueError(f"{source}: not a {MOTION_BUCKETS_FORMAT!r} file (field 'format')")
+    version = data.pop("version", None)
+    if version != MOTION_BUCKETS_VERSION:
+        raise ValueError(f"{source}: version {version!r}; this vdiff reads version {MOTION_BUCKETS_VERSION}")
+    known = {f.name for f in dataclasses.fields(MotionBuckets)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown}; fields are {sorted(known)}")
+    try:
+        return MotionBuckets(**data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def save_motion_buckets(buckets: MotionBuckets, path: str | os.PathLike) -> Path:
+    """Write ``buckets`` as a motion-buckets JSON file (creating its folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(motion_buckets_dict(buckets), indent=1) + "\n")
+    return path
+
+
+def load_motion_buckets(path: str | os.PathLike) -> MotionBuckets:
+    """The :class:`MotionBuckets` of a motion-buckets JSON file; an unreadable or invalid file is a ValueError
+    naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable motion-buckets JSON file ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a motion-buckets file holds a JSON object, got {type(data).__name__}")
+    return motion_buckets_from_dict(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------- the scores of a shard set
 
 
 class NoMotionScores(ValueError):
@@ -198,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     found = read_motion_scores(args.shards, log=lambda line: print(line, file=sys.stderr))
     buckets = fit_shard_buckets(found, args.num_buckets, args.num_knots)  # NoMotionScores: one line from `vdiff`
-    path = buckets.save(args.out)
+    path = save_motion_buckets(buckets, args.out)
     scores = torch.tensor(found.scores, dtype=torch.float64)
     left_out = f", {found.unscored} without a score left out" if found.unscored else ""
     bad = "".join(f", {n} {reason}" for reason, n in sorted(found.bad.items()))

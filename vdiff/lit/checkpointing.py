@@ -22,6 +22,9 @@ can use the pieces directly:
 * :func:`find_last_checkpoint` / :func:`resume_plan` - what ``--ckpt_path last`` resumes: the newest
   ``last*.ckpt`` of the run (same logger ``save_dir`` and ``name``), and the version folder to
   continue logging into.
+* :func:`load_ema_weights` / :func:`has_ema_weights` - the EMA weights a checkpoint holds
+  (``checkpoint["ema_state_dict"]``, :data:`EMA_KEY`: full fp32 tensors by parameter name, as the
+  ``EMA`` callback writes them), put in place of the trained ones.
 
 How :class:`RNGState` keeps the random stream exact: the training stream is *owned* by the training
 batches. At the end of every training batch the callback records the global states, and at the
@@ -55,12 +58,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 
 from vdiff.lit.safe_loading import UnsafeCheckpointError, check_distributed_checkpoint, load_checkpoint
 from vdiff.lit.scaling import is_sharded_checkpoint
 
 TMP_SUFFIX = ".tmp"
 SIGTERM_EXIT_STATUS = 128 + signal.SIGTERM  # 143: the shell's status of a process ended by SIGTERM
+EMA_KEY = "ema_state_dict"  # checkpoint entry: the EMA callback's averaged weights, full fp32 tensors by name
 _LAST_PATTERN = re.compile(rf"^{re.escape(ModelCheckpoint.CHECKPOINT_NAME_LAST)}(-v\d+)?\.ckpt$")
 _VERSION_PATTERN = re.compile(r"^version_(\d+)$")
 
@@ -467,3 +472,30 @@ def checkpoint_position(path: str) -> str:
     except Exception:  # noqa: BLE001 - only for a status line; Lightning reports real load errors
         return ""
     return f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('global_step', '?')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA weights in a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def load_ema_weights(module: nn.Module, checkpoint: dict[str, Any]) -> bool:
+    """Copy ``checkpoint["ema_state_dict"]`` into ``module`` if present; return whether it was. A name the
+    module lacks is an error (KeyError naming it)."""
+    ema = checkpoint.get(EMA_KEY)
+    if not ema:
+        return False
+    params = dict(module.named_parameters())
+    missing = [n for n in ema if n not in params]
+    if missing:
+        raise KeyError(f"EMA weights name parameters the module lacks: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in ema.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return True
+
+
+def has_ema_weights(path: str | os.PathLike) -> bool:
+    """Whether the training checkpoint at ``path`` holds EMA weights (read without running code; tensors
+    mapped, not read)."""
+    return bool(load_checkpoint(path, mmap=True).get(EMA_KEY))

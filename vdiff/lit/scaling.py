@@ -203,7 +203,7 @@ def shard_module(
         if any(p.requires_grad for p in child.parameters()):
             fully_shard(child, mesh=mesh, reshard_after_forward=reshard_after_forward)
             done.append(name)
-    plain = [n for n, p in pl_module.named_parameters() if p.requires_grad and not _is_dtensor(p)]
+    plain = [n for n, p in pl_module.named_parameters() if p.requires_grad and not is_dtensor(p)]
     if plain:
         raise RuntimeError(
             f"after sharding, trainable parameters are not sharded (they would not be averaged): {plain[:5]}"
@@ -211,10 +211,63 @@ def shard_module(
     return done
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+# ---------------------------------------------------------------------------- sharded tensors (DTensor)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a sharded or replicated FSDP2 / tensor-parallel parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: the local shard of a DTensor (a view, writes reach the
+    parameter), else the parameter's data."""
+    return param.to_local() if is_dtensor(param) else param.data
+
+
+def full_tensor(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The full tensor of which ``local`` is this rank's shard laid out like ``param`` (a collective
+    for DTensors: every rank must call it), on the CPU."""
+    if not is_dtensor(param):
+        return local.detach().cpu()
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
+    dist = DTensor.from_local(
+        local.to(param.device),
+        param.device_mesh,
+        param.placements,
+        shape=param.shape,
+        stride=param.stride(),
+        run_check=False,
+    )
+    return dist.full_tensor().cpu()
+
+
+def shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` (a tensor of ``param``'s full shape) laid out like ``param``;
+    no communication: every rank holds ``full``."""
+    if not is_dtensor(param):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def reshard_fsdp(module: nn.Module) -> None:
+    """Put FSDP2 modules back into their sharded state. After a forward without backward (validation)
+    the root module keeps its parameters unsharded, and its attributes are then plain full tensors:
+    a swap must see (and write) the shards, and the next forward must gather them again."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
 
 
 # ---------------------------------------------------------------------------- compile

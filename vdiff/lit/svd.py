@@ -34,6 +34,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from vdiff.data import batch as B
+from vdiff.data.motion_buckets import load_motion_buckets
 from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
 from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG, drop_conditions
 from vdiff.diffusion.masks import task_mask
@@ -46,7 +47,6 @@ from vdiff.models.conditioners import (
     SVD_MOTION_BUCKET_ID,
     CLIPImageEmbedder,
     CLIPImageEmbedderConfig,
-    MotionBuckets,
     SVDConditioner,
     cfg_drop_probs,
     fps_id_from_fps,
@@ -192,7 +192,7 @@ class SVDModule(VideoDiffusionModule):
         if mask_task is not None:
             task_mask(mask_task, 4, 1, 1, **self.mask_params)  # validates the name and parameters now
         self.motion_buckets = (
-            MotionBuckets.load(self.cond_config.motion_buckets) if self.cond_config.motion_buckets else DEFAULT_MOTION_BUCKETS
+            load_motion_buckets(self.cond_config.motion_buckets) if self.cond_config.motion_buckets else DEFAULT_MOTION_BUCKETS
         )
         self.conditioner = SVDConditioner(image_encoder)
         if image_encoder is not None:

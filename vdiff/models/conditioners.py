@@ -34,8 +34,8 @@ Micro-conditioning: what the three numbers mean
     Farneback flow magnitude in the sample json as ``extra["motion_score"]`` (with its units, ``extra["motion_fps"]``
     and ``extra["motion_size"]``: pixels at a ``motion_size``-pixel shorter side per ``1 / motion_fps`` seconds),
     and :class:`MotionBuckets` maps that score to a bucket: a monotone piecewise-linear map fitted by quantiles
-    over a shard set (:func:`fit_motion_buckets`), so that the 256 buckets are equally populated on that set,
-    and saved/loaded as JSON. :data:`DEFAULT_MOTION_BUCKETS` is a documented fallback (see its comment).
+    over a shard set (:func:`fit_motion_buckets`), so that the 256 buckets are equally populated on that set
+    (its JSON file: :mod:`vdiff.data.motion_buckets`). :data:`DEFAULT_MOTION_BUCKETS` is a documented fallback.
     The score is per ``1 / motion_fps`` seconds whatever the clip's frame rate, so a frame stride does not
     change the bucket.
 ``cond_aug``
@@ -52,8 +52,9 @@ SVD's unconditional branch is a zero CLIP embedding and a zero concat latent; th
 ``vdiff.diffusion.guidance.guided_call``). Training drops each condition per sample with its own probability,
 to zeros: that is exactly ``vdiff.diffusion.guidance.drop_conditions(cond, cfg_drop_probs(image=p, concat=q))``
 (per-key Bernoulli per sample, zeros where dropped; ``groups=[(CONTEXT, CONCAT)]`` drops both together). It is
-not re-implemented here and not called from here: ``vdiff.models`` sits below ``vdiff.diffusion`` in the layer
-order (docs/architecture.md), so the LightningModule that owns the training step calls it.
+not re-implemented here and not called from here: ``vdiff.models`` and ``vdiff.diffusion`` are siblings in the
+layer order (neither imports the other; docs/architecture.md), so the LightningModule that owns the training step
+calls it.
 
 Shapes use ``B`` clips, ``T`` frames, ``c`` latent channels, ``D`` embedding width.
 """
@@ -62,12 +63,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -356,8 +354,6 @@ def added_time_ids(
     return torch.stack(columns, dim=1)  # (B, 3)
 
 
-MOTION_BUCKETS_FORMAT = "vdiff.motion_buckets"
-MOTION_BUCKETS_VERSION = 1
 NUM_MOTION_BUCKETS = 256  # SVD's motion_bucket_id range 0..255
 # The keys vdiff's curation writes into a sample json's ``extra`` (vdiff/data/convert/folder.py, convert_input) and
 # the defaults of its motion score (vdiff/data/convert/curation.py: DEFAULT_FLOW_FPS, DEFAULT_FLOW_SIZE). They are
@@ -437,55 +433,6 @@ class MotionBuckets:
                     f"{key}={ours!r}: refit the buckets on this data (fit_motion_buckets)"
                 )
         return float(extra[MOTION_SCORE_KEY])
-
-    # ---- JSON
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": MOTION_BUCKETS_FORMAT,
-            "version": MOTION_BUCKETS_VERSION,
-            "num_buckets": self.num_buckets,
-            "flow_fps": self.flow_fps,
-            "flow_size": self.flow_size,
-            "source": self.source,
-            "scores": list(self.scores),
-            "levels": list(self.levels),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "motion buckets") -> MotionBuckets:
-        """Inverse of :meth:`to_dict`; unknown fields, another format or a newer version are errors naming them."""
-        data = dict(data)
-        if data.pop("format", None) != MOTION_BUCKETS_FORMAT:
-            raise ValueError(f"{source}: not a {MOTION_BUCKETS_FORMAT!r} file (field 'format')")
-        version = data.pop("version", None)
-        if version != MOTION_BUCKETS_VERSION:
-            raise ValueError(f"{source}: version {version!r}; this vdiff reads version {MOTION_BUCKETS_VERSION}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; fields are {sorted(known)}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from None
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> MotionBuckets:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a readable motion-buckets JSON file ({error})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a motion-buckets file holds a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
 
 
 def fit_motion_buckets(

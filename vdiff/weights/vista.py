@@ -47,7 +47,7 @@ vdiff module (peft target)      ``lora_A`` (rank x in)                 ``lora_B`
 with ``lora_alpha = rank x lora_scale`` per module (peft's scaling ``alpha / rank`` is then ``lora_scale``); the
 per-module ranks are peft ``rank_pattern`` / ``alpha_pattern`` entries. The adapter is written in peft's format
 (``adapter_config.json`` + ``adapter_model.safetensors``, names ``base_model.model.<module>.lora_{A,B}.weight``), which
-:func:`vdiff.callbacks.lora.load_adapter` and the ``LoRA`` callback's ``path`` load.
+:func:`vdiff.lit.adapters.load_adapter` and the ``LoRA`` callback's ``path`` load (:mod:`vdiff.weights.peft_files`).
 
 **Files.** The released ``vista.safetensors`` (LoRA merged, EMA copied in, prefixes removed by ``bin_to_st.py``), a
 Lightning ``.ckpt`` (``state_dict``), or a DeepSpeed ``pytorch_model.bin`` from ``zero_to_fp32.py`` (every key under
@@ -84,6 +84,7 @@ import torch
 from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
+from vdiff.weights.peft_files import DEFAULT_ADAPTER, PEFT_PREFIX, adapter_folder, write_adapter
 from vdiff.weights.safetensors_io import (
     load_keys,
     load_state_dict,
@@ -112,8 +113,7 @@ SKIPPED_PARTS: dict[str, str] = {
     "first_stage_model.": "autoencoder (read by vdiff.weights.autoencoder)",
 }
 LORA_SCALE = 1.0  # MemoryEfficientCrossAttention(lora_scale=1.0); bin_to_st.py merges up @ down unscaled
-PEFT_PREFIX = "base_model.model."
-LORA_ADAPTER = "default"
+LORA_ADAPTER = DEFAULT_ADAPTER
 # Every attention projection of UNet-SVD: self-attention qkv/proj, cross-attention q/kv/proj (spatial and temporal
 # blocks), the network's "attention" LoRA preset. The phase-2 recipes train a LoRA on the same modules.
 LORA_TARGETS = UNetSVD.LORA_PRESETS["attention"].modules
@@ -211,15 +211,9 @@ class VistaLoRA:
         return self.scale * (b @ a)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.peft_config().save_pretrained(str(folder))
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict.items()}
-        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return folder
+        """Write the adapter in peft's format: ``adapter_config.json`` + ``adapter_model.safetensors``
+        (:func:`vdiff.weights.peft_files.write_adapter`)."""
+        return write_adapter(folder, self.peft_config(), self.state_dict)
 
 
 @dataclass
@@ -498,13 +492,6 @@ def load_vista_unet(
     return model
 
 
-def adapter_folder(out: str | os.PathLike) -> Path:
-    """Where :func:`convert_vista` writes the adapter of ``OUT.safetensors``: ``OUT_lora/default/`` (the folder
-    ``vdiff export`` uses)."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}_lora") / LORA_ADAPTER
-
-
 def convert_vista(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -515,7 +502,8 @@ def convert_vista(
 ) -> list[Path]:
     """Write a Vista checkpoint's UNet as a vdiff-layout ``.safetensors`` file (config in its metadata: what
     ``net_weights`` of :class:`~vdiff.lit.vista.VistaModule` reads) and, for unmerged adapters, the peft adapter
-    folder :func:`adapter_folder`; returns the paths written."""
+    folder ``OUT_lora/default/`` (:func:`vdiff.weights.peft_files.adapter_folder`, the rule of every adapter beside
+    a weights file); returns the paths written."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"convert_vista: {out} should end in .safetensors")
