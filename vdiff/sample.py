@@ -619,7 +619,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_size_argument(parser, None, "frame size (default: the training size)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's sampler steps)")
     parser.add_argument(
-        "--sampler", default=None, help="ddim or ancestral (DDPM), euler or heun (EDM) (default: the model's)"
+        "--sampler", default=None,
+        help="ddim or ancestral (DDPM), euler or heun (EDM), flow_euler or flow_heun (flow matching) (default: the model's)",
     )
     parser.add_argument("--num-videos", type=int, default=4, help="clips to sample from the input")
     parser.add_argument("--seed", type=int, default=0)

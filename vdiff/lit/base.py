@@ -4,7 +4,7 @@ It owns everything that does not depend on the model family, so a family module 
 only says how its network is built, what conditions it and how a training clip is masked:
 
 * the frozen autoencoder between pixels and latents (identity in pixel space);
-* the diffusion process (``diffusion``: DDPM or EDM; their losses return the same keys) and the
+* the diffusion process (``diffusion``: DDPM, EDM or flow matching; their losses return the same keys) and the
   sampler (``sampler``: dispatched to the process by :func:`vdiff.diffusion.sampling.sample`);
 * the network hook: :meth:`configure_model` builds the network (:meth:`build_network`) and then
   calls ``configure_network(trainer, pl_module)`` on every callback that has it, before the strategy
@@ -42,6 +42,7 @@ from vdiff.data import batch as B
 from vdiff.diffusion.common import add_loss_terms
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.edm import EDMDiffusion
+from vdiff.diffusion.flow import FlowMatching
 from vdiff.diffusion.guidance import Guidance
 from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig, check_sampler, default_sampler, sample
@@ -55,7 +56,7 @@ from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
 def _allow_vdiff_configs() -> None:
     """Checkpoints of modules built in Python keep these config objects in their hyperparameters (the CLI's
     hold plain dicts): let ``torch.load(weights_only=True)``, vdiff's and Lightning's, build them."""
-    from vdiff.diffusion import edm, guidance, masks
+    from vdiff.diffusion import edm, flow, guidance, masks
     from vdiff.models.autoencoder import AutoencoderConfig
     from vdiff.models.vdt import VDTConfig
 
@@ -63,6 +64,7 @@ def _allow_vdiff_configs() -> None:
         VDTConfig, AutoencoderConfig, SamplerConfig, EvalProtocol, GaussianDiffusion, EDMDiffusion, edm.EDMPrecond,
         edm.VScalingPrecond, edm.LogNormalSigma, edm.Denoiser, guidance.VanillaCFG, guidance.LinearCFG,
         guidance.TriangleCFG, masks.MaskSpec,
+        FlowMatching, flow.LogitNormalTime, flow.UniformTime,
     )
 
 
@@ -128,10 +130,11 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
     Args:
         autoencoder: maps video ``(B, T, 3, H, W)`` to latents and back. None means pixel space (the
             identity autoencoder). It is frozen.
-        diffusion: the training process, :class:`~vdiff.diffusion.ddpm.GaussianDiffusion` or
-            :class:`~vdiff.diffusion.edm.EDMDiffusion` (a recipe names it by ``class_path``).
+        diffusion: the training process, :class:`~vdiff.diffusion.ddpm.GaussianDiffusion`,
+            :class:`~vdiff.diffusion.edm.EDMDiffusion` or :class:`~vdiff.diffusion.flow.FlowMatching` (a recipe
+            names it by ``class_path``).
         sampler: the sampler used for validation, test and by default in :meth:`generate`; None = the
-            process's usual one (DDIM 50 steps for DDPM, Euler 25 for EDM).
+            process's usual one (DDIM 50 steps for DDPM, Euler 25 for EDM, flow Euler 50 for flow matching).
         evaluation: the validation/test protocol; None = :class:`EvalProtocol` defaults.
         lr: AdamW learning rate (ignored when ``optimizer`` is given).
         weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases, embeddings).
@@ -146,7 +149,7 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
     def __init__(
         self,
         autoencoder: nn.Module | None = None,
-        diffusion: GaussianDiffusion | EDMDiffusion | None = None,
+        diffusion: GaussianDiffusion | EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         lr: float = 1e-4,
@@ -177,7 +180,7 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         self.test_results: dict[str, float] = {}
         self._test_totals = ScoreTotals()
 
-    def default_diffusion(self) -> GaussianDiffusion | EDMDiffusion:
+    def default_diffusion(self) -> GaussianDiffusion | EDMDiffusion | FlowMatching:
         """The process used when a recipe names none (override per family)."""
         return GaussianDiffusion()
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from vdiff.data import batch as B
 from vdiff.data.motion_buckets import load_motion_buckets
 from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
+from vdiff.diffusion.flow import FlowMatching
 from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG, drop_conditions
 from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig
@@ -125,8 +126,10 @@ class SVDModule(VideoDiffusionModule):
         decode_chunk, decode_overlap: decode latents in temporal chunks of ``decode_chunk`` frames overlapping by
             ``decode_overlap`` (validation, sampling; SVD decodes 14 at a time, Vista 14 with 3 overlapping);
             None decodes every frame at once.
-        diffusion: None = SVD's EDM (V-scaling, log-normal sigma 0.7 / 1.6, V weighting).
-        sampler: None = Euler, 25 steps, sigma_max 700, SVD's initial-noise scale.
+        diffusion: None = SVD's EDM (V-scaling, log-normal sigma 0.7 / 1.6, V weighting); or a
+            :class:`~vdiff.diffusion.flow.FlowMatching` process (the UNet then predicts the velocity).
+        sampler: None = Euler, 25 steps, sigma_max 700, SVD's initial-noise scale (EDM), or the flow process's
+            default sampler.
         evaluation: None = prediction from 1 given frame (the conditioning frame).
         autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay: see the base module.
     """
@@ -150,7 +153,7 @@ class SVDModule(VideoDiffusionModule):
         mask_params: dict[str, Any] | None = None,
         decode_chunk: int | None = None,
         decode_overlap: int = 0,
-        diffusion: EDMDiffusion | None = None,
+        diffusion: EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         autoencoder: nn.Module | None = None,
@@ -163,7 +166,7 @@ class SVDModule(VideoDiffusionModule):
     ) -> None:
         if evaluation is None:
             evaluation = EvalProtocol(task="prediction", given_frames=1)
-        if sampler is None:
+        if sampler is None and not isinstance(diffusion, FlowMatching):
             sampler = self.svd_sampler()
         super().__init__(autoencoder, diffusion, sampler, evaluation, lr, weight_decay, betas, warmup_steps, optimizer,
                          lr_decay)

@@ -7,7 +7,7 @@ completion - because each training clip draws a conditioning mask from a weighte
 replaces the sample at every step, and is left out of the loss.
 
 Everything else - the autoencoder (pixel space or any latent one), the diffusion process (DDPM as
-the paper, or EDM), sampling, the evaluation protocol and its report - is the shared
+the paper, EDM or flow matching), sampling, the evaluation protocol and its report - is the shared
 :class:`~vdiff.lit.base.VideoDiffusionModule`. A recipe reads::
 
     model:
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.edm import EDMDiffusion
+from vdiff.diffusion.flow import FlowMatching
 from vdiff.diffusion.masks import MASK_MODES, MaskMixture, MaskSpec
 from vdiff.diffusion.sampling import SamplerConfig
 from vdiff.lit.base import VideoDiffusionModule
@@ -52,7 +53,7 @@ class VDTModule(VideoDiffusionModule):
             ``in_channels`` and ``learn_sigma`` left null follow the autoencoder and the process.
         diffusion: the training process; None = the paper's (1000 linear-beta steps, eps
             prediction, learned variance with the hybrid MSE + VB loss).
-        sampler: validation/test sampler; None = DDIM 50 steps (DDPM) or Euler 25 (EDM).
+        sampler: validation/test sampler; None = DDIM 50 steps (DDPM), Euler 25 (EDM) or flow Euler 50 (flow).
         evaluation: the validation/test protocol (task, given frames, clip length, k samples, seed).
         mask_weights: ``{name: weight}`` of the training mask mixture; names are mask modes or keys
             of ``mask_specs``.
@@ -64,7 +65,7 @@ class VDTModule(VideoDiffusionModule):
     def __init__(
         self,
         net: VDTConfig | str = "VDT-S/2",
-        diffusion: GaussianDiffusion | EDMDiffusion | None = None,
+        diffusion: GaussianDiffusion | EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         mask_weights: dict[str, float] | None = None,

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from vdiff.data import batch as B
 from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
+from vdiff.diffusion.flow import FlowMatching
 from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG
 from vdiff.diffusion.masks import MaskMixture, MaskSpec
 from vdiff.diffusion.sampling import SamplerConfig
@@ -97,7 +98,7 @@ class VistaModule(SVDModule):
         spatial_lr_scale: float = 1.0,
         net_weights: str | None = None,
         net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image"] = "auto",
-        diffusion: EDMDiffusion | None = None,
+        diffusion: EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         autoencoder: nn.Module | None = None,
