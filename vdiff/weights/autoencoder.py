@@ -26,15 +26,11 @@ mismatch are all errors (:class:`~vdiff.weights.autoencoder_convert.ConversionEr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
-
-from torch import Tensor
+from typing import Any
 
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from vdiff.weights.autoencoder_convert import (
@@ -46,21 +42,28 @@ from vdiff.weights.autoencoder_convert import (
     to_diffusers,
     to_sgm,
 )
-from vdiff.weights.safetensors_io import (
-    load_keys,
-    load_metadata,
-    load_state_dict,
-    resolve_weights_path,
-    save_state_dict,
+from vdiff.weights.errors import WeightsConfigError
+from vdiff.weights.safetensors_io import load_keys, load_metadata, load_state_dict
+from vdiff.weights.template import (
+    CONFIG_FILE,
+    LAYOUTS,
+    LoadLayout,
+    SaveLayout,
+    WeightsRead,
+    check_same,
+    config_beside,
+    detect_layout,
+    metadata_config,
+    model_folder,
+    read_config_json,
+    resolve_config,
+    resolve_source,
+    save_weights,
 )
 
-LoadLayout = Literal["auto", "vdiff", "diffusers", "sgm"]
-SaveLayout = Literal["vdiff", "diffusers", "sgm"]
-LAYOUTS = ("auto", "vdiff", "diffusers", "sgm")
-
-VDIFF_CONFIG_KEY = "vdiff_config"  # safetensors metadata key of a vdiff file
-DIFFUSERS_CONFIG = "config.json"
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_CONFIG = CONFIG_FILE
+DIFFUSERS_STEM = "diffusion_pytorch_model"  # a diffusers model folder's weights file: its config.json lies beside
+DIFFUSERS_WEIGHTS = (f"{DIFFUSERS_STEM}.safetensors", f"{DIFFUSERS_STEM}.bin")
 DIFFUSERS_KL = "AutoencoderKL"
 DIFFUSERS_TEMPORAL = "AutoencoderKLTemporalDecoder"
 
@@ -84,9 +87,13 @@ _DIFFUSERS_IGNORED = ("sample_size", "force_upcast")
 _TEMPORAL_MARKERS = ("time_stack", "temporal_res_block", "time_conv_out", "time_mix_conv", ".temporal.")
 
 
-class AutoencoderConfigError(ValueError):
-    """A config (a diffusers ``config.json``, a stored or passed config) vdiff cannot represent or that
-    contradicts another; the message names the file and the field."""
+AutoencoderConfigError = WeightsConfigError  # a config vdiff cannot represent, or contradicting configs
+# The key signs of each file layout, in the order they are tried (vdiff files are known by their metadata first).
+SIGNS = (
+    ("sgm", lambda k: k.startswith(SGM_PREFIX) or ".mid.block_1." in k or ".down.0.block." in k),
+    ("diffusers", lambda k: ".mid_block." in k or ".down_blocks." in k),
+    ("vdiff", lambda k: ".mid.block1." in k or ".down.0.blocks." in k),
+)
 
 
 # ----------------------------------------------------------------------------- diffusers config.json
@@ -206,102 +213,18 @@ def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
     return {"_class_name": DIFFUSERS_TEMPORAL, **common}
 
 
-def read_diffusers_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object of a diffusers ``config.json`` file, as stored (errors name the file)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise AutoencoderConfigError(f"{path}: not a readable diffusers config.json ({error})") from None
-    if not isinstance(raw, dict):
-        raise AutoencoderConfigError(f"{path}: a diffusers config.json holds a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def read_diffusers_config(path: str | os.PathLike) -> AutoencoderConfig:
     """:func:`config_from_diffusers` of a ``config.json`` file (errors name the file)."""
-    return config_from_diffusers(read_diffusers_config_json(path), source=str(path))
+    return config_from_diffusers(read_config_json(path, "diffusers"), source=str(path))
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass
-class AutoencoderWeights:
-    """What :func:`read_autoencoder` found: our state dict, the config it fits, and where both came from."""
-
-    state_dict: dict[str, Tensor]
-    config: AutoencoderConfig
-    layout: str  # "vdiff", "diffusers" or "sgm" (never "auto")
-    weights_path: Path  # absolute path of the weights file read
-    config_source: str  # where the config came from: a config.json path, "metadata", "argument" or "guess: <preset>"
-    config_file: Path | None = None  # the config.json the config was read from (None: metadata, argument, guess)
-    config_file_content: dict[str, Any] | None = None  # that file's JSON object, as read
-
-
-def _resolve_config(config: AutoencoderConfig | Mapping[str, Any] | str | None) -> AutoencoderConfig | None:
-    if config is None or isinstance(config, AutoencoderConfig):
-        return config
-    if isinstance(config, str):
-        return AutoencoderConfig.from_name(config)
-    if isinstance(config, Mapping):
-        return AutoencoderConfig.from_dict(dict(config))
-    raise TypeError(f"config must be an AutoencoderConfig, a preset name or a mapping, got {type(config).__name__}")
+AutoencoderWeights = WeightsRead  # what read_autoencoder found (config_source "guess: <preset>" when guessed)
 
 
 _TRAINING_ONLY = ("dropout",)  # fields that change no weight and no eval output: the passed value wins
-
-
-def _check_same(given: AutoencoderConfig, found: AutoencoderConfig, source: str) -> None:
-    """Raise naming every field where the config passed in contradicts the one stored with the weights."""
-    diff = [
-        f"{f.name}: passed {getattr(given, f.name)!r}, {source} says {getattr(found, f.name)!r}"
-        for f in dataclasses.fields(AutoencoderConfig)
-        if f.name not in _TRAINING_ONLY and getattr(given, f.name) != getattr(found, f.name)
-    ]
-    if diff:
-        raise AutoencoderConfigError(
-            "the config passed contradicts the one stored with the weights (pass config=None to use it):\n  "
-            + "\n  ".join(diff)
-        )
-
-
-def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
-    """(config.json, weights file) of a diffusers model folder, or of its ``vae/`` subfolder (a pipeline)."""
-    model = folder
-    if not (folder / DIFFUSERS_CONFIG).is_file() and (folder / "vae" / DIFFUSERS_CONFIG).is_file():
-        model = folder / "vae"
-    config = model / DIFFUSERS_CONFIG
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{folder}: not a diffusers autoencoder folder: no {DIFFUSERS_CONFIG} in it or in {folder / 'vae'}"
-        )
-    for name in DIFFUSERS_WEIGHTS:
-        if (model / name).is_file():
-            return config, model / name
-    present = sorted(p.name for p in model.iterdir())
-    raise FileNotFoundError(
-        f"{model}: no weights file {' or '.join(DIFFUSERS_WEIGHTS)} beside {DIFFUSERS_CONFIG} (found: {present}); "
-        "for a variant such as .fp16.safetensors, rename it or pass the file with its config"
-    )
-
-
-def detect_layout(keys: Iterable[str], metadata: Mapping[str, str], path: Path) -> str:
-    """The key layout of a weights file from its tensor names and metadata: ``vdiff``, ``diffusers`` or ``sgm``
-    (raises when none fits)."""
-    if VDIFF_CONFIG_KEY in metadata:
-        return "vdiff"
-    keys = list(keys)
-    if any(k.startswith(SGM_PREFIX) for k in keys) or any(".mid.block_1." in k or ".down.0.block." in k for k in keys):
-        return "sgm"
-    if any(".mid_block." in k or ".down_blocks." in k for k in keys):
-        return "diffusers"
-    if any(".mid.block1." in k or ".down.0.blocks." in k for k in keys):
-        return "vdiff"
-    raise ValueError(
-        f"{path}: cannot tell whether it holds vdiff, diffusers or sgm autoencoder weights (no known key); "
-        f"pass layout= explicitly (first keys: {keys[:5]})"
-    )
 
 
 def read_autoencoder(
@@ -328,18 +251,14 @@ def read_autoencoder(
         AutoencoderConfigError: a config vdiff cannot represent, or contradicting configs (names the field).
         ConversionError: missing, mis-shaped or unused tensors (names the keys and the file).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown weights layout {layout!r}; choose one of {LAYOUTS}")
-    given = _resolve_config(config)
-    resolved = resolve_weights_path(path, what=f"autoencoder weights ({layout} layout)", allow_dir=True).absolute()
+    given = resolve_config(AutoencoderConfig, config)
+    resolved = resolve_source(path, layout, LAYOUTS, f"autoencoder weights ({layout} layout)")
 
     found: AutoencoderConfig | None = None
     source = "argument"
     config_file: Path | None = None
     if resolved.is_dir():
-        if layout not in ("auto", "diffusers"):
-            raise ValueError(f"{resolved} is a folder, read as a diffusers model folder; layout={layout!r} is for files")
-        config_file, weights_path = _diffusers_folder(resolved)
+        config_file, weights_path = model_folder(resolved, "vae", DIFFUSERS_WEIGHTS, "diffusers autoencoder")
         layout = "diffusers"
         state_dict = load_state_dict(weights_path)
     else:
@@ -349,25 +268,23 @@ def read_autoencoder(
         keys = keys if keys is not None else list(state_dict)
         metadata = load_metadata(weights_path)
         if layout == "auto":
-            layout = detect_layout(keys, metadata, weights_path)
+            layout = detect_layout(keys, weights_path, SIGNS, "autoencoder", metadata)
         if state_dict is None:  # safetensors: of a full SVD checkpoint read only its first_stage_model.*
             prefixed = layout == "sgm" and any(k.startswith(SGM_PREFIX) for k in keys)
             state_dict = load_state_dict(weights_path, select=(lambda k: k.startswith(SGM_PREFIX)) if prefixed else None)
-        stored = metadata.get(VDIFF_CONFIG_KEY) if layout == "vdiff" else None
-        beside = weights_path.parent / DIFFUSERS_CONFIG
-        if stored is not None:
-            found, source = AutoencoderConfig.from_dict(json.loads(stored)), f"{weights_path} metadata"
-        elif layout == "diffusers" and weights_path.name.startswith("diffusion_pytorch_model") and beside.is_file():
-            config_file = beside
+        if layout == "vdiff" and (stored := metadata_config(AutoencoderConfig, metadata, weights_path)):
+            found, source = stored
+        elif layout == "diffusers":
+            config_file = config_beside(weights_path, DIFFUSERS_STEM)
     config_file_content = None
     if config_file is not None:
-        config_file_content = read_diffusers_config_json(config_file)
+        config_file_content = read_config_json(config_file, "diffusers")
         found, source = config_from_diffusers(config_file_content, source=str(config_file)), str(config_file)
 
     guessed = None
     if found is not None:
         if given is not None:
-            _check_same(given, found, source)
+            check_same(given, found, source, ignore=_TRAINING_ONLY)
             found = dataclasses.replace(found, **{name: getattr(given, name) for name in _TRAINING_ONLY})
         cfg = found
     elif given is not None:
@@ -426,21 +343,6 @@ def save_autoencoder(model: VideoAutoencoder, path: str | os.PathLike, layout: S
     config = model.config
     state_dict = model.state_dict()
     path = Path(path)
-    if layout == "vdiff":
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: a vdiff autoencoder file is .safetensors (its config lives in the metadata)")
-        save_state_dict(state_dict, path, metadata={VDIFF_CONFIG_KEY: json.dumps(config.to_dict())})
-        return path
-    if layout == "diffusers":
-        if path.suffix:
-            raise ValueError(f"{path}: the diffusers layout is a folder (config.json + weights); give a folder path")
-        diffusers_config = config_to_diffusers(config)
-        tensors = to_diffusers(state_dict, config)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config, indent=2) + "\n")
-        save_state_dict(tensors, path / DIFFUSERS_WEIGHTS[0])
-        return path / DIFFUSERS_WEIGHTS[0]
-    if layout == "sgm":
-        save_state_dict(to_sgm(state_dict, config), path)
-        return path
-    raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
+    return save_weights(path, layout, "autoencoder", config, state_dict,
+                        diffusers=lambda: (config_to_diffusers(config), to_diffusers(state_dict, config)),
+                        sgm=lambda: to_sgm(state_dict, config))  # fmt: skip

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from vdiff.weights.errors import KeyMappingError
+from vdiff.weights.template import Rule, Wording, map_keys, model_shapes
 
 Layout = Literal["vdiff", "diffusers", "sgm"]
 PEER_GROUPS = 32  # GroupNorm groups hard-coded by sgm's modules and diffusers' temporal decoder
@@ -43,32 +45,11 @@ SGM_PREFIX = "first_stage_model."
 SGM_IGNORED_PREFIXES = ("loss.", "model_ema.")  # training-only state in sgm autoencoder checkpoints
 
 
-class ConversionError(ValueError):
-    """Weights that do not fit the target model: missing keys, shape mismatches and unused keys, by name."""
-
-    def __init__(
-        self,
-        layout: str,
-        missing: list[str],
-        mismatched: list[str],
-        unexpected: list[str],
-        hint: str = "",
-    ) -> None:
-        self.layout, self.missing, self.mismatched, self.unexpected = layout, missing, mismatched, unexpected
-        self.hint = hint
-        parts = [f"{layout} weights do not fit the autoencoder config" + (f"; {hint}" if hint else "")]
-        for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
-            if names:
-                shown = "\n    ".join(names[:60]) + (f"\n    ... and {len(names) - 60} more" if len(names) > 60 else "")
-                parts.append(f"  {title} ({len(names)}):\n    {shown}")
-        super().__init__("\n".join(parts))
-
-    def __reduce__(self):  # picklable (e.g. across DataLoader workers) despite the extra constructor arguments
-        return type(self), (self.layout, self.missing, self.mismatched, self.unexpected, self.hint)
-
-    def with_context(self, layout: str, hint: str = "") -> ConversionError:
-        """The same lists under a more specific heading (e.g. naming the file they came from)."""
-        return ConversionError(layout, self.missing, self.mismatched, self.unexpected, hint)
+ConversionError = KeyMappingError  # the autoencoder readers' name for it: missing, mis-shaped and unused keys
+TARGET = "the autoencoder config"
+# How the autoencoder readers word a missing / mis-shaped source key (tests and users match on it).
+WORDING = Wording(missing="{name}  (vdiff {key}, shape {shape})",
+                  mismatch="{name}: checkpoint {got} vs model {want} (vdiff {key})", shapes="list")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- name maps (ours -> theirs)
@@ -113,15 +94,7 @@ def sgm_key(key: str, num_levels: int) -> str:
 
 def target_shapes(config: AutoencoderConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for ``config`` (model built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        model = VideoAutoencoder(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
+    return model_shapes(VideoAutoencoder, config)
 
 
 def _check_group_norm(config: AutoencoderConfig, layout: str) -> None:
@@ -144,46 +117,21 @@ def _import(
     layout: str,
     fills: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Pick and reshape ``src`` tensors into our names; raise ConversionError listing every problem."""
+    """Our state dict from ``src`` by renaming (a 1x1 conv reads as a Linear and back), the keys of ``fills``
+    taken from there; one ConversionError listing every problem."""
     fills = fills or {}
-    out: dict[str, Tensor] = {}
-    missing, mismatched, used = [], [], set()
-    for key, shape in target_shapes(config).items():
-        theirs = name_of(key)
-        if theirs not in src:
-            if key in fills:
-                out[key] = fills[key]
-            else:
-                missing.append(f"{theirs}  (vdiff {key}, shape {list(shape)})")
-            continue
-        used.add(theirs)
-        t = src[theirs]
-        if tuple(t.shape) != shape:
-            # 1x1 conv (C, C, 1, 1) <-> linear (C, C): the same weights.
-            if _squeeze_trailing(tuple(t.shape)) == _squeeze_trailing(shape) and t.numel() == torch.Size(shape).numel():
-                t = t.reshape(shape)
-            else:
-                mismatched.append(f"{theirs}: checkpoint {list(t.shape)} vs model {list(shape)} (vdiff {key})")
-                continue
-        out[key] = t
-    unexpected = sorted(set(src) - used)
-    if missing or mismatched or unexpected:
-        raise ConversionError(layout, missing, mismatched, unexpected)
-    return out
+    shapes = target_shapes(config)
+    targets = {k: s for k, s in shapes.items() if k not in fills}
+    out = map_keys(src, targets, lambda k, s: Rule((name_of(k),), (s,), squeeze=True), f"{layout} state dict",
+                   TARGET, WORDING)  # fmt: skip
+    return {k: out[k] if k in out else fills[k] for k in shapes}
 
 
 def _export(state_dict: dict[str, Tensor], config: AutoencoderConfig, name_of: Callable[[str], str], layout: str):
     shapes = target_shapes(config)
-    missing = [f"{k} (shape {list(s)})" for k, s in shapes.items() if k not in state_dict]
-    mismatched = [
-        f"{k}: state dict {list(state_dict[k].shape)} vs config {list(s)}"
-        for k, s in shapes.items()
-        if k in state_dict and tuple(state_dict[k].shape) != s
-    ]
-    unexpected = sorted(set(state_dict) - set(shapes))
-    if missing or mismatched or unexpected:
-        raise ConversionError(f"vdiff (exporting to {layout})", missing, mismatched, unexpected)
-    return {name_of(k): state_dict[k] for k in shapes}
+    ours = map_keys(state_dict, shapes, lambda k, s: Rule((k,), (s,)), f"vdiff state dict (exporting to {layout})",
+                    TARGET, Wording(shapes="list"))  # fmt: skip
+    return {name_of(k): v for k, v in ours.items()}
 
 
 # ----------------------------------------------------------------------------- public converters

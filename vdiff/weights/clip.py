@@ -44,20 +44,34 @@ file. transformers' ``position_ids`` buffer, when a file stores it, must be ``ar
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from vdiff.models.conditioners import CLIPImageEmbedder, CLIPImageEmbedderConfig
-from vdiff.weights.safetensors_io import file_sha256, load_state_dict, resolve_weights_path
+from vdiff.weights.errors import KeyMappingError, WeightsConfigError
+from vdiff.weights.safetensors_io import load_state_dict
+from vdiff.weights.template import (
+    KeyMapper,
+    Rule,
+    WeightsRead,
+    Wording,
+    build_loaded,
+    check_same,
+    detect_layout,
+    map_keys,
+    model_folder,
+    model_shapes,
+    read_config_json,
+    record_weights,
+    resolve_config,
+    resolve_source,
+)
 
 ClipLayout = Literal["auto", "transformers", "open_clip"]
 CLIP_LAYOUTS = ("auto", "transformers", "open_clip")
@@ -114,31 +128,18 @@ _TRANSFORMERS_IGNORED = {
 }
 
 
-class CLIPConfigError(ValueError):
-    """A config (a transformers ``config.json``, a passed config) vdiff cannot represent or that contradicts
-    another; the message names the file and the field."""
-
-
-class CLIPConversionError(ValueError):
-    """Weights that do not fit the image embedder: missing keys, shape mismatches and unused keys, by name."""
-
-    def __init__(self, source: str, missing: list[str], mismatched: list[str], unexpected: list[str], hint: str = ""):
-        self.source, self.missing, self.mismatched, self.unexpected, self.hint = (
-            source,
-            missing,
-            mismatched,
-            unexpected,
-            hint,
-        )
-        parts = [f"{source}: weights do not fit the CLIP image embedder config" + (f"; {hint}" if hint else "")]
-        for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
-            if names:
-                shown = "\n    ".join(names[:60]) + (f"\n    ... and {len(names) - 60} more" if len(names) > 60 else "")
-                parts.append(f"  {title} ({len(names)}):\n    {shown}")
-        super().__init__("\n".join(parts))
-
-    def __reduce__(self):
-        return type(self), (self.source, self.missing, self.mismatched, self.unexpected, self.hint)
+CLIPConfigError = WeightsConfigError  # a config vdiff cannot represent, or contradicting configs
+CLIPConversionError = KeyMappingError  # missing, mis-shaped and unused keys, by name
+TARGET = "the CLIP image embedder config"
+WORDING = Wording(missing="{name}  (vdiff {key}, shape {shape})",
+                  mismatch="{name} {got}: expected {wants} (vdiff {key}, shape {shape})", shapes="list")  # fmt: skip
+_OPEN_CLIP_MARKERS = {p + n for p in (SGM_CLIP_PREFIX, OPEN_CLIP_PREFIX, "") for n in ("conv1.weight", "class_embedding")}
+# The key signs of each file layout, in the order they are tried.
+SIGNS = (
+    ("transformers", lambda k: k.startswith("vision_model.") or k == "visual_projection.weight"),
+    ("open_clip", lambda k: k in _OPEN_CLIP_MARKERS
+                            or k.startswith((SGM_CLIP_PREFIX, OPEN_CLIP_PREFIX + "transformer.resblocks."))),
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- transformers config.json
@@ -201,50 +202,29 @@ def config_from_transformers(config: Mapping[str, Any], source: str = "config") 
         raise CLIPConfigError(f"{source}: {fields} cannot be loaded by vdiff: {error}") from None
 
 
-def read_transformers_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object of a transformers ``config.json`` file, as stored (errors name the file)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CLIPConfigError(f"{path}: not a readable transformers config.json ({error})") from None
-    if not isinstance(raw, dict):
-        raise CLIPConfigError(f"{path}: a transformers config.json holds a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def read_transformers_config(path: str | os.PathLike) -> CLIPImageEmbedderConfig:
     """:func:`config_from_transformers` of a ``config.json`` file (errors name the file)."""
-    return config_from_transformers(read_transformers_config_json(path), source=str(path))
+    return config_from_transformers(read_config_json(path, "transformers"), source=str(path))
 
 
 # ----------------------------------------------------------------------------- name maps
 
 
-@dataclass(frozen=True)
-class _Rule:
-    """How one of our tensors is made from the file's: source names, their expected shapes, and the combination."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    combine: Callable[[list[Tensor]], Tensor]
+def _same(name: str, shape: tuple[int, ...]) -> Rule:
+    return Rule((name,), (shape,), lambda ts: ts[0])
 
 
-def _same(name: str, shape: tuple[int, ...]) -> _Rule:
-    return _Rule((name,), (shape,), lambda ts: ts[0])
+def _unflatten(name: str, shape: tuple[int, ...], lead: int) -> Rule:  # (W,) -> (1, 1, W); (N, W) -> (1, N, W)
+    return Rule((name,), (shape[lead:],), lambda ts: ts[0].reshape(shape))
 
 
-def _unflatten(name: str, shape: tuple[int, ...], lead: int) -> _Rule:  # (W,) -> (1, 1, W); (N, W) -> (1, N, W)
-    return _Rule((name,), (shape[lead:],), lambda ts: ts[0].reshape(shape))
+def _transposed(name: str, shape: tuple[int, ...]) -> Rule:  # open_clip's proj (W, D) -> Linear weight (D, W)
+    return Rule((name,), (shape[::-1],), lambda ts: ts[0].t())
 
 
-def _transposed(name: str, shape: tuple[int, ...]) -> _Rule:  # open_clip's proj (W, D) -> Linear weight (D, W)
-    return _Rule((name,), (shape[::-1],), lambda ts: ts[0].t())
-
-
-def _qkv(names: tuple[str, str, str], shape: tuple[int, ...]) -> _Rule:  # separate q, k, v -> fused qkv
+def _qkv(names: tuple[str, str, str], shape: tuple[int, ...]) -> Rule:  # separate q, k, v -> fused qkv
     part = (shape[0] // 3, *shape[1:])
-    return _Rule(names, (part, part, part), lambda ts: torch.cat(ts, dim=0))
+    return Rule(names, (part, part, part), lambda ts: torch.cat(ts, dim=0))
 
 
 _BLOCK = re.compile(r"visual\.blocks\.(\d+)\.(.+)")
@@ -279,7 +259,7 @@ _TRANSFORMERS_TOP = {
 }
 
 
-def _open_clip_rule(key: str, shape: tuple[int, ...], prefix: str) -> _Rule:
+def _open_clip_rule(key: str, shape: tuple[int, ...], prefix: str) -> Rule:
     if key == "visual.cls_token":
         return _unflatten(prefix + "class_embedding", shape, 2)
     if key == "visual.pos_embed":
@@ -296,7 +276,7 @@ def _open_clip_rule(key: str, shape: tuple[int, ...], prefix: str) -> _Rule:
     return _same(f"{base}{_OPEN_CLIP_BLOCK[module]}.{param}", shape)
 
 
-def _transformers_rule(key: str, shape: tuple[int, ...], prefix: str = "") -> _Rule:
+def _transformers_rule(key: str, shape: tuple[int, ...], prefix: str = "") -> Rule:
     if key == "visual.cls_token":
         return _unflatten(prefix + "vision_model.embeddings.class_embedding", shape, 2)
     if key == "visual.pos_embed":
@@ -314,49 +294,7 @@ def _transformers_rule(key: str, shape: tuple[int, ...], prefix: str = "") -> _R
 
 def target_shapes(config: CLIPImageEmbedderConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter names and shapes for ``config`` (the model is built on the meta device: no memory, no init)."""
-    with torch.device("meta"):
-        model = CLIPImageEmbedder(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _convert(
-    src: Mapping[str, Tensor],
-    config: CLIPImageEmbedderConfig,
-    rule_of: Callable[[str, tuple[int, ...]], _Rule],
-    in_scope: Callable[[str], bool],
-    source: str,
-    buffers: Mapping[str, Tensor] | None = None,
-) -> dict[str, Tensor]:
-    """Our state dict from ``src``; raise CLIPConversionError listing every missing, mis-shaped and unused key.
-
-    in_scope: which source keys belong to the image embedder (the rest are other model parts, skipped).
-    buffers: source keys that carry no weight but must hold the given values (transformers' position_ids).
-    """
-    out: dict[str, Tensor] = {}
-    missing, mismatched, used = [], [], set()
-    for key, shape in target_shapes(config).items():
-        rule = rule_of(key, shape)
-        absent = [n for n in rule.names if n not in src]
-        if absent:
-            missing.extend(f"{n}  (vdiff {key}, shape {list(shape)})" for n in absent)
-            continue
-        used.update(rule.names)
-        tensors = [src[n] for n in rule.names]
-        wrong = [f"{n} {list(t.shape)}" for n, t, s in zip(rule.names, tensors, rule.shapes) if tuple(t.shape) != s]
-        if wrong:
-            expected = ", ".join(str(list(s)) for s in rule.shapes)
-            mismatched.append(f"{', '.join(wrong)}: expected {expected} (vdiff {key}, shape {list(shape)})")
-            continue
-        out[key] = rule.combine(tensors).contiguous()
-    for name, value in (buffers or {}).items():
-        if name in src:
-            used.add(name)
-            if tuple(src[name].shape) != tuple(value.shape) or not torch.equal(src[name].to(value.dtype), value):
-                mismatched.append(f"{name}: must be arange({value.shape[-1]}) of shape {list(value.shape)}")
-    unexpected = sorted(k for k in src if in_scope(k) and k not in used)
-    if missing or mismatched or unexpected:
-        raise CLIPConversionError(source, missing, mismatched, unexpected)
-    return out
+    return model_shapes(CLIPImageEmbedder, config)
 
 
 def from_open_clip(
@@ -366,96 +304,28 @@ def from_open_clip(
     source: str = "open_clip weights",
 ) -> dict[str, Tensor]:
     """open_clip image-tower keys under ``prefix`` -> our names (keys outside ``prefix`` are skipped)."""
-    return _convert(
-        state_dict, config, lambda k, s: _open_clip_rule(k, s, prefix), lambda k: k.startswith(prefix), source
-    )
+    rule = lambda key, shape: _open_clip_rule(key, shape, "")  # noqa: E731  # the mapper adds the prefix
+    return map_keys(state_dict, target_shapes(config), rule, source, TARGET, WORDING, prefix=prefix)
 
 
 def from_transformers(
     state_dict: Mapping[str, Tensor], config: CLIPImageEmbedderConfig, source: str = "transformers weights"
 ) -> dict[str, Tensor]:
-    """``CLIPVisionModelWithProjection`` keys -> our names (every key is in scope)."""
+    """``CLIPVisionModelWithProjection`` keys -> our names (every key is in scope; transformers' ``position_ids``
+    buffer, when stored, must be ``arange(N+1)``)."""
+    mapper = KeyMapper(state_dict, source, TARGET, WORDING)
+    out = {key: mapper.take(key, shape, _transformers_rule(key, shape)) for key, shape in target_shapes(config).items()}
     position_ids = torch.arange(config.num_positions).unsqueeze(0)
-    return _convert(
-        state_dict, config, _transformers_rule, lambda k: True, source, {TRANSFORMERS_POSITION_IDS: position_ids}
-    )
+    mapper.expect_constant(TRANSFORMERS_POSITION_IDS, position_ids, f"arange({config.num_positions}) of shape "
+                           f"{list(position_ids.shape)}")  # fmt: skip
+    mapper.check()
+    return out  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass
-class CLIPWeights:
-    """What :func:`read_clip_image_embedder` found: our state dict, the config it fits, and where both came from."""
-
-    state_dict: dict[str, Tensor]
-    config: CLIPImageEmbedderConfig
-    layout: str  # "transformers" or "open_clip" (never "auto")
-    weights_path: Path  # absolute path of the weights file (the index file for sharded weights)
-    config_source: str  # a config.json path, "argument", "svd: <name>" or "assumed: <name>"
-    config_file: Path | None = None  # the config.json the config was read from (None: argument or assumed)
-    config_file_content: dict[str, Any] | None = None  # that file's JSON object, as read
-
-
-def _resolve_config(config: CLIPImageEmbedderConfig | Mapping[str, Any] | str | None) -> CLIPImageEmbedderConfig | None:
-    if config is None or isinstance(config, CLIPImageEmbedderConfig):
-        return config
-    if isinstance(config, str):
-        return CLIPImageEmbedderConfig.from_name(config)
-    if isinstance(config, Mapping):
-        return CLIPImageEmbedderConfig.from_dict(config)
-    raise TypeError(f"config must be a CLIPImageEmbedderConfig, a size name or a mapping, got {type(config).__name__}")
-
-
-def _check_same(given: CLIPImageEmbedderConfig, found: CLIPImageEmbedderConfig, source: str) -> None:
-    diff = [
-        f"{name}: passed {getattr(given, name)!r}, {source} says {getattr(found, name)!r}"
-        for name in given.to_dict()
-        if getattr(given, name) != getattr(found, name)
-    ]
-    if diff:
-        raise CLIPConfigError(
-            "the config passed contradicts the one stored with the weights (pass config=None to use it):\n  "
-            + "\n  ".join(diff)
-        )
-
-
-def _transformers_folder(folder: Path) -> tuple[Path, Path]:
-    """(config.json, weights file or shard index) of a transformers model folder or a pipeline's ``image_encoder/``."""
-    model = folder
-    if (
-        not (folder / TRANSFORMERS_CONFIG).is_file()
-        and (folder / TRANSFORMERS_SUBFOLDER / TRANSFORMERS_CONFIG).is_file()
-    ):
-        model = folder / TRANSFORMERS_SUBFOLDER
-    config = model / TRANSFORMERS_CONFIG
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{folder}: not a transformers CLIP image-encoder folder: no {TRANSFORMERS_CONFIG} in it or in "
-            f"{folder / TRANSFORMERS_SUBFOLDER}"
-        )
-    for name in (TRANSFORMERS_WEIGHTS[0], TRANSFORMERS_INDEX, *TRANSFORMERS_WEIGHTS[1:]):
-        if (model / name).is_file():
-            return config, model / name
-    present = sorted(p.name for p in model.iterdir())
-    raise FileNotFoundError(
-        f"{model}: no weights file ({', '.join((TRANSFORMERS_WEIGHTS[0], TRANSFORMERS_INDEX, *TRANSFORMERS_WEIGHTS[1:]))}) "
-        f"beside {TRANSFORMERS_CONFIG} (found: {present})"
-    )
-
-
-def _load_weights(path: Path) -> dict[str, Tensor]:
-    """A weights file, or every shard named by a transformers ``*.index.json``."""
-    if not path.name.endswith(".index.json"):
-        return load_state_dict(path)
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a readable shard index with a 'weight_map' ({error})") from None
-    state_dict: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        state_dict.update(load_state_dict(path.parent / shard))
-    return state_dict
+CLIPWeights = WeightsRead  # what read_clip_image_embedder found (config_source "svd: <name>" / "assumed: <name>")
 
 
 def _open_clip_prefix(keys: list[str]) -> str | None:
@@ -468,19 +338,6 @@ def _open_clip_prefix(keys: list[str]) -> str | None:
     if any(k.startswith(OPEN_CLIP_PREFIX + "transformer.resblocks.") for k in keys):
         return OPEN_CLIP_PREFIX
     return None
-
-
-def detect_layout(state_dict: Mapping[str, Tensor], path: Path) -> str:
-    """``transformers`` or ``open_clip`` from a file's key names (raises when neither fits)."""
-    keys = list(state_dict)
-    if any(k.startswith("vision_model.") or k == "visual_projection.weight" for k in keys):
-        return "transformers"
-    if _open_clip_prefix(keys) is not None:
-        return "open_clip"
-    raise ValueError(
-        f"{path}: holds no CLIP image-tower keys vdiff knows (transformers 'vision_model.*', open_clip 'visual.*' or "
-        f"'{SGM_CLIP_PREFIX}*'); first keys: {keys[:5]}"
-    )
 
 
 def read_clip_image_embedder(
@@ -508,34 +365,30 @@ def read_clip_image_embedder(
             config (names the file and the field).
         CLIPConversionError: missing, mis-shaped or unused tensors (names the keys and the file).
     """
-    if layout not in CLIP_LAYOUTS:
-        raise ValueError(f"unknown CLIP weights layout {layout!r}; choose one of {CLIP_LAYOUTS}")
-    given = _resolve_config(config)
-    resolved = resolve_weights_path(path, what=f"CLIP image-embedder weights ({layout} layout)", allow_dir=True)
-    resolved = resolved.absolute()
+    given = resolve_config(CLIPImageEmbedderConfig, config)
+    resolved = resolve_source(path, layout, CLIP_LAYOUTS, f"CLIP image-embedder weights ({layout} layout)",
+                              folder_layout="transformers")  # fmt: skip
 
     found: CLIPImageEmbedderConfig | None = None
     source = "argument"
     if resolved.is_dir():
-        if layout not in ("auto", "transformers"):
-            raise ValueError(
-                f"{resolved} is a folder, read as a transformers model folder; layout={layout!r} is for files"
-            )
-        config_json, weights_path = _transformers_folder(resolved)
+        weights = (TRANSFORMERS_WEIGHTS[0], TRANSFORMERS_INDEX, *TRANSFORMERS_WEIGHTS[1:])
+        config_json, weights_path = model_folder(resolved, TRANSFORMERS_SUBFOLDER, weights,
+                                                 "transformers CLIP image-encoder")  # fmt: skip
         layout = "transformers"
     else:
         weights_path = resolved
         config_json = weights_path.parent / TRANSFORMERS_CONFIG
-    state_dict = _load_weights(weights_path)
+    state_dict = load_state_dict(weights_path)
     if layout == "auto":
-        layout = detect_layout(state_dict, weights_path)
+        layout = detect_layout(state_dict, weights_path, SIGNS, "CLIP image-tower")
 
     if layout == "transformers":
-        content = read_transformers_config_json(config_json) if config_json.is_file() else None
+        content = read_config_json(config_json, "transformers") if config_json.is_file() else None
         if content is not None:
             found, source = config_from_transformers(content, source=str(config_json)), str(config_json)
         if found is not None and given is not None:
-            _check_same(given, found, source)
+            check_same(given, found, source)
         cfg = found or given
         if cfg is None:
             raise CLIPConfigError(
@@ -545,16 +398,13 @@ def read_clip_image_embedder(
         try:
             ours = from_transformers(state_dict, cfg, source=f"transformers file {weights_path}")
         except CLIPConversionError as error:
-            raise CLIPConversionError(
-                error.source, error.missing, error.mismatched, error.unexpected, f"config from {source}"
-            ) from None
+            raise error.with_context(error.source, f"config from {source}") from None
         return CLIPWeights(ours, cfg, layout, weights_path, source, config_json if content is not None else None, content)
 
     prefix = _open_clip_prefix(list(state_dict))
     if prefix is None:
-        raise CLIPConversionError(
-            f"open_clip file {weights_path}", [f"{OPEN_CLIP_PREFIX}conv1.weight (or under {SGM_CLIP_PREFIX})"], [], []
-        )
+        raise CLIPConversionError(f"open_clip file {weights_path}",
+                                  [f"{OPEN_CLIP_PREFIX}conv1.weight (or under {SGM_CLIP_PREFIX})"], [], [], target=TARGET)  # fmt: skip
     if given is not None:
         cfg = given
     elif prefix == SGM_CLIP_PREFIX:
@@ -571,9 +421,7 @@ def read_clip_image_embedder(
         ours = from_open_clip(state_dict, cfg, prefix, source=f"open_clip file {weights_path}")
     except CLIPConversionError as error:
         where = f"keys under {prefix!r}" if prefix else "bare visual keys"
-        raise CLIPConversionError(
-            error.source, error.missing, error.mismatched, error.unexpected, f"{where}; config from {source}"
-        ) from None
+        raise error.with_context(error.source, f"{where}; config from {source}") from None
     return CLIPWeights(ours, cfg, "open_clip", weights_path, source)
 
 
@@ -587,14 +435,7 @@ def load_clip_image_embedder(
     for the arguments and errors), loaded strictly, its tensors in ``dtype`` (SVD's files are float16; the default
     computes in float32). Built on the meta device and filled by assignment, so the weights are held once."""
     weights = read_clip_image_embedder(path, layout=layout, config=config)
-    with torch.device("meta"):
-        model = CLIPImageEmbedder(weights.config)
-    tensors = {k: v.to(dtype) for k, v in weights.state_dict.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{weights.weights_path}: tensors left unloaded: {left}")
-    return model
+    return build_loaded(CLIPImageEmbedder, weights.config, weights.state_dict, dtype)
 
 
 class PretrainedCLIPImageEmbedder(CLIPImageEmbedder):
@@ -620,8 +461,4 @@ class PretrainedCLIPImageEmbedder(CLIPImageEmbedder):
         weights = read_clip_image_embedder(path, layout=layout, config=config)
         super().__init__(weights.config)
         self.load_state_dict(weights.state_dict, strict=True)
-        self.weights_path: str = str(weights.weights_path)
-        self.layout: str = weights.layout
-        self.weights_sha256: str = file_sha256(weights.weights_path)
-        self.config_file: str | None = str(weights.config_file) if weights.config_file is not None else None
-        self.config_file_content: dict[str, Any] | None = weights.config_file_content
+        record_weights(self, weights)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from vdiff.models.i3d import I3D
+from vdiff.weights.errors import KeyMappingError
 from vdiff.weights.registry import PRESETS
 from vdiff.weights.safetensors_io import (
     WEIGHTS_ENV,
@@ -53,6 +54,7 @@ from vdiff.weights.safetensors_io import (
     resolve_weights_path,
     save_state_dict,
 )
+from vdiff.weights.template import Rule, Wording, detect_layout, map_keys
 
 I3DLayout = Literal["vdiff", "pytorch_i3d", "kinetics_i3d_pytorch"]
 I3D_LAYOUTS: tuple[str, ...] = ("vdiff", "pytorch_i3d", "kinetics_i3d_pytorch")
@@ -155,31 +157,14 @@ _LAYOUT_MARKERS = {
 OPTIONAL_SUFFIX = "num_batches_tracked"
 
 
-class I3DConversionError(ValueError):
-    """An I3D state dict that does not fit vdiff's I3D: every missing, mis-shaped and unused key, by name."""
-
-    def __init__(
-        self, file: str, layout: str, missing: list[str], mismatched: list[str], unexpected: list[str]
-    ) -> None:
-        self.file, self.layout = file, layout
-        self.missing, self.mismatched, self.unexpected = missing, mismatched, unexpected
-        parts = [f"{file}: {layout} I3D weights do not fit vdiff's Kinetics-400 I3D"]
-        for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
-            if names:
-                shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
-                parts.append(f"{title}: {shown}")
-        super().__init__("; ".join(parts))
+I3DConversionError = KeyMappingError  # an I3D state dict that does not fit vdiff's I3D: every bad key, by name
+WORDING = Wording(missing="{name}", mismatch="{name} {got} != {want}")
 
 
 def detect_i3d_layout(state: dict[str, Tensor], file: str = "<state dict>") -> str:
     """The layout of an I3D state dict, from the name of its first convolution."""
-    for layout, marker in _LAYOUT_MARKERS.items():
-        if marker in state:
-            return layout
-    raise ValueError(
-        f"{file}: not an I3D state dict of a known layout (looked for {sorted(_LAYOUT_MARKERS.values())}; "
-        f"first keys: {sorted(state)[:5]})"
-    )
+    signs = [(layout, lambda k, marker=marker: k == marker) for layout, marker in _LAYOUT_MARKERS.items()]
+    return detect_layout(sorted(state), file, signs, "I3D")
 
 
 def i3d_source_key(key: str, layout: str) -> str:
@@ -212,26 +197,15 @@ def convert_i3d_state_dict(
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     layout = layout or detect_i3d_layout(state, file)
-    missing, mismatched, used = [], [], set()
-    out: dict[str, Tensor] = {}
-    for key, ref in _reference_state().items():
-        source = i3d_source_key(key, layout)
-        if source not in state:
-            if key.endswith(OPTIONAL_SUFFIX):
-                out[key] = torch.zeros((), dtype=torch.long)
-                continue
-            missing.append(source)
-            continue
-        used.add(source)
-        value = state[source]
-        if tuple(value.shape) != tuple(ref.shape):
-            mismatched.append(f"{source} {tuple(value.shape)} != {tuple(ref.shape)}")
-            continue
-        out[key] = value.detach().to(ref.dtype if key.endswith(OPTIONAL_SUFFIX) else torch.float32).contiguous()
-    unexpected = sorted(set(state) - used)
-    if missing or mismatched or unexpected:
-        raise I3DConversionError(file, layout, missing, mismatched, unexpected)
-    return out
+    reference = _reference_state()
+    names = {key: i3d_source_key(key, layout) for key in reference}
+    # num_batches_tracked: absent from old files and unused in eval, set to 0 (the only gap tolerated)
+    fills = {k: torch.zeros((), dtype=torch.long) for k, n in names.items() if k.endswith(OPTIONAL_SUFFIX) and n not in state}
+    targets = {k: tuple(ref.shape) for k, ref in reference.items() if k not in fills}
+    out = map_keys(state, targets, lambda k, s: Rule((names[k],), (s,)), file, "vdiff's Kinetics-400 I3D", WORDING,
+                   subject=f"{layout} I3D weights", compact=True)  # fmt: skip
+    dtypes = {k: ref.dtype if k.endswith(OPTIONAL_SUFFIX) else torch.float32 for k, ref in reference.items()}
+    return {k: fills[k] if k in fills else out[k].detach().to(dtypes[k]).contiguous() for k in reference}
 
 
 def read_i3d_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], Path]:

@@ -96,14 +96,28 @@ from torch import Tensor
 
 from vdiff.diffusion.ddpm import make_betas
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
-from vdiff.weights.safetensors_io import load_keys, resolve_weights_path
+from vdiff.weights.errors import WeightsConfigError, WeightsError
+from vdiff.weights.safetensors_io import load_keys, load_state_dict
+from vdiff.weights.template import (
+    KeyMapper,
+    Rule,
+    build_loaded,
+    check_same,
+    config_beside,
+    detect_layout,
+    model_folder,
+    read_config_json,
+    resolve_config,
+    resolve_source,
+    stacked,
+)
 from vdiff.weights.unet_svd import (
     DIFFUSERS_CONFIG,
+    DIFFUSERS_SUBFOLDER,
+    DIFFUSERS_WEIGHTS,
     SGM_PREFIX,
-    UNetSVDConfigError,
-    UNetSVDConversionError,
-    _diffusers_folder,
-    _read_tensors,
+    TARGET,
+    diffusers_levels,
     expected_shapes,
     peer_names,
 )
@@ -188,9 +202,12 @@ _DIFFUSERS_IGNORED = ("sample_size", "upcast_attention", "addition_embed_type_nu
 _DIFFUSERS_FIXED_DEFAULTS = {"cross_attention_dim": 1280}
 
 
-class InflationError(ValueError):
-    """An image UNet (its config or its file) that cannot be inflated exactly; the message names the file and the
-    field."""
+InflationError = WeightsError  # an image UNet (its config or its file) that cannot be inflated exactly
+# The key signs of an image UNet file's layouts: ldm/sgm (under model.diffusion_model. or bare), diffusers.
+SIGNS = (
+    ("sgm", lambda k: k.startswith(SGM_PREFIX) or k == "input_blocks.0.0.weight"),
+    ("diffusers", lambda k: k.startswith(("down_blocks.", "mid_block."))),
+)
 
 
 #################################################################################
@@ -270,15 +287,15 @@ def config_from_diffusers_image(
             per-level head widths that differ, ...).
     """
 
-    def refuse(field: str, why: str) -> InflationError:
-        return InflationError(f"{source}: {field}={config.get(field, '<missing>')!r} cannot be inflated: {why}")
+    def refuse(field: str, why: str) -> WeightsConfigError:
+        return WeightsConfigError(f"{source}: {field}={config.get(field, '<missing>')!r} cannot be inflated: {why}")
 
     if config.get("_class_name", DIFFUSERS_IMAGE_CLASS) != DIFFUSERS_IMAGE_CLASS:
         raise refuse("_class_name", f"vdiff inflates diffusers {DIFFUSERS_IMAGE_CLASS} image UNets")
     known = {*_DIFFUSERS_FIXED, *_DIFFUSERS_DEFAULTS, *_DIFFUSERS_IGNORED}
     unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
     if unknown:
-        raise InflationError(
+        raise WeightsConfigError(
             f"{source}: unknown {DIFFUSERS_IMAGE_CLASS} field(s) {unknown}; vdiff does not know what they change, "
             "so it does not inflate the model"
         )
@@ -292,68 +309,30 @@ def config_from_diffusers_image(
             raise refuse(field, f"UNetSVD's spatial half (SD 2.1's architecture) needs {required!r}")
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
 
-    widths = [int(w) for w in c["block_out_channels"]]
-    levels = len(widths)
-    if not widths or any(w % widths[0] for w in widths):
-        raise refuse("block_out_channels", "vdiff's level widths are model_channels times integer multipliers")
-
-    def per_level(field: str) -> int:
-        value = c[field]
-        values = [value] * levels if isinstance(value, int) else list(value)
-        if len(values) != levels or any(not isinstance(v, int) for v in values) or len(set(values)) != 1:
-            raise refuse(field, f"vdiff needs one integer for all {levels} levels")
-        return values[0]
-
-    down = list(c["down_block_types"])
-    if len(down) != levels or any(t not in (CROSS_DOWN, PLAIN_DOWN) for t in down):
-        raise refuse("down_block_types", f"{levels} of {CROSS_DOWN} / {PLAIN_DOWN} expected")
-    attention_levels = tuple(i for i, t in enumerate(down) if t == CROSS_DOWN)
-    up_expected = [CROSS_UP if level in attention_levels else PLAIN_UP for level in reversed(range(levels))]
-    if list(c["up_block_types"]) != up_expected:
-        raise refuse("up_block_types", f"the up blocks must mirror the down blocks: {up_expected}")
     heads_field = "num_attention_heads" if c["num_attention_heads"] is not None else "attention_head_dim"
-    heads = c[heads_field]  # diffusers' UNet2DConditionModel reads attention_head_dim as the head COUNT
-    heads = [heads] * levels if isinstance(heads, int) else list(heads)
-    if len(heads) != levels:
-        raise refuse(heads_field, f"one head count per level ({levels}) expected")
-    used = sorted({*attention_levels, levels - 1})  # the mid block uses the last level's heads
-    head_dims = {widths[i] / heads[i] for i in used}
-    if len(head_dims) != 1 or not float(next(iter(head_dims))).is_integer():
-        raise refuse(heads_field, f"vdiff needs one integer head width at levels {used} (widths {widths})")
+    # diffusers' UNet2DConditionModel reads attention_head_dim as the head COUNT
+    levels = diffusers_levels(c, refuse, (CROSS_DOWN, PLAIN_DOWN, CROSS_UP, PLAIN_UP), heads_field)
     time_dim = c["time_embedding_dim"]
-    if time_dim is not None and int(time_dim) != 4 * widths[0]:
-        raise refuse("time_embedding_dim", f"UNetSVD's time embedding is 4 * model_channels = {4 * widths[0]}")
+    if time_dim is not None and int(time_dim) != 4 * levels["model_channels"]:
+        raise refuse("time_embedding_dim", f"UNetSVD's time embedding is 4 * model_channels = {4 * levels['model_channels']}")
     base = video or UNetSVDConfig()
     try:
         result = dataclasses.replace(
             base,
             in_channels=int(c["in_channels"]) + base.concat_channels,
             out_channels=int(c["out_channels"]),
-            model_channels=widths[0],
-            channel_mult=tuple(w // widths[0] for w in widths),
-            num_res_blocks=per_level("layers_per_block"),
-            attention_levels=attention_levels,
-            head_dim=int(next(iter(head_dims))),
-            transformer_depth=per_level("transformer_layers_per_block"),
-            context_dim=per_level("cross_attention_dim"),
+            **levels,
             norm_eps="sgm",
         )  # every other field (VIDEO_ONLY_FIELDS) from ``video``
         result.check()
     except ValueError as error:
-        raise InflationError(f"{source}: {error}") from None
+        raise WeightsConfigError(f"{source}: {error}") from None
     return result
 
 
 def read_diffusers_image_config(path: str | os.PathLike, video: UNetSVDConfig | None = None) -> UNetSVDConfig:
     """:func:`config_from_diffusers_image` of a ``config.json`` file (errors name the file)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InflationError(f"{path}: not a readable diffusers config.json ({error})") from None
-    if not isinstance(raw, dict):
-        raise InflationError(f"{path}: a diffusers config.json holds a JSON object, got {type(raw).__name__}")
-    return config_from_diffusers_image(raw, video, source=str(path))
+    return config_from_diffusers_image(read_config_json(path, "diffusers"), video, source=str(path))
 
 
 #################################################################################
@@ -373,30 +352,6 @@ class ImageUNet:
     prefix: str = ""  # the prefix the file's keys had (stripped from state_dict), for error messages
 
 
-def _resolve_video_config(config: UNetSVDConfig | Mapping[str, Any] | str | None) -> UNetSVDConfig | None:
-    if config is None or isinstance(config, UNetSVDConfig):
-        return config
-    if isinstance(config, str):
-        return UNetSVDConfig.from_name(config)
-    if isinstance(config, Mapping):
-        return UNetSVDConfig.from_dict(dict(config))
-    raise TypeError(f"config must be a UNetSVDConfig, a preset name or a mapping, got {type(config).__name__}")
-
-
-def _file_layout(keys: list[str], path: Path) -> tuple[str, str]:
-    """(layout, prefix) of an image-UNet weights FILE from its key names."""
-    if any(k.startswith(SGM_PREFIX) for k in keys):
-        return "sgm", SGM_PREFIX
-    if "input_blocks.0.0.weight" in keys:
-        return "sgm", ""
-    if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
-        return "diffusers", ""
-    raise InflationError(
-        f"{path}: holds no image-UNet keys vdiff knows (ldm/sgm '{SGM_PREFIX}*' or 'input_blocks.*', diffusers "
-        f"'down_blocks.*'); first keys: {keys[:5]}"
-    )
-
-
 def read_image_unet(path: str | os.PathLike, layout: ImageLayout = "auto") -> ImageUNet:
     """Read a LOCAL SD-style image UNet: a diffusers ``UNet2DConditionModel`` (or pipeline) folder, a bare diffusers
     weights file, or an ldm/sgm single file (only its ``model.diffusion_model.*`` tensors are read).
@@ -405,25 +360,19 @@ def read_image_unet(path: str | os.PathLike, layout: ImageLayout = "auto") -> Im
         FileNotFoundError: nothing at ``path`` (nor under ``$VDIFF_WEIGHTS``), or a folder without weights.
         InflationError: a file whose keys are no image UNet vdiff knows.
     """
-    if layout not in IMAGE_LAYOUTS:
-        raise ValueError(f"unknown image-UNet layout {layout!r}; choose one of {IMAGE_LAYOUTS}")
-    resolved = resolve_weights_path(path, what="SD image UNet weights", allow_dir=True).absolute()
+    resolved = resolve_source(path, layout, IMAGE_LAYOUTS, "SD image UNet weights")
     if resolved.is_dir():
-        if layout not in ("auto", "diffusers"):
-            raise ValueError(
-                f"{resolved} is a folder, read as a diffusers model folder; layout={layout!r} is for files"
-            )
-        config_json, weights_path = _diffusers_folder(resolved)
-        return ImageUNet(_read_tensors(weights_path), "diffusers", weights_path, config_json)
+        config_json, weights_path = model_folder(resolved, DIFFUSERS_SUBFOLDER, DIFFUSERS_WEIGHTS, "diffusers UNet")
+        return ImageUNet(load_state_dict(weights_path), "diffusers", weights_path, config_json)
     keys = load_keys(resolved)
-    found, prefix = _file_layout(keys, resolved)
+    found = detect_layout(keys, resolved, SIGNS, "image-UNet")
     if layout != "auto" and layout != found:
-        raise InflationError(f"{resolved}: layout={layout!r} was asked for, but its keys are {found}'s")
+        raise WeightsError(f"{resolved}: layout={layout!r} was asked for, but its keys are {found}'s")
     if found == "sgm":
-        tensors = _read_tensors(resolved, lambda k: k.startswith(prefix))
+        prefix = SGM_PREFIX if any(k.startswith(SGM_PREFIX) for k in keys) else ""
+        tensors = load_state_dict(resolved, select=lambda k: k.startswith(prefix))
         return ImageUNet({k[len(prefix) :]: v for k, v in tensors.items()}, "sgm", resolved, None, prefix)
-    beside = resolved.parent / DIFFUSERS_CONFIG
-    return ImageUNet(_read_tensors(resolved), "diffusers", resolved, beside if beside.is_file() else None)
+    return ImageUNet(load_state_dict(resolved), "diffusers", resolved, config_beside(resolved))
 
 
 #################################################################################
@@ -459,7 +408,7 @@ def new_parameter_names(config: UNetSVDConfig | Mapping[str, Any] | str = "svd")
     ``added_time_embed.*`` and ``conv_in.weight`` (concat kernels), and Vista's layers when the config has them.
     ``train: temporal`` freezes them at their zero-contribution init; a recipe that should learn from the concat
     latent and the added time ids trains them too (``conv_in.weight`` also holds SD's own input kernels)."""
-    cfg = _resolve_video_config(config)
+    cfg = resolve_config(UNetSVDConfig, config)
     assert cfg is not None
     return [k for k in expected_shapes(cfg) if is_new_parameter(k) and not UNetSVD.is_temporal_parameter(k)]
 
@@ -486,7 +435,7 @@ def _new_tensors(config: UNetSVDConfig, seed: int) -> dict[str, Tensor]:
                 out[wanted["mix_factor"]] = torch.full((1,), MERGE_FACTOR)
                 continue
             if len(wanted) != len(own) or not hasattr(module, "reset_parameters"):
-                raise InflationError(f"vdiff cannot initialise {sorted(wanted.values())}: add a rule to inflate.py")
+                raise WeightsError(f"vdiff cannot initialise {sorted(wanted.values())}: add a rule to inflate.py")
             module.to_empty(device="cpu", recurse=False)
             module.reset_parameters()
             out.update({full: getattr(module, name).detach() for name, full in wanted.items()})
@@ -498,10 +447,17 @@ def _new_tensors(config: UNetSVDConfig, seed: int) -> dict[str, Tensor]:
 
 def _check_norm_eps(config: UNetSVDConfig) -> None:
     if config.norm_eps != "sgm":
-        raise InflationError(
+        raise WeightsConfigError(
             f"UNetSVDConfig.norm_eps={config.norm_eps!r}: SD 2.1's ResBlocks use GroupNorm eps 1e-5 everywhere "
             "(norm_eps='sgm'); inflated with other epsilons the video UNet would not equal the image UNet"
         )
+
+
+def _conv_in_rule(names: list[str], shape: tuple[int, ...], image_in: int) -> Rule:
+    """``conv_in.weight`` over ``[x, concat]`` channels: SD's kernels on the first ``image_in``, zeros after."""
+    concat = shape[1] - image_in
+    return Rule(tuple(names), ((shape[0], image_in, *shape[2:]),),
+                lambda ts: torch.cat([ts[0], ts[0].new_zeros(shape[0], concat, *shape[2:])], dim=1))  # fmt: skip
 
 
 def inflate_state_dict(
@@ -518,46 +474,26 @@ def inflate_state_dict(
     """
     _check_norm_eps(config)
     full, config = config, config.replace(**{k: v for k, v in _VISTA_OFF.items() if hasattr(config, k)})
-    source = f"{image.layout} image UNet {image.weights_path}"
     prefix = image.prefix
-    src = image.state_dict
-    image_in = config.in_channels - config.concat_channels
+    src = {prefix + k: v for k, v in image.state_dict.items()}  # the file's names, for the mapping and its errors
     new = _new_tensors(config, seed)
+    mapper = KeyMapper(src, f"{image.layout} image UNet {image.weights_path}", TARGET, prefix=prefix)
     out: dict[str, Tensor] = {}
-    missing: list[str] = []
-    mismatched: list[str] = []
-    used: set[str] = set()
     for key, shape in expected_shapes(config).items():
         if key in new:
             out[key] = new[key]
             continue
         names = _image_names(key, config, image.layout)
-        used.update(n for n in names if n in src)
-        absent = [n for n in names if n not in src]
-        if absent:
-            missing.extend(f"{prefix}{n}  (vdiff {key})" for n in absent)
-            continue
-        parts = [src[n] for n in names]
-        part_shape = (shape[0] // len(names), *shape[1:])
         if key == "conv_in.weight":
-            part_shape = (shape[0], image_in, *shape[2:])
-        if _PROJ_1X1.search(key):
-            parts = [p.flatten(1) if p.ndim == 4 and p.shape[2:] == (1, 1) else p for p in parts]
-        bad = [f"{prefix}{n}: {tuple(p.shape)}, expected {part_shape} (vdiff {key})"
-               for n, p in zip(names, parts) if tuple(p.shape) != part_shape]  # fmt: skip
-        if bad:
-            mismatched.extend(bad)
-            continue
-        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if key == "conv_in.weight":  # [x, concat] channels: SD's kernels, then zeros for the concat latent
-            value = torch.cat([value, value.new_zeros(shape[0], config.concat_channels, *shape[2:])], dim=1)
-        out[key] = value
-    unexpected = sorted(f"{prefix}{k}" for k in set(src) - used - set(DROPPED))
-    if missing or mismatched or unexpected:
-        hint = f"video config {config.to_dict()}"
-        if any(("time_stack" in k or "temporal" in k or "time_mixer" in k) for k in unexpected):
-            hint += "; this file holds a VIDEO UNet: load it with vdiff.weights.unet_svd.read_unet_svd"
-        raise UNetSVDConversionError(source, missing, mismatched, unexpected, hint)
+            rule = _conv_in_rule(names, shape, config.in_channels - config.concat_channels)
+        else:
+            rule = stacked(names, shape, squeeze=bool(_PROJ_1X1.search(key)))
+        if (value := mapper.take(key, shape, rule)) is not None:
+            out[key] = value
+    hint = f"video config {config.to_dict()}"
+    if any(("time_stack" in k or "temporal" in k or "time_mixer" in k) for k in src):
+        hint += "; this file holds a VIDEO UNet: load it with vdiff.weights.unet_svd.read_unet_svd"
+    mapper.check([k for k in src if k[len(prefix) :] not in DROPPED], hint)
     for key, shape in expected_shapes(
         full
     ).items():  # Vista's layers (see _VISTA_OFF): a copy of the main time MLP, zeros
@@ -568,7 +504,7 @@ def inflate_state_dict(
         elif _is_vista(key):
             out[key] = torch.zeros(shape)
         else:
-            raise InflationError(f"vdiff cannot initialise {key} of an inflated UNet: add a rule to inflate.py")
+            raise WeightsError(f"vdiff cannot initialise {key} of an inflated UNet: add a rule to inflate.py")
     if dtype is not None:
         out = {k: v.to(dtype) for k, v in out.items()}
     return out
@@ -585,31 +521,21 @@ def _inflation_plan(
     path: str | os.PathLike, config: UNetSVDConfig | Mapping[str, Any] | str | None, layout: ImageLayout
 ) -> tuple[ImageUNet, UNetSVDConfig]:
     explicit = set(config) if isinstance(config, Mapping) else None  # a mapping sets only the fields it names
-    given = _resolve_video_config(config)
+    given = resolve_config(UNetSVDConfig, config)
     if given is not None:
         _check_norm_eps(given)
     image = read_image_unet(path, layout)
     if image.config_json is None:  # sgm files (and bare diffusers files) carry no config: the argument, or svd
         if given is None and image.layout == "diffusers":
-            raise InflationError(
+            raise WeightsConfigError(
                 f"{image.weights_path}: a bare diffusers weights file without {DIFFUSERS_CONFIG} beside it; load "
                 "the folder (its config.json holds the head count), or pass config="
             )
         return image, given or UNetSVDConfig.from_name("svd")
     found = read_diffusers_image_config(image.config_json, given)
     if given is not None:
-        diff = [
-            f"{f.name}: passed {getattr(given, f.name)!r}, {image.config_json} gives {getattr(found, f.name)!r}"
-            for f in dataclasses.fields(UNetSVDConfig)
-            if f.name not in VIDEO_ONLY_FIELDS
-            and (explicit is None or f.name in explicit)
-            and getattr(given, f.name) != getattr(found, f.name)
-        ]
-        if diff:
-            raise UNetSVDConfigError(
-                "the video config passed contradicts the image UNet it inflates (pass config=None to derive it):\n  "
-                + "\n  ".join(diff)
-            )
+        check_same(given, found, str(image.config_json), ignore=VIDEO_ONLY_FIELDS, only=explicit, verb="gives",
+                   heading="the video config passed contradicts the image UNet it inflates (pass config=None to derive it)")  # fmt: skip
     return image, found
 
 
@@ -655,11 +581,7 @@ def inflate_unet(
     """A :class:`UNetSVD` inflated from the image UNet at ``path`` (arguments and errors as
     :func:`load_inflated_state_dict`): built on the meta device and filled, in ``dtype`` on ``device``."""
     image, cfg = _inflation_plan(path, config, layout)
-    state = inflate_state_dict(image, cfg, seed=seed, dtype=dtype)
-    with torch.device("meta"):
-        model = UNetSVD(cfg)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-    return model
+    return build_loaded(UNetSVD, cfg, inflate_state_dict(image, cfg, seed=seed, dtype=dtype), device=device)
 
 
 #################################################################################

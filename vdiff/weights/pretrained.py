@@ -26,7 +26,7 @@ import os
 
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from vdiff.weights.autoencoder import LoadLayout, read_autoencoder
-from vdiff.weights.safetensors_io import file_sha256
+from vdiff.weights.template import record_weights
 
 README_SECTION = 'README section "Pretrained weights"'
 
@@ -86,11 +86,7 @@ class PretrainedAutoencoder(VideoAutoencoder):
             cfg = dataclasses.replace(cfg, scale_factor=float(scale_factor))
         super().__init__(cfg)
         self.load_state_dict(weights.state_dict, strict=True)
-        self.weights_path: str = str(weights.weights_path)
-        self.layout: str = weights.layout
-        self.weights_sha256: str = file_sha256(weights.weights_path)
-        self.config_file: str | None = str(weights.config_file) if weights.config_file is not None else None
-        self.config_file_content: dict | None = weights.config_file_content
+        record_weights(self, weights)
 
     def extra_repr(self) -> str:
         # getattr: repr may run while __init__ is still loading (e.g. in a traceback).

@@ -13,6 +13,7 @@ safetensors' own error (``incomplete metadata``, ``header too small``) names non
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,10 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from vdiff.weights.errors import WeightsError
+
 WEIGHTS_ENV = "VDIFF_WEIGHTS"
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "net")
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 HASH_CHUNK = 1 << 20  # 1 MiB
+INDEX_SUFFIX = ".index.json"  # a sharded checkpoint's index: {"weight_map": {name: shard file}}
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -38,7 +42,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(WeightsError):
     """A weights file that exists but cannot be read (truncated, empty, not safetensors); the message names it."""
 
 
@@ -190,12 +194,22 @@ def load_state_dict(
     map_location: str | torch.device = "cpu",
     select: Callable[[str], bool] | None = None,
 ) -> dict[str, Tensor]:
-    """Load a flat ``{name: tensor}`` dict from a safetensors file or a torch checkpoint.
+    """Load a flat ``{name: tensor}`` dict from a safetensors file, a torch checkpoint, or the shards a
+    diffusers / transformers ``*.index.json`` names (its ``weight_map``).
 
     ``select`` keeps only the names it accepts; a safetensors file then reads only those tensors (e.g. the
     autoencoder of a 10 GB SVD checkpoint), a torch checkpoint is read whole and filtered.
     """
     p = resolve_weights_path(path)
+    if p.name.endswith(INDEX_SUFFIX):
+        try:
+            shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsFileError(f"{p}: not a readable shard index with a 'weight_map' ({e})") from None
+        out: dict[str, Tensor] = {}
+        for shard in shards:
+            out.update(load_state_dict(p.parent / shard, map_location, select))
+        return out
     if p.suffix == ".safetensors":
         return read_safetensors(p, map_location, select)
     if select is not None:
@@ -210,6 +224,46 @@ def load_state_dict(
             ) from e
         return _unwrap(obj, p)
     raise ValueError(f"{p}: unknown weights format {p.suffix!r}; use .safetensors or one of {TORCH_SUFFIXES}")
+
+
+class LazyStateDict:
+    """The tensors of one local weights file by name, each read when asked: names and shapes come from a safetensors
+    file's header (the file is opened once), a torch checkpoint is loaded once. ``name in``, iteration, ``[name]``
+    and ``shape(name)`` (what :class:`~vdiff.weights.template.KeyMapper` reads). ``rename`` gives each file key the
+    name it is known by (``clashes`` lists the keys two of which get one name; the last one wins)."""
+
+    def __init__(self, path: str | os.PathLike, rename: Callable[[str], str] | None = None) -> None:
+        self.path = Path(path)
+        self._all = None if self.path.suffix == ".safetensors" else load_state_dict(self.path)
+        self._handle = None
+        self.file_keys: dict[str, str] = {}  # name -> file key
+        self.clashes: list[str] = []
+        for key in self._all if self._all is not None else self._file().keys():
+            name = rename(key) if rename is not None else key
+            if name in self.file_keys:
+                self.clashes.append(f"{key} and {self.file_keys[name]}")
+            self.file_keys[name] = key
+
+    def _file(self):
+        if self._handle is None:
+            self._handle = open_safetensors(self.path)
+        return self._handle
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.file_keys
+
+    def __iter__(self):
+        return iter(self.file_keys)
+
+    def __getitem__(self, name: str) -> Tensor:
+        key = self.file_keys[name]
+        return self._all[key] if self._all is not None else self._file().get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = self.file_keys[name]
+        if self._all is not None:
+            return tuple(self._all[key].shape)
+        return tuple(self._file().get_slice(key).get_shape())
 
 
 def load_keys(path: str | os.PathLike) -> list[str]:

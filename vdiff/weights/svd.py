@@ -50,7 +50,6 @@ epsilons: SVD was trained with sgm's).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -68,13 +67,14 @@ from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 from vdiff.weights import autoencoder_convert, clip, unet_svd
 from vdiff.weights.autoencoder import config_to_diffusers as ae_config_to_diffusers
 from vdiff.weights.autoencoder import read_autoencoder
+from vdiff.weights.errors import WeightsError
 from vdiff.weights.safetensors_io import (
+    LazyStateDict,
     load_metadata,
-    load_state_dict,
-    open_safetensors,
     resolve_weights_path,
     save_state_dict,
 )
+from vdiff.weights.template import build_loaded, check_same, resolve_config, write_model_folder
 
 SVDLayout = Literal["auto", "diffusers", "sgm"]
 SVD_LAYOUTS = ("auto", "diffusers", "sgm")
@@ -100,9 +100,8 @@ METADATA = {"unet": "vdiff_unet_config", "autoencoder": "vdiff_autoencoder_confi
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 
 
-class SVDWeightsError(ValueError):
-    """An SVD file or folder that does not fit (unknown keys, contradicting configs, a concat-branch encoder that
-    is not the autoencoder's); the message names the file and the keys or fields."""
+SVDWeightsError = WeightsError  # an SVD file or folder that does not fit (unknown keys, contradicting configs, ...)
+CONFIGS = {"unet": UNetSVDConfig, "autoencoder": AutoencoderConfig, "image_encoder": CLIPImageEmbedderConfig}
 
 
 @dataclass
@@ -152,25 +151,12 @@ def classify_sgm_keys(keys: Sequence[str], skip_prefixes: Sequence[str] = ()) ->
     return groups
 
 
-class _SingleFile:
+class _SingleFile(LazyStateDict):
     """Tensors of one weights file by selection: a safetensors file reads only what is asked for; a torch
     checkpoint is loaded once."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._all: dict[str, Tensor] | None = None
-        if path.suffix == ".safetensors":
-            with open_safetensors(path) as f:
-                self.keys = list(f.keys())
-        else:
-            self._all = load_state_dict(path)
-            self.keys = list(self._all)
-
     def get(self, names: Sequence[str]) -> dict[str, Tensor]:
-        if self._all is not None:
-            return {k: self._all[k] for k in names}
-        with open_safetensors(self.path) as f:
-            return {k: f.get_tensor(k) for k in names}
+        return {k: self[k] for k in names}
 
 
 #################################################################################
@@ -184,28 +170,7 @@ def _fmt(names: Sequence[str], limit: int = 40) -> str:
 
 
 def _as_config(kind: str, value: Any) -> Any:
-    cls = {"unet": UNetSVDConfig, "autoencoder": AutoencoderConfig, "image_encoder": CLIPImageEmbedderConfig}[kind]
-    if value is None or isinstance(value, cls):
-        return value
-    if isinstance(value, str):
-        return cls.from_name(value)
-    if isinstance(value, Mapping):
-        return cls.from_dict(dict(value))
-    raise TypeError(f"{kind} config must be a {cls.__name__}, a preset name or a mapping, got {type(value).__name__}")
-
-
-def _unet(state: dict[str, Tensor], config: UNetSVDConfig, dtype: torch.dtype | None) -> UNetSVD:
-    with torch.device("meta"):
-        model = UNetSVD(config)
-    model.load_state_dict(_cast(state, dtype), strict=True, assign=True)
-    return model
-
-
-def _image_encoder(state: dict[str, Tensor], config: CLIPImageEmbedderConfig, dtype) -> CLIPImageEmbedder:
-    with torch.device("meta"):
-        model = CLIPImageEmbedder(config)
-    model.load_state_dict(_cast(state, dtype), strict=True, assign=True)
-    return model
+    return resolve_config(CONFIGS[kind], value)
 
 
 def _autoencoder(state: dict[str, Tensor], config: AutoencoderConfig, dtype) -> VideoAutoencoder:
@@ -213,10 +178,6 @@ def _autoencoder(state: dict[str, Tensor], config: AutoencoderConfig, dtype) -> 
     model.load_state_dict(state, strict=True)
     stored = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     return model.to(dtype if dtype is not None else stored)
-
-
-def _cast(state: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_svd(
@@ -287,8 +248,8 @@ def _load_pipeline(folder: Path, unet_config, autoencoder_config, image_encoder_
     encoder = clip.read_clip_image_embedder(folder / "image_encoder",
                                             config=_as_config("image_encoder", image_encoder_config))  # fmt: skip
     return SVDWeights(
-        unet=_unet(unet.state_dict, unet.config, dtype),
-        image_encoder=_image_encoder(encoder.state_dict, encoder.config, dtype),
+        unet=build_loaded(UNetSVD, unet.config, unet.state_dict, dtype),
+        image_encoder=build_loaded(CLIPImageEmbedder, encoder.config, encoder.state_dict, dtype),
         autoencoder=_autoencoder(vae.state_dict, vae.config, dtype),
         layout="diffusers",
         path=folder,
@@ -300,20 +261,10 @@ def _config_for(kind: str, given: Any, metadata: Mapping[str, str], default: str
     stored_json = metadata.get(METADATA[kind])
     if stored_json is None:
         return given if given is not None else _as_config(kind, default)
-    cls = type(_as_config(kind, default))
-    stored = cls.from_dict(json.loads(stored_json))
+    stored = CONFIGS[kind].from_dict(json.loads(stored_json))
     if given is not None:
-        ignore = {"gradient_checkpointing", "dropout"}
-        diff = [
-            f"{f.name}: passed {getattr(given, f.name)!r}, the file says {getattr(stored, f.name)!r}"
-            for f in dataclasses.fields(cls)
-            if f.name not in ignore and getattr(given, f.name) != getattr(stored, f.name)
-        ]
-        if diff:
-            raise SVDWeightsError(
-                f"{path}: the {kind} config passed contradicts the one in the file's metadata ({METADATA[kind]}; pass "
-                "None to use it):\n  " + "\n  ".join(diff)
-            )
+        check_same(given, stored, "the file", ignore=("gradient_checkpointing", "dropout"), heading=f"{path}: the "
+                   f"{kind} config passed contradicts the one in the file's metadata ({METADATA[kind]}; pass None to use it)")  # fmt: skip
         return given
     return stored
 
@@ -321,7 +272,7 @@ def _config_for(kind: str, given: Any, metadata: Mapping[str, str], default: str
 def _load_single_file(path: Path, unet_config, autoencoder_config, image_encoder_config, dtype, concat_encoder,
                       skip_prefixes) -> SVDWeights:  # fmt: skip
     file = _SingleFile(path)
-    groups = classify_sgm_keys(file.keys, skip_prefixes)
+    groups = classify_sgm_keys(list(file), skip_prefixes)
     if groups["unknown"]:
         raise SVDWeightsError(
             f"{path}: {len(groups['unknown'])} key(s) belong to no part of SVD vdiff knows (UNet {UNET_PREFIX}*, "
@@ -341,7 +292,7 @@ def _load_single_file(path: Path, unet_config, autoencoder_config, image_encoder
 
     unet_state = unet_svd.from_sgm(file.get(groups["unet"]), unet_svd.without_vista(unet_cfg), source=where)
     unet_state, _ = unet_svd.fill_vista_extensions(unet_state, unet_cfg)  # Vista's layers, when the config has them
-    unet = _unet(unet_state, unet_cfg, dtype)
+    unet = build_loaded(UNetSVD, unet_cfg, unet_state, dtype)
     del unet_state
     try:
         ae_state = autoencoder_convert.from_sgm(file.get(groups["autoencoder"]), ae_cfg)
@@ -349,7 +300,7 @@ def _load_single_file(path: Path, unet_config, autoencoder_config, image_encoder
         raise error.with_context(where, f"autoencoder config {ae_cfg}") from None
     autoencoder = _autoencoder(ae_state, ae_cfg, dtype)
     clip_state = clip.from_open_clip(file.get(groups["image_encoder"]), clip_cfg, CLIP_PREFIX, source=where)
-    image_encoder = _image_encoder(clip_state, clip_cfg, dtype)
+    image_encoder = build_loaded(CLIPImageEmbedder, clip_cfg, clip_state, dtype)
     if groups["concat_encoder"] and concat_encoder == "check":
         _check_concat_encoder(file.get(groups["concat_encoder"]), autoencoder, path)
     skipped = groups["skipped"] + (groups["concat_encoder"] if concat_encoder == "skip" else [])
@@ -415,7 +366,7 @@ def _export_clip(state: Mapping[str, Tensor], config: CLIPImageEmbedderConfig, r
     shapes = clip.target_shapes(config)
     missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or unexpected:
-        raise clip.CLIPConversionError("vdiff CLIP state dict (exporting)", missing, [], unexpected)
+        raise clip.CLIPConversionError("vdiff CLIP state dict (exporting)", missing, [], unexpected, target=clip.TARGET)
     out: dict[str, Tensor] = {}
     for key, shape in shapes.items():
         rule = rule_of(key, shape)
@@ -531,9 +482,7 @@ def save_svd(
                               clip_to_transformers(encoder.state_dict(), encoder.config), TRANSFORMERS_WEIGHTS),
         }  # fmt: skip
         for part, (config_json, tensors, weights_name) in files.items():
-            (path / part).mkdir(parents=True, exist_ok=True)
-            (path / part / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-            save_state_dict(tensors, path / part / weights_name)
+            write_model_folder(path / part, config_json, tensors, weights_name)
         return path
     if layout == "sgm":
         if path.suffix != ".safetensors":

@@ -25,7 +25,6 @@ strict: missing, mis-shaped and unused tensors are collected and raised at once
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -39,23 +38,31 @@ import torch
 from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
-from vdiff.weights.safetensors_io import (
-    load_keys,
-    load_metadata,
-    load_state_dict,
-    read_safetensors,
-    resolve_weights_path,
-    save_state_dict,
+from vdiff.weights.errors import KeyMappingError, WeightsConfigError
+from vdiff.weights.safetensors_io import load_keys, load_metadata, load_state_dict
+from vdiff.weights.template import (
+    CONFIG_FILE,
+    LAYOUTS,
+    LoadLayout,
+    SaveLayout,
+    WeightsRead,
+    build_loaded,
+    check_same,
+    config_beside,
+    detect_layout,
+    map_keys,
+    metadata_config,
+    model_folder,
+    read_config_json,
+    resolve_config,
+    resolve_source,
+    save_weights,
+    stacked,
 )
 
-LoadLayout = Literal["auto", "vdiff", "diffusers", "sgm"]
-SaveLayout = Literal["vdiff", "diffusers", "sgm"]
-LAYOUTS = ("auto", "vdiff", "diffusers", "sgm")
-
 SGM_PREFIX = "model.diffusion_model."
-VDIFF_CONFIG_KEY = "vdiff_config"
 DIFFUSERS_CLASS = "UNetSpatioTemporalConditionModel"
-DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_CONFIG = CONFIG_FILE
 DIFFUSERS_SUBFOLDER = "unet"
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -90,28 +97,15 @@ _DIFFUSERS_IGNORED = ("sample_size",)  # a default sample size; changes nothing 
 _NOT_IN_DIFFUSERS = ("concat_channels", "gradient_checkpointing")
 
 
-class UNetSVDConfigError(ValueError):
-    """A config (a diffusers ``config.json``, a stored or a passed config) vdiff cannot represent, or one that
-    contradicts another; the message names the file and the field."""
-
-
-class UNetSVDConversionError(ValueError):
-    """Tensors that do not fit a UNet-SVD config: every missing, mis-shaped and unused key, and where they were."""
-
-    def __init__(
-        self, source: str, missing: list[str], mismatched: list[str], unexpected: list[str], hint: str = ""
-    ) -> None:
-        self.source, self.missing, self.mismatched, self.unexpected = source, missing, mismatched, unexpected
-        self.hint = hint
-        parts = [f"{source}: weights do not fit the UNet-SVD config" + (f" ({hint})" if hint else "")]
-        for title, names in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
-            if names:
-                shown = "\n    ".join(names[:40]) + (f"\n    ... and {len(names) - 40} more" if len(names) > 40 else "")
-                parts.append(f"  {title} ({len(names)}):\n    {shown}")
-        super().__init__("\n".join(parts))
-
-    def __reduce__(self):  # picklable despite the extra constructor arguments
-        return type(self), (self.source, self.missing, self.mismatched, self.unexpected, self.hint)
+UNetSVDConfigError = WeightsConfigError  # a config vdiff cannot represent, or contradicting configs
+UNetSVDConversionError = KeyMappingError  # missing, mis-shaped and unused tensors, and where they were
+TARGET = "the UNet-SVD config"
+# The key signs of each file layout, in the order they are tried (vdiff files are known by their metadata first).
+SIGNS = (
+    ("sgm", lambda k: k.startswith(SGM_PREFIX)),
+    ("diffusers", lambda k: k.startswith(("down_blocks.", "mid_block."))),
+    ("vdiff", lambda k: k.startswith(("down.0.res.", "mid.res."))),
+)
 
 
 #################################################################################
@@ -263,47 +257,19 @@ def expected_shapes(config: UNetSVDConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _import(
-    state_dict: Mapping[str, Tensor], config: UNetSVDConfig, name_of: Callable[[str], list[str]], source: str
+    state_dict: Mapping[str, Tensor],
+    config: UNetSVDConfig,
+    name_of: Callable[[str], list[str]],
+    source: str,
+    prefix: str = "",
 ) -> dict[str, Tensor]:
-    ours: dict[str, Tensor] = {}
-    missing: list[str] = []
-    mismatched: list[str] = []
-    used: set[str] = set()
-    for key, shape in expected_shapes(config).items():
-        names = name_of(key)
-        used.update(name for name in names if name in state_dict)  # expected, even when a fused partner is missing
-        absent = [name for name in names if name not in state_dict]
-        if absent:
-            missing.extend(absent)
-            continue
-        parts = [state_dict[name] for name in names]
-        part_shape = (shape[0] // len(names), *shape[1:])
-        bad = [
-            f"{name}: {tuple(p.shape)}, expected {part_shape}"
-            for name, p in zip(names, parts)
-            if tuple(p.shape) != part_shape
-        ]
-        if bad:
-            mismatched.extend(bad)
-            continue
-        ours[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    unexpected = sorted(set(state_dict) - used)
-    if missing or mismatched or unexpected:
-        raise UNetSVDConversionError(source, missing, mismatched, unexpected)
-    return ours
+    """Our state dict from the peer tensors ``prefix + name_of(key)`` (several: stacked on dim 0)."""
+    return map_keys(state_dict, expected_shapes(config), lambda k, s: stacked(name_of(k), s), source, TARGET,
+                    prefix=prefix)  # fmt: skip
 
 
-def _check_ours(state_dict: Mapping[str, Tensor], config: UNetSVDConfig, source: str) -> None:
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: {tuple(state_dict[k].shape)}, expected {expected[k]}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    ]
-    if missing or mismatched or unexpected:
-        raise UNetSVDConversionError(source, missing, mismatched, unexpected)
+def _check_ours(state_dict: Mapping[str, Tensor], config: UNetSVDConfig, source: str) -> dict[str, Tensor]:
+    return _import(state_dict, config, lambda k: [k], source)
 
 
 def _export(
@@ -336,8 +302,7 @@ def from_vdiff(
     state_dict: Mapping[str, Tensor], config: UNetSVDConfig, source: str = "vdiff state dict"
 ) -> dict[str, Tensor]:
     """Check a state dict in our own names against ``config`` (names and shapes)."""
-    _check_ours(state_dict, config, source)
-    return dict(state_dict)
+    return _check_ours(state_dict, config, source)
 
 
 def from_diffusers(
@@ -358,14 +323,9 @@ def from_sgm(
     state_dict: Mapping[str, Tensor], config: UNetSVDConfig, prefix: str = SGM_PREFIX, source: str = "sgm state dict"
 ) -> dict[str, Tensor]:
     """sgm ``VideoUNet`` tensors under ``prefix`` -> ours; tensors outside ``prefix`` are not looked at."""
-    inner = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not inner:
-        raise UNetSVDConversionError(source, [f"{prefix}* (no tensor has this prefix)"], [], [])
-    try:
-        return _import(inner, config, lambda k: peer_names(k, config, "sgm"), source)
-    except UNetSVDConversionError as error:  # name the keys as they are in the file
-        missing, mismatched = [prefix + k for k in error.missing], [prefix + k for k in error.mismatched]
-        raise UNetSVDConversionError(source, missing, mismatched, [prefix + k for k in error.unexpected]) from None
+    if not any(k.startswith(prefix) for k in state_dict):
+        raise UNetSVDConversionError(source, [f"{prefix}* (no tensor has this prefix)"], [], [], target=TARGET)
+    return _import(state_dict, config, lambda k: peer_names(k, config, "sgm"), source, prefix)
 
 
 def to_sgm(state_dict: Mapping[str, Tensor], config: UNetSVDConfig, prefix: str = SGM_PREFIX) -> dict[str, Tensor]:
@@ -383,6 +343,54 @@ def sgm_manifest() -> dict[str, Any]:
 #################################################################################
 #                           diffusers config.json                               #
 #################################################################################
+
+
+def diffusers_levels(
+    c: Mapping[str, Any], refuse: Callable[[str, str], Exception], blocks: tuple[str, str, str, str], heads_field: str
+) -> dict[str, Any]:
+    """The :class:`UNetSVDConfig` fields of a diffusers UNet's levels (``model_channels``, ``channel_mult``,
+    ``num_res_blocks``, ``attention_levels``, ``head_dim``, ``transformer_depth``, ``context_dim``) from its
+    ``config.json`` fields ``c`` (defaults filled in), shared by the video UNet and the image UNet it may be
+    inflated from. ``blocks``: the (cross-attention down, plain down, cross-attention up, plain up) block types;
+    ``heads_field``: the field holding the head count per level. Anything vdiff's levels cannot be is raised as
+    ``refuse(field, why)``."""
+    cross_down, plain_down, cross_up, plain_up = blocks
+    widths = [int(w) for w in c["block_out_channels"]]
+    levels = len(widths)
+    if not widths or any(w % widths[0] for w in widths):
+        raise refuse("block_out_channels", "vdiff's level widths are model_channels times integer multipliers")
+
+    def per_level(field: str) -> int:
+        value = c[field]
+        values = [value] * levels if isinstance(value, int) else list(value)
+        if len(values) != levels or any(not isinstance(v, int) for v in values) or len(set(values)) != 1:
+            raise refuse(field, f"vdiff needs one integer for all {levels} levels")
+        return values[0]
+
+    down = list(c["down_block_types"])
+    if len(down) != levels or any(t not in (cross_down, plain_down) for t in down):
+        raise refuse("down_block_types", f"{levels} of {cross_down} / {plain_down} expected")
+    attention_levels = tuple(i for i, t in enumerate(down) if t == cross_down)
+    up_expected = [cross_up if level in attention_levels else plain_up for level in reversed(range(levels))]
+    if list(c["up_block_types"]) != up_expected:
+        raise refuse("up_block_types", f"the up blocks must mirror the down blocks: {up_expected}")
+    heads = c[heads_field]
+    heads = [heads] * levels if isinstance(heads, int) else list(heads)
+    if len(heads) != levels:
+        raise refuse(heads_field, f"one head count per level ({levels}) expected")
+    used = sorted({*attention_levels, levels - 1})  # the mid block uses the last level's heads
+    head_dims = {widths[i] / heads[i] for i in used}
+    if len(head_dims) != 1 or not float(next(iter(head_dims))).is_integer():
+        raise refuse(heads_field, f"vdiff needs one integer head width at levels {used} (widths {widths})")
+    return {
+        "model_channels": widths[0],
+        "channel_mult": tuple(w // widths[0] for w in widths),
+        "num_res_blocks": per_level("layers_per_block"),
+        "attention_levels": attention_levels,
+        "head_dim": int(next(iter(head_dims))),
+        "transformer_depth": per_level("transformer_layers_per_block"),
+        "context_dim": per_level("cross_attention_dim"),
+    }
 
 
 def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> UNetSVDConfig:
@@ -411,33 +419,7 @@ def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> 
         )
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
 
-    widths = [int(w) for w in c["block_out_channels"]]
-    levels = len(widths)
-    if not widths or any(w % widths[0] for w in widths):
-        raise refuse("block_out_channels", "vdiff's level widths are model_channels times integer multipliers")
-
-    def per_level(field: str) -> int:
-        value = c[field]
-        values = [value] * levels if isinstance(value, int) else list(value)
-        if len(values) != levels or any(not isinstance(v, int) for v in values) or len(set(values)) != 1:
-            raise refuse(field, f"vdiff needs one integer for all {levels} levels")
-        return values[0]
-
-    down = list(c["down_block_types"])
-    if len(down) != levels or any(t not in (CROSS_DOWN, PLAIN_DOWN) for t in down):
-        raise refuse("down_block_types", f"{levels} of {CROSS_DOWN} / {PLAIN_DOWN} expected")
-    attention_levels = tuple(i for i, t in enumerate(down) if t == CROSS_DOWN)
-    up_expected = [CROSS_UP if level in attention_levels else PLAIN_UP for level in reversed(range(levels))]
-    if list(c["up_block_types"]) != up_expected:
-        raise refuse("up_block_types", f"the up blocks must mirror the down blocks: {up_expected}")
-    heads = c["num_attention_heads"]
-    heads = [heads] * levels if isinstance(heads, int) else list(heads)
-    if len(heads) != levels:
-        raise refuse("num_attention_heads", f"one head count per level ({levels}) expected")
-    used = sorted({*attention_levels, levels - 1})  # the mid block uses the last level's heads
-    head_dims = {widths[i] / heads[i] for i in used}
-    if len(head_dims) != 1 or not float(next(iter(head_dims))).is_integer():
-        raise refuse("num_attention_heads", f"vdiff needs one integer head width at levels {used} (widths {widths})")
+    levels = diffusers_levels(c, refuse, (CROSS_DOWN, PLAIN_DOWN, CROSS_UP, PLAIN_UP), "num_attention_heads")
     added_dim, projection = int(c["addition_time_embed_dim"]), int(c["projection_class_embeddings_input_dim"])
     if added_dim < 1 or projection % added_dim:
         raise refuse(
@@ -451,13 +433,7 @@ def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> 
             in_channels=in_channels,
             out_channels=out_channels,
             concat_channels=in_channels - out_channels,
-            model_channels=widths[0],
-            channel_mult=tuple(w // widths[0] for w in widths),
-            num_res_blocks=per_level("layers_per_block"),
-            attention_levels=attention_levels,
-            head_dim=int(next(iter(head_dims))),
-            transformer_depth=per_level("transformer_layers_per_block"),
-            context_dim=per_level("cross_attention_dim"),
+            **levels,
             num_added_time_ids=projection // added_dim,
             added_time_embed_dim=added_dim,
             num_frames=int(c["num_frames"]),
@@ -499,14 +475,7 @@ def config_to_diffusers(config: UNetSVDConfig) -> dict[str, Any]:
 
 def read_diffusers_config(path: str | os.PathLike) -> UNetSVDConfig:
     """:func:`config_from_diffusers` of a ``config.json`` file (errors name the file)."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UNetSVDConfigError(f"{path}: not a readable diffusers config.json ({error})") from None
-    if not isinstance(raw, dict):
-        raise UNetSVDConfigError(f"{path}: a diffusers config.json holds a JSON object, got {type(raw).__name__}")
-    return config_from_diffusers(raw, source=str(path))
+    return config_from_diffusers(read_config_json(path, "diffusers"), source=str(path))
 
 
 #################################################################################
@@ -515,87 +484,11 @@ def read_diffusers_config(path: str | os.PathLike) -> UNetSVDConfig:
 
 
 @dataclass
-class UNetSVDWeights:
-    """What :func:`read_unet_svd` found: our state dict, the config it fits, and where both came from."""
+class UNetSVDWeights(WeightsRead):
+    """What :func:`read_unet_svd` found (config_source ``"preset: svd"`` for sgm files without one), and ``filled``:
+    our keys the file lacked, filled by :func:`fill_vista_extensions` (Vista's new layers)."""
 
-    state_dict: dict[str, Tensor]
-    config: UNetSVDConfig
-    layout: str  # "vdiff", "diffusers" or "sgm" (never "auto")
-    weights_path: Path  # the weights file read (the index file of a sharded diffusers checkpoint)
-    config_source: str  # a config.json path, "<file> metadata", "argument" or "preset: svd"
-    filled: tuple[str, ...] = ()  # our keys the file lacked, filled by fill_vista_extensions (Vista's new layers)
-
-
-def _read_tensors(path: Path, keep: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
-    """Tensors of a safetensors file (only those ``keep`` accepts are read), a sharded safetensors index, or a
-    torch checkpoint."""
-    if path.name.endswith(".safetensors.index.json"):
-        weight_map = json.loads(path.read_text())["weight_map"]
-        out: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            out.update(_read_tensors(path.parent / shard, keep))
-        return out
-    if path.suffix == ".safetensors":
-        return read_safetensors(path, select=keep)
-    tensors = load_state_dict(path)
-    return {k: v for k, v in tensors.items() if keep is None or keep(k)}
-
-
-def _diffusers_folder(folder: Path) -> tuple[Path, Path]:
-    """(config.json, weights file) of a diffusers UNet folder, or of its ``unet/`` subfolder (a pipeline)."""
-    model = folder
-    if not (folder / DIFFUSERS_CONFIG).is_file() and (folder / DIFFUSERS_SUBFOLDER / DIFFUSERS_CONFIG).is_file():
-        model = folder / DIFFUSERS_SUBFOLDER
-    if not (model / DIFFUSERS_CONFIG).is_file():
-        raise FileNotFoundError(
-            f"{folder}: not a diffusers UNet folder: no {DIFFUSERS_CONFIG} in it or in {folder / DIFFUSERS_SUBFOLDER}"
-        )
-    for name in DIFFUSERS_WEIGHTS:
-        if (model / name).is_file():
-            return model / DIFFUSERS_CONFIG, model / name
-    present = sorted(p.name for p in model.iterdir())
-    raise FileNotFoundError(
-        f"{model}: no weights file beside {DIFFUSERS_CONFIG}; looked for {list(DIFFUSERS_WEIGHTS)}, found {present}"
-    )
-
-
-def detect_layout(keys: list[str], metadata: Mapping[str, str], path: Path) -> str:
-    """The layout of a weights FILE: ``vdiff``, ``diffusers`` or ``sgm`` (raises when none fits)."""
-    if VDIFF_CONFIG_KEY in metadata:
-        return "vdiff"
-    if any(k.startswith(SGM_PREFIX) for k in keys):
-        return "sgm"
-    if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
-        return "diffusers"
-    if any(k.startswith(("down.0.res.", "mid.res.")) for k in keys):
-        return "vdiff"
-    raise ValueError(
-        f"{path}: cannot tell whether it holds vdiff, diffusers or sgm UNet-SVD weights (no known key); pass layout= "
-        f"(first keys: {keys[:5]})"
-    )
-
-
-def _check_same(given: UNetSVDConfig, found: UNetSVDConfig, source: str, ignore: tuple[str, ...]) -> None:
-    diff = [
-        f"{f.name}: passed {getattr(given, f.name)!r}, {source} says {getattr(found, f.name)!r}"
-        for f in dataclasses.fields(UNetSVDConfig)
-        if f.name not in ignore and getattr(given, f.name) != getattr(found, f.name)
-    ]
-    if diff:
-        raise UNetSVDConfigError(
-            "the config passed contradicts the one stored with the weights (pass config=None to use it):\n  "
-            + "\n  ".join(diff)
-        )
-
-
-def _resolve_config(config: UNetSVDConfig | Mapping[str, Any] | str | None) -> UNetSVDConfig | None:
-    if config is None or isinstance(config, UNetSVDConfig):
-        return config
-    if isinstance(config, str):
-        return UNetSVDConfig.from_name(config)
-    if isinstance(config, Mapping):
-        return UNetSVDConfig.from_dict(dict(config))
-    raise TypeError(f"config must be a UNetSVDConfig, a preset name or a mapping, got {type(config).__name__}")
+    filled: tuple[str, ...] = ()
 
 
 def read_unet_svd(
@@ -630,38 +523,31 @@ def read_unet_svd(
         UNetSVDConfigError: a config vdiff cannot represent, or a passed config contradicting the stored one.
         UNetSVDConversionError: missing, mis-shaped or unused tensors (naming the keys and the file).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown weights layout {layout!r}; choose one of {LAYOUTS}")
-    given = _resolve_config(config)
-    resolved = resolve_weights_path(path, what=f"UNet-SVD weights ({layout} layout)", allow_dir=True).absolute()
+    given = resolve_config(UNetSVDConfig, config)
+    resolved = resolve_source(path, layout, LAYOUTS, f"UNet-SVD weights ({layout} layout)")
 
     found: UNetSVDConfig | None = None
     source = "argument"
     metadata: dict[str, str] = {}
     if resolved.is_dir():
-        if layout not in ("auto", "diffusers"):
-            raise ValueError(
-                f"{resolved} is a folder, read as a diffusers model folder; layout={layout!r} is for files"
-            )
-        config_json, weights_path = _diffusers_folder(resolved)
+        config_json, weights_path = model_folder(resolved, DIFFUSERS_SUBFOLDER, DIFFUSERS_WEIGHTS, "diffusers UNet")
         found, source, layout = read_diffusers_config(config_json), str(config_json), "diffusers"
     else:
         weights_path = resolved
         if weights_path.suffix == ".safetensors":
             metadata = load_metadata(weights_path)
         if layout == "auto":
-            layout = detect_layout(load_keys(weights_path), metadata, weights_path)
-        beside = weights_path.parent / DIFFUSERS_CONFIG
-        if layout == "vdiff" and VDIFF_CONFIG_KEY in metadata:
-            found, source = UNetSVDConfig.from_dict(json.loads(metadata[VDIFF_CONFIG_KEY])), f"{weights_path} metadata"
-        elif layout == "diffusers" and weights_path.name.startswith("diffusion_pytorch_model") and beside.is_file():
+            layout = detect_layout(load_keys(weights_path), weights_path, SIGNS, "UNet-SVD", metadata)
+        if layout == "vdiff" and (stored := metadata_config(UNetSVDConfig, metadata, weights_path)):
+            found, source = stored
+        elif layout == "diffusers" and (beside := config_beside(weights_path, "diffusion_pytorch_model")):
             found, source = read_diffusers_config(beside), str(beside)
 
     if found is not None:
         if given is not None:
             kept = _NOT_IN_DIFFUSERS if layout == "diffusers" else ("gradient_checkpointing",)
             kept += tuple(name for name in VISTA_FIELDS if not getattr(found, name))  # turned on by the argument
-            _check_same(given, found, source, ignore=kept)
+            check_same(given, found, source, ignore=kept)
             found = found.replace(**{name: getattr(given, name) for name in kept})
         cfg = found
     elif given is not None:
@@ -677,15 +563,15 @@ def read_unet_svd(
     where = f"{layout} file {weights_path}"
     if layout == "sgm":
         ours = from_sgm(
-            _read_tensors(weights_path, lambda k: k.startswith(SGM_PREFIX)), without_vista(cfg), source=where
+            load_state_dict(weights_path, select=lambda k: k.startswith(SGM_PREFIX)), without_vista(cfg), source=where
         )
     elif layout == "diffusers":
-        ours = from_diffusers(_read_tensors(weights_path), without_vista(cfg), source=where)
+        ours = from_diffusers(load_state_dict(weights_path), without_vista(cfg), source=where)
     else:
-        tensors = _read_tensors(weights_path)
+        tensors = load_state_dict(weights_path)
         ours = from_vdiff(tensors, vista_layers_held(tensors, cfg), source=where)
     ours, filled = fill_vista_extensions(ours, cfg)
-    return UNetSVDWeights(ours, cfg, layout, weights_path, source, filled)
+    return UNetSVDWeights(ours, cfg, layout, weights_path, source, filled=filled)
 
 
 def load_unet_svd(
@@ -699,14 +585,7 @@ def load_unet_svd(
     arguments and errors). Built on the meta device and filled with the tensors (no second copy of 1.5B
     parameters), cast to ``dtype`` (None: as stored) on ``device``; in train mode, as built."""
     weights = read_unet_svd(path, layout=layout, config=config)
-    with torch.device("meta"):
-        model = UNetSVD(weights.config)
-    state = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() and dtype is not None else v.dtype)
-        for k, v in weights.state_dict.items()
-    }
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return build_loaded(UNetSVD, weights.config, weights.state_dict, dtype, device)
 
 
 def save_unet_svd(
@@ -726,24 +605,9 @@ def save_unet_svd(
     config, state_dict, path = model.config, model.state_dict(), Path(path)
     if convert_norm_eps and layout in ("diffusers", "sgm"):
         config = config.replace(norm_eps=layout)  # the epsilons are no weights: the tensors stay as they are
-    if layout == "vdiff":
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: a vdiff UNet-SVD file is .safetensors (its config lives in the metadata)")
-        save_state_dict(state_dict, path, metadata={VDIFF_CONFIG_KEY: json.dumps(config.to_dict())})
-        return path
-    if layout == "diffusers":
-        if path.suffix:
-            raise ValueError(f"{path}: the diffusers layout is a folder (config.json + weights); give a folder path")
-        diffusers_config = config_to_diffusers(config)
-        tensors = to_diffusers(state_dict, config)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config, indent=2) + "\n")
-        save_state_dict(tensors, path / DIFFUSERS_WEIGHTS[0])
-        return path / DIFFUSERS_WEIGHTS[0]
-    if layout == "sgm":
-        save_state_dict(to_sgm(state_dict, config), path)
-        return path
-    raise ValueError(f"unknown weights layout {layout!r}; choose 'vdiff', 'diffusers' or 'sgm'")
+    return save_weights(path, layout, "UNet-SVD", config, state_dict,
+                        diffusers=lambda: (config_to_diffusers(config), to_diffusers(state_dict, config)),
+                        sgm=lambda: to_sgm(state_dict, config))  # fmt: skip
 
 
 #################################################################################

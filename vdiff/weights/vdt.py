@@ -17,6 +17,9 @@ from torch import Tensor
 
 from vdiff.models.vdt import VDT
 from vdiff.weights.safetensors_io import read_safetensors, resolve_weights_path
+from vdiff.weights.template import Rule, Wording, map_keys
+
+WORDING = Wording(missing="{name}", mismatch="{name}: checkpoint {got} vs model {want}")  # the keys are ours
 
 
 def read_vdt_state_dict(path: str | Path, prefer: Literal["ema", "model"] = "ema") -> dict[str, Tensor]:
@@ -45,32 +48,17 @@ def read_vdt_state_dict(path: str | Path, prefer: Literal["ema", "model"] = "ema
     return state
 
 
-def _listing(items: list[str]) -> str:
-    return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-
-
 def load_vdt_checkpoint(model: VDT, path: str | Path, prefer: Literal["ema", "model"] = "ema") -> VDT:
-    """Load a RERV/VDT (or vdiff) checkpoint into ``model`` strictly. Raises ValueError naming every
-    missing and unexpected key and every shape mismatch. A model on the meta device gets the tensors
-    assigned (``assign=True``). Returns ``model``."""
+    """Load a RERV/VDT (or vdiff) checkpoint into ``model`` strictly. Raises a ValueError
+    (:class:`~vdiff.weights.errors.KeyMappingError`) naming the file and every missing and unexpected key and every
+    shape mismatch. A model on the meta device gets the tensors assigned (``assign=True``). Returns ``model``."""
     state = read_vdt_state_dict(path, prefer)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        problems = [f"{label} ({len(items)}): {_listing(items)}" for label, items in groups if items]
-        raise ValueError(
-            f"{path}: checkpoint does not fit this VDT; "
-            + "; ".join(problems)
-            + ". Build the model with the checkpoint's config (the released Physion checkpoint: "
-            'VDTConfig.from_name("VDT-L/2", input_size=16, num_classes=1, in_channels=4, learn_sigma=True)).'
-        )
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    hint = ("build the model with the checkpoint's config (the released Physion checkpoint: "
+            'VDTConfig.from_name("VDT-L/2", input_size=16, num_classes=1, in_channels=4, learn_sigma=True))')  # fmt: skip
+    state = map_keys(state, shapes, lambda k, s: Rule((k,), (s,)), str(path), "this VDT", WORDING, hint=hint,
+                     compact=True)  # fmt: skip
     assign = any(t.is_meta for t in expected.values())
     model.load_state_dict(state, strict=True, assign=assign)
     return model

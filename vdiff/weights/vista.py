@@ -85,15 +85,10 @@ from torch import Tensor
 
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 from vdiff.weights.peft_files import DEFAULT_ADAPTER, PEFT_PREFIX, adapter_folder, write_adapter
-from vdiff.weights.safetensors_io import (
-    load_keys,
-    load_state_dict,
-    open_safetensors,
-    resolve_weights_path,
-    save_state_dict,
-)
+from vdiff.weights.safetensors_io import LazyStateDict, resolve_weights_path, save_state_dict
+from vdiff.weights.template import VDIFF_CONFIG_KEY, KeyMapper, Rule, build_loaded, stacked
+from vdiff.weights.unet_svd import TARGET as UNET_TARGET
 from vdiff.weights.unet_svd import (
-    VDIFF_CONFIG_KEY,
     UNetSVDConversionError,
     expected_shapes,
     peer_names,
@@ -235,49 +230,60 @@ class VistaWeights:
     skipped: dict[str, list[str]] = field(default_factory=dict)
 
 
-class _Source:
-    """The tensors of a Vista file by their names without ``_forward_module.``: names first, tensors on demand."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        raw = load_keys(path)
-        self._tensors: dict[str, Tensor] | None = None
-        self._handle = None  # the open safetensors file (header parsed once)
-        if path.suffix != ".safetensors":
-            self._tensors = load_state_dict(path)
-            raw = list(self._tensors)
-        self.raw: dict[str, str] = {}
-        clashes = []
-        for key in raw:
-            name = key[len(TRAINING_PREFIX) :] if key.startswith(TRAINING_PREFIX) else key
-            if name in self.raw:
-                clashes.append(f"{key} and {self.raw[name]}")
-            self.raw[name] = key
-        if clashes:
-            raise UNetSVDConversionError(
-                str(path), [], [], clashes, hint="keys given with and without _forward_module."
-            )
-
-    def keys(self) -> list[str]:
-        return list(self.raw)
-
-    def get(self, name: str) -> Tensor:
-        key = self.raw[name]
-        return self._tensors[key] if self._tensors is not None else self._file().get_tensor(key)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        key = self.raw[name]
-        if self._tensors is not None:
-            return tuple(self._tensors[key].shape)
-        return tuple(self._file().get_slice(key).get_shape())
-
-    def _file(self):
-        if self._handle is None:
-            self._handle = open_safetensors(self.path)
-        return self._handle
+def _source(path: Path) -> LazyStateDict:
+    """The tensors of a Vista file by their names without ``_forward_module.`` (DeepSpeed's): names first, shapes from
+    the header, tensors on demand; a name given both with and without the prefix is an error naming the keys."""
+    source = LazyStateDict(path, rename=lambda key: key.removeprefix(TRAINING_PREFIX))
+    if source.clashes:
+        raise UNetSVDConversionError(str(path), [], [], source.clashes, hint="keys given with and without "
+                                     "_forward_module.", target=UNET_TARGET)  # fmt: skip
+    return source
 
 
-def _config_from_file(names: Sequence[str], source: _Source) -> UNetSVDConfig:
+@dataclass
+class _Parts:
+    """A Vista file's keys by part: the UNet's (``model.diffusion_model.*``), its EMA's (``model_ema.*``) and the
+    ones skipped by name (``{reason: keys}``)."""
+
+    unet: list[str]
+    ema: list[str]
+    skipped: dict[str, list[str]]
+
+
+def _sort_keys(source: LazyStateDict, skip_prefixes: Sequence[str], where: str) -> _Parts:
+    """Every key of the file in its part; a key of no known part is an error naming the file and the keys."""
+    parts = _Parts([], [], {})
+    unknown = []
+    for name in source:
+        if name.startswith(UNET_PREFIX):
+            parts.unet.append(name)
+        elif name in EMA_EXTRA:
+            parts.skipped.setdefault("EMA bookkeeping (decay, num_updates)", []).append(name)
+        elif name.startswith(EMA_PREFIX):
+            parts.ema.append(name)
+        elif part := next((p for p in SKIPPED_PARTS if name.startswith(p)), None):
+            parts.skipped.setdefault(SKIPPED_PARTS[part], []).append(name)
+        elif part := next((p for p in skip_prefixes if name.startswith(p)), None):
+            parts.skipped.setdefault(f"skip_prefixes {part!r}", []).append(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise UNetSVDConversionError(where, [], [], sorted(unknown), hint="keys of no known Vista part; "
+                                     "pass skip_prefixes to skip them on purpose", target=UNET_TARGET)  # fmt: skip
+    if not parts.unet and not parts.ema:
+        raise UNetSVDConversionError(where, [f"{UNET_PREFIX}* (no UNet tensor in the file)"], [], [], target=UNET_TARGET)
+    return parts
+
+
+def _file_name(use_ema: bool) -> Callable[[str], str]:
+    """The file key of a Vista UNet name (without ``model.diffusion_model.``): under ``model.diffusion_model.``, or
+    LitEma's name without dots under ``model_ema.``."""
+    if use_ema:
+        return lambda name: EMA_PREFIX + EMA_MODEL + name.replace(".", "")
+    return lambda name: UNET_PREFIX + name
+
+
+def _config_from_file(names: Sequence[str], source: LazyStateDict) -> UNetSVDConfig:
     """Vista's UNet (SVD-XT + the conditioning-frame MLP), with the action width the file's UNet tensors ``names``
     hold (0 without action projections)."""
     actions = sorted(n for n in names if re.search(r"k_adapter_action_control\.?weight$", n))
@@ -318,93 +324,32 @@ def read_vista(
     if lora not in ("adapter", "merge"):
         raise ValueError(f"read_vista: lora must be 'adapter' or 'merge', got {lora!r}")
     resolved = resolve_weights_path(path, what="Vista checkpoint").absolute()
-    source = _Source(resolved)
+    source = _source(resolved)
     where = f"Vista file {resolved}"
-    names = source.keys()
-
-    skipped: dict[str, list[str]] = {}
-    unet, ema, unknown = [], {}, []
-    for name in names:
-        if name.startswith(UNET_PREFIX):
-            unet.append(name)
-        elif name in EMA_EXTRA:
-            skipped.setdefault("EMA bookkeeping (decay, num_updates)", []).append(name)
-        elif name.startswith(EMA_PREFIX):
-            ema[name[len(EMA_PREFIX) :]] = name
-        elif part := next((p for p in SKIPPED_PARTS if name.startswith(p)), None):
-            skipped.setdefault(SKIPPED_PARTS[part], []).append(name)
-        elif part := next((p for p in skip_prefixes if name.startswith(p)), None):
-            skipped.setdefault(f"skip_prefixes {part!r}", []).append(name)
-        else:
-            unknown.append(name)
-    if unknown:
-        raise UNetSVDConversionError(where, [], [], sorted(unknown), hint="keys of no known Vista part; "
-                                     "pass skip_prefixes to skip them on purpose")  # fmt: skip
-    if not unet and not ema:
-        raise UNetSVDConversionError(where, [f"{UNET_PREFIX}* (no UNet tensor in the file)"], [], [])
-    use_ema = bool(ema) if weights == "auto" else weights == "ema"
-    if use_ema and not ema:
+    parts = _sort_keys(source, skip_prefixes, where)
+    use_ema = bool(parts.ema) if weights == "auto" else weights == "ema"
+    if use_ema and not parts.ema:
         raise ValueError(f"{where}: weights='ema' but the file has no {EMA_PREFIX}* tensors")
+    read, other = (parts.ema, parts.unet) if use_ema else (parts.unet, parts.ema)
+    if other:
+        why = f"trained values ({UNET_PREFIX}*): the EMA values were read" if use_ema else (
+            f"EMA values ({EMA_PREFIX}*): weights='trained'")  # fmt: skip
+        parts.skipped.setdefault(why, []).extend(other)
 
-    if use_ema:
-        skipped.setdefault(f"trained values ({UNET_PREFIX}*): the EMA values were read", []).extend(unet)
-
-        def lookup(name: str) -> str | None:
-            return ema.get(EMA_MODEL + name.replace(".", ""))
-
-        available = set(ema.values())
-    else:
-        if ema:
-            skipped.setdefault(f"EMA values ({EMA_PREFIX}*): weights='trained'", []).extend(ema.values())
-
-        def lookup(name: str) -> str | None:
-            return UNET_PREFIX + name if UNET_PREFIX + name in source.raw else None
-
-        available = set(unet)
-
-    config = config if config is not None else _config_from_file(sorted(available), source)
+    config = config if config is not None else _config_from_file(sorted(read), source)
     if not config.cond_frame_time_embed:
         raise ValueError(
             f"{where}: Vista's UNet always has cond_time_stack_embed (the conditioning frames' time MLP); read it with "
             "a config that has cond_frame_time_embed=True (vdiff.weights.vista.vista_unet_config())"
         )
-
-    used: set[str] = set()
-    missing: list[str] = []
-    mismatched: list[str] = []
-    ours: dict[str, Tensor] = {}
-    claimed: dict[str, str] = {}
-    for key, shape in expected_shapes(config).items():
-        parts_names = vista_names(key, config)
-        found = [lookup(n) for n in parts_names]
-        for n, f in zip(parts_names, found):
-            if f is None:
-                missing.append((EMA_PREFIX + EMA_MODEL + n.replace(".", "")) if use_ema else UNET_PREFIX + n)
-            elif f in claimed and claimed[f] != key:
-                raise UNetSVDConversionError(where, [], [], [f"{f} (read for both {claimed[f]} and {key})"],
-                                             hint="ambiguous EMA names")  # fmt: skip
-            else:
-                claimed[f] = key
-        if any(f is None for f in found):
-            continue
-        used.update(found)  # type: ignore[arg-type]
-        part_shape = (shape[0] // len(found), *shape[1:])
-        bad = [f"{f}: {source.shape(f)}, expected {part_shape}" for f in found if source.shape(f) != part_shape]
-        if bad:
-            mismatched.extend(bad)
-            continue
-        tensors = [source.get(f) for f in found]
-        ours[key] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-
-    adapter = _read_lora(config, lookup, source, lora_scale, used, missing, mismatched, use_ema)
-    unused = sorted(available - used)
-    if missing or mismatched or unused:
-        hint = (
-            ""
-            if config.action_dim or not any("action_control" in n for n in unused)
-            else ("the file has action projections: read it with action_dim > 0")
-        )
-        raise UNetSVDConversionError(where, sorted(missing), mismatched, unused, hint=hint)
+    name_of = _file_name(use_ema)
+    mapper = KeyMapper(source, where, UNET_TARGET)
+    ours = {key: mapper.take(key, shape, stacked([name_of(n) for n in vista_names(key, config)], shape))
+            for key, shape in expected_shapes(config).items()}  # fmt: skip
+    adapter = _read_lora(config, name_of, mapper, lora_scale)
+    unused = [name for name in read if name not in mapper.claimed]
+    actions = not config.action_dim and any("action_control" in n for n in unused)
+    mapper.check(read, hint="the file has action projections: read it with action_dim > 0" if actions else "")
 
     merged = False
     if adapter is not None and lora == "merge":
@@ -412,37 +357,20 @@ def read_vista(
             key = f"{module}.weight"
             ours[key] = (ours[key].float() + adapter.delta(module)).to(ours[key].dtype)
         adapter, merged = None, True
-    return VistaWeights(ours, config, resolved, "ema" if use_ema else "trained", adapter, merged, skipped)
+    return VistaWeights(ours, config, resolved, "ema" if use_ema else "trained", adapter, merged, parts.skipped)
 
 
-def _read_lora(
-    config: UNetSVDConfig,
-    lookup: Callable[[str], str | None],
-    source: _Source,
-    scale: float,
-    used: set[str],
-    missing: list[str],
-    mismatched: list[str],
-    use_ema: bool,
-) -> VistaLoRA | None:
-    """Vista's adapters as one peft adapter (None when the file has none); problems go to missing/mismatched."""
+def _read_lora(config: UNetSVDConfig, name_of: Callable[[str], str], mapper: KeyMapper, scale: float) -> VistaLoRA | None:
+    """Vista's adapters as one peft adapter (None when the file has none): per adapted projection, ``lora_A`` the
+    downs stacked, ``lora_B`` the ups block-diagonal (as :func:`stack_lora`); problems go to ``mapper``."""
     modules = attention_modules(config)
-    wanted = {
-        (module, proj, side): f"{prefix}{proj}_adapter_{side}.weight"
-        for module, prefix in modules.items()
-        for proj in _PROJECTIONS
-        for side in ("down", "up")
-    }
-    found = {k: lookup(n) for k, n in wanted.items()}
-    if not any(found.values()):
+    adapters = {(module, proj, side): name_of(f"{prefix}{proj}_adapter_{side}.weight")
+                for module, prefix in modules.items() for proj in _PROJECTIONS for side in ("down", "up")}  # fmt: skip
+    if not any(name in mapper.source for name in adapters.values()):
         return None
-    for (module, proj, side), f in found.items():
-        if f is None:
-            n = wanted[(module, proj, side)]
-            missing.append((EMA_PREFIX + EMA_MODEL + n.replace(".", "")) if use_ema else UNET_PREFIX + n)
-    ranks = {source.shape(f)[0] for (_, _, side), f in found.items() if f is not None and side == "down"}
+    ranks = {mapper.source.shape(n)[0] for (_, _, side), n in adapters.items() if side == "down" and n in mapper.source}
     if len(ranks) != 1:
-        mismatched.append(f"LoRA ranks differ between adapters: {sorted(ranks)} (one lora_rank per Vista model)")
+        mapper.mismatched.append(f"LoRA ranks differ between adapters: {sorted(ranks)} (one lora_rank per Vista model)")
         return None
     (rank,) = ranks
     shapes = expected_shapes(config)
@@ -450,23 +378,17 @@ def _read_lora(
     module_ranks: dict[str, int] = {}
     for module in modules:
         for ours, projections in lora_layout(module).items():
-            weight = shapes[f"{module}.{ours}.weight"]  # (out, in) of the fused projection
-            out_part = weight[0] // len(projections)
-            names = [(found.get((module, p, "down")), found.get((module, p, "up"))) for p in projections]
-            if any(d is None or u is None for d, u in names):
-                continue
-            bad = [f"{d}: {source.shape(d)}, expected {(rank, weight[1])}" for d, _ in names
-                   if source.shape(d) != (rank, weight[1])]  # fmt: skip
-            bad += [f"{u}: {source.shape(u)}, expected {(out_part, rank)}" for _, u in names
-                    if source.shape(u) != (out_part, rank)]  # fmt: skip
-            if bad:
-                mismatched.extend(bad)
-                continue
-            used.update(n for pair in names for n in pair)
-            a, b = stack_lora([source.get(d) for d, _ in names], [source.get(u) for _, u in names])
-            state[f"{PEFT_PREFIX}{module}.{ours}.lora_A.weight"] = a
-            state[f"{PEFT_PREFIX}{module}.{ours}.lora_B.weight"] = b
-            module_ranks[f"{module}.{ours}"] = rank * len(projections)
+            out_dim, in_dim = shapes[f"{module}.{ours}.weight"]  # the fused projection
+            n = len(projections)
+            downs = tuple(adapters[(module, p, "down")] for p in projections)
+            ups = tuple(adapters[(module, p, "up")] for p in projections)
+            name = f"{PEFT_PREFIX}{module}.{ours}"
+            a = mapper.take(f"{name}.lora_A.weight", (n * rank, in_dim), Rule(downs, ((rank, in_dim),) * n))
+            b = mapper.take(f"{name}.lora_B.weight", (out_dim, n * rank),
+                            Rule(ups, ((out_dim // n, rank),) * n, lambda ts: torch.block_diag(*ts)))  # fmt: skip
+            if a is not None and b is not None:
+                state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a, b
+                module_ranks[f"{module}.{ours}"] = rank * n
     return VistaLoRA(state, rank, float(scale), module_ranks)
 
 
@@ -485,11 +407,7 @@ def load_vista_unet(
     """A :class:`UNetSVD` with a Vista checkpoint's UNet (adapters merged, as Vista samples), built on the meta
     device and filled with the tensors (cast to ``dtype``; None keeps the file's)."""
     read = read_vista(path, config=config, weights=weights, lora="merge", lora_scale=lora_scale)
-    with torch.device("meta"):
-        model = UNetSVD(read.config)
-    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in read.state_dict.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return build_loaded(UNetSVD, read.config, read.state_dict, dtype)
 
 
 def convert_vista(
