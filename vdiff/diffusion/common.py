@@ -6,7 +6,7 @@ The denoiser contract (docs/architecture.md, "Contracts"). A network is called a
 
 ``x``            ``(B, T, C, H, W)`` preconditioned input; where ``given_mask`` is true it holds the
                  clean given content (``x0``), preconditioned like the rest of the clip.
-``noise_level``  ``(B,)`` one noise level per clip (EDM ``c_noise`` or a DDPM timestep).
+``noise_level``  ``(B,)`` one noise level per clip (EDM ``c_noise``, a DDPM timestep, or ``1000 t`` for flow matching).
 ``cond``         ``dict[str, Tensor]`` of conditioning tensors (may be empty).
 ``given_mask``   bool, broadcastable to ``x`` (``(B, T, 1, H, W)`` or ``(B, T, 1, 1, 1)``), true
                  where content is given, or ``None`` when nothing is given.
@@ -27,7 +27,7 @@ from torch import Tensor
 # What every training process's ``training_losses`` returns, so a recipe can switch the process:
 # "loss" (scalar, optimised), "loss_per_clip" (B,), "mse" (scalar, unweighted squared error over
 # generated elements), "vb" (scalar, variational-bound term; 0 where the process has none),
-# "noise_level" (B,) (DDPM timestep or EDM sigma) and "denoised" (B, T, C, H, W) (the x0 estimate).
+# "noise_level" (B,) (DDPM timestep, EDM sigma or flow time t) and "denoised" (B, T, C, H, W) (the x0 estimate).
 LOSS_KEYS: tuple[str, ...] = ("loss", "loss_per_clip", "mse", "vb", "noise_level", "denoised")
 EXTRA_LOSS = "loss_extra"  # the sum of the added terms (add_loss_terms)
 
