@@ -109,7 +109,7 @@ class TrainingStep:
 
     @property
     def noise_level(self) -> Tensor:
-        """``(B,)``: the DDPM timestep or EDM sigma of each clip."""
+        """``(B,)``: the DDPM timestep, EDM sigma or flow time of each clip."""
         return self.losses["noise_level"]
 
     @property
