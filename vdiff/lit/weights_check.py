@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from vdiff.weights.safetensors_io import gather_missing_files, resolve_weights_path
+from vdiff.weights.safetensors_io import MissingWeightsError, gather_missing_files, resolve_weights_path
 
 WEIGHTS_PACKAGE = "vdiff.weights."
+README_NOTE = 'README section "Pretrained weights" says where each file comes from.'
 
 
 def is_weights_key(key: str, class_path: str | None) -> bool:
@@ -62,7 +63,16 @@ def check_recipe_weights(config: Any) -> None:
     """Resolve every weights path of a parsed recipe (downloading hub ids and presets not cached yet); raise one
     FileNotFoundError naming every missing file (its option and the places tried) when any is missing."""
     paths = list(dict.fromkeys(recipe_weight_paths(config)))
-    gather_missing_files([
-        (lambda option=option, path=path: resolve_weights_path(path, what=option, allow_dir=True))
-        for option, path in paths
-    ])
+    try:
+        gather_missing_files([
+            (lambda option=option, path=path: resolve_weights_path(path, what=option, allow_dir=True))
+            for option, path in paths
+        ])
+    except MissingWeightsError as err:  # one file: its own message, with where the presets come from
+        if err.note:
+            raise
+        raise MissingWeightsError(err.what, err.tried, README_NOTE, err.advice) from None
+    except FileNotFoundError as err:  # several (or another missing file): one message naming every one
+        if len(err.args) == 1 and isinstance(err.args[0], str) and " files are missing: " in err.args[0]:
+            raise FileNotFoundError(f"{err.args[0]} {README_NOTE}") from None
+        raise
