@@ -208,6 +208,24 @@ def test_the_allow_list_covers_the_config_objects_of_every_family(tmp_path):
         load_checkpoint(tmp_path / "other.ckpt")
 
 
+def test_a_checkpoint_from_before_the_denoiser_rename_loads(tmp_path):
+    """EDM's ``PreconditionedDenoiser`` was ``vdiff.diffusion.edm.Denoiser``: an EDMDiffusion pickled then names
+    the old path, and still loads (as the new class) although that name no longer exists."""
+    from vdiff.diffusion import edm
+
+    cls = edm.PreconditionedDenoiser
+    cls.__name__ = cls.__qualname__ = "Denoiser"  # pickle the class under its old name, as checkpoints did then
+    edm.Denoiser = cls
+    try:
+        torch.save({"hyper_parameters": {"diffusion": edm.EDMDiffusion(edm.VScalingPrecond())}}, tmp_path / "old.ckpt")
+    finally:
+        cls.__name__ = cls.__qualname__ = "PreconditionedDenoiser"
+        del edm.Denoiser
+    assert b"vdiff.diffusion.edm\nDenoiser\n" in (tmp_path / "old.ckpt").read_bytes()  # the pickle's GLOBAL
+    diffusion = load_checkpoint(tmp_path / "old.ckpt")["hyper_parameters"]["diffusion"]
+    assert type(diffusion.denoiser) is cls and isinstance(diffusion.denoiser.precond, edm.VScalingPrecond)
+
+
 @pytest.mark.slow
 def test_the_allow_list_covers_every_family_before_its_module_is_imported(tmp_path):
     """A checkpoint is read before the class that wrote it is imported: in a fresh interpreter that has

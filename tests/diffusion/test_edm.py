@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from vdiff.diffusion.edm import (
-    Denoiser,
     EDMDiffusion,
     EDMPrecond,
     LogNormalSigma,
+    PreconditionedDenoiser,
     VScalingPrecond,
     loss_weight,
     offset_noise,
@@ -70,7 +70,7 @@ def test_preconditionings_agree_at_unit_sigma_data_up_to_the_sign_of_c_out():
 def test_zero_network_gives_c_skip_times_x(precond):
     x = torch.randn(3, 4, 2, 5, 5, dtype=torch.float64)
     sigma = torch.tensor([0.05, 1.0, 40.0], dtype=torch.float64)
-    out = Denoiser(precond).denoise(zero_net, x, sigma, {})
+    out = PreconditionedDenoiser(precond).denoise(zero_net, x, sigma, {})
     c_skip = precond(sigma)[0].view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(out, c_skip * x)
 
@@ -93,7 +93,7 @@ def test_denoiser_feeds_c_in_x_and_c_noise_and_combines_with_c_out(precond):
 
 def test_denoiser_rejects_a_sigma_per_frame():
     with pytest.raises(ValueError, match="one per clip"):
-        Denoiser(EDMPrecond()).denoise(zero_net, torch.zeros(2, 3, 1, 2, 2), torch.ones(2, 3), {})
+        PreconditionedDenoiser(EDMPrecond()).denoise(zero_net, torch.zeros(2, 3, 1, 2, 2), torch.ones(2, 3), {})
 
 
 # --- sigma sampling ---------------------------------------------------------------------------------

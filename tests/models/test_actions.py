@@ -255,3 +255,11 @@ def test_the_features_are_what_a_unet_with_vistas_action_dim_reads():
     with torch.no_grad():
         out = model(x, torch.randn(B, generator=g), cond)
     assert out.shape == (B, T, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_the_validity_key_has_one_home():
+    """The batch contract (data layer) re-exports the models layer's rule instead of keeping a copy of it."""
+    from vdiff.data import batch
+    from vdiff.models.actions import valid_key
+
+    assert batch.valid_key is valid_key and valid_key("speed") == "speed_valid"

@@ -15,11 +15,8 @@ from safetensors import safe_open
 
 from vdiff.diffusion.guidance import drop_conditions
 from vdiff.models.conditioners import (
-    ADDED_TIME_IDS,
     CLIP_MEAN,
     CLIP_STD,
-    CONCAT,
-    CONTEXT,
     DEFAULT_MOTION_BUCKETS,
     FLOW_FPS,
     FLOW_SIZE,
@@ -41,6 +38,7 @@ from vdiff.models.conditioners import (
     resize_antialiased,
     unconditional,
 )
+from vdiff.models.unet_svd import ADDED_TIME_IDS_KEY, CONCAT_KEY, CONTEXT_KEY
 
 TOL = 1e-5
 GOLDEN = Path(__file__).parent / "fixtures" / "clip_tiny_golden.safetensors"
@@ -346,18 +344,18 @@ def test_svd_conditioner_outputs():
     with torch.no_grad():
         cond = conditioner(frame, ae, 14, fps_id=fps_id, motion_bucket_id=motion, cond_aug=cond_aug, noise=noise)
         clean = conditioner.image_embedder(frame)
-    assert set(cond) == {CONTEXT, CONCAT, ADDED_TIME_IDS}
-    torch.testing.assert_close(cond[CONTEXT], clean, rtol=0, atol=0)  # CLIP sees the clean frame
-    assert cond[CONCAT].shape == (2, 14, 4, 8, 10)
+    assert set(cond) == {CONTEXT_KEY, CONCAT_KEY, ADDED_TIME_IDS_KEY}
+    torch.testing.assert_close(cond[CONTEXT_KEY], clean, rtol=0, atol=0)  # CLIP sees the clean frame
+    assert cond[CONCAT_KEY].shape == (2, 14, 4, 8, 10)
     torch.testing.assert_close(
-        cond[CONCAT][:, 0], ae.latent((frame + cond_aug.view(2, 1, 1, 1) * noise).unsqueeze(1))[:, 0]
+        cond[CONCAT_KEY][:, 0], ae.latent((frame + cond_aug.view(2, 1, 1, 1) * noise).unsqueeze(1))[:, 0]
     )
-    torch.testing.assert_close(cond[ADDED_TIME_IDS], torch.tensor([[9.0, 112.0, 0.02], [6.0, 0.0, 0.3]]))
+    torch.testing.assert_close(cond[ADDED_TIME_IDS_KEY], torch.tensor([[9.0, 112.0, 0.02], [6.0, 0.0, 0.3]]))
     # a precomputed (B, D) embedding (latent shards' image_embed) replaces the embedder
     embed = torch.randn(2, 24)
     cond2 = SVDConditioner(None)(frame, ae, 3, image_embed=embed, noise=noise)
-    torch.testing.assert_close(cond2[CONTEXT], embed.unsqueeze(1))
-    assert cond2[ADDED_TIME_IDS][:, 0].tolist() == [SVD_FPS_ID] * 2
+    torch.testing.assert_close(cond2[CONTEXT_KEY], embed.unsqueeze(1))
+    assert cond2[ADDED_TIME_IDS_KEY][:, 0].tolist() == [SVD_FPS_ID] * 2
     with pytest.raises(ValueError, match="no image embedder"):
         SVDConditioner(None)(frame, ae, 3)
 
@@ -367,7 +365,6 @@ def test_conditions_drive_the_svd_unet_with_and_without_guidance():
     from vdiff.diffusion.guidance import LinearCFG, guided_call
     from vdiff.models import unet_svd
 
-    assert (CONTEXT, CONCAT, ADDED_TIME_IDS) == (unet_svd.CONTEXT_KEY, unet_svd.CONCAT_KEY, unet_svd.ADDED_TIME_IDS_KEY)
     torch.manual_seed(0)
     unet = unet_svd.UNetSVD(unet_svd.UNetSVDConfig.from_name("tiny")).eval()
     conditioner = SVDConditioner(CLIPImageEmbedderConfig.from_name("tiny", embed_dim=unet.config.context_dim)).eval()
@@ -393,25 +390,29 @@ def test_cfg_dropout_zeroes_exactly_the_dropped_samples():
     g = torch.Generator().manual_seed(0)
     batch = 64
     cond = {
-        CONTEXT: torch.randn(batch, 1, 24, generator=g),
-        CONCAT: torch.randn(batch, 6, 4, 3, 5, generator=g),
-        ADDED_TIME_IDS: torch.rand(batch, 3, generator=g) + 1.0,
+        CONTEXT_KEY: torch.randn(batch, 1, 24, generator=g),
+        CONCAT_KEY: torch.randn(batch, 6, 4, 3, 5, generator=g),
+        ADDED_TIME_IDS_KEY: torch.rand(batch, 3, generator=g) + 1.0,
     }
     dropped, keep = drop_conditions(
         cond, cfg_drop_probs(image=0.5, concat=0.25), torch.Generator().manual_seed(1), return_keep=True
     )
-    for key in (CONTEXT, CONCAT):
+    for key in (CONTEXT_KEY, CONCAT_KEY):
         k = keep[key]
         assert 0 < int(k.sum()) < batch
         assert torch.equal(dropped[key][k], cond[key][k])
         assert bool(torch.all(dropped[key][~k] == 0))
         assert bool(torch.all(cond[key][~k].flatten(1).abs().sum(1) > 0))  # they were not zero before
-    assert not torch.equal(keep[CONTEXT], keep[CONCAT])  # independent draws
-    assert torch.equal(dropped[ADDED_TIME_IDS], cond[ADDED_TIME_IDS]) and bool(keep[ADDED_TIME_IDS].all())
+    assert not torch.equal(keep[CONTEXT_KEY], keep[CONCAT_KEY])  # independent draws
+    assert torch.equal(dropped[ADDED_TIME_IDS_KEY], cond[ADDED_TIME_IDS_KEY]) and bool(keep[ADDED_TIME_IDS_KEY].all())
     joint, keep2 = drop_conditions(
-        cond, cfg_drop_probs(0.5, 0.5), torch.Generator().manual_seed(1), groups=[(CONTEXT, CONCAT)], return_keep=True
+        cond,
+        cfg_drop_probs(0.5, 0.5),
+        torch.Generator().manual_seed(1),
+        groups=[(CONTEXT_KEY, CONCAT_KEY)],
+        return_keep=True,
     )
-    assert torch.equal(keep2[CONTEXT], keep2[CONCAT])
+    assert torch.equal(keep2[CONTEXT_KEY], keep2[CONCAT_KEY])
     uncond = unconditional(cond)
-    assert set(uncond) == {CONTEXT, CONCAT}
+    assert set(uncond) == {CONTEXT_KEY, CONCAT_KEY}
     assert all(bool(torch.all(v == 0)) and v.shape == cond[k].shape for k, v in uncond.items())

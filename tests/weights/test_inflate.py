@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vdiff.diffusion.edm import Denoiser
+from vdiff.diffusion.edm import PreconditionedDenoiser
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 from vdiff.weights.inflate import (
     InflationError,
@@ -326,7 +326,7 @@ def test_edm_with_sd21_vscaling_is_sd21_v_prediction(sd):
     x, _, cond = inputs(config)
     noisy = x + sigma.view(-1, 1, 1, 1, 1) * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        denoised = Denoiser(SD21VScalingPrecond()).denoise(net, noisy, sigma, cond)
+        denoised = PreconditionedDenoiser(SD21VScalingPrecond()).denoise(net, noisy, sigma, cond)
         a = alpha_bar.view(-1, 1, 1, 1, 1)
         x_t = noisy * a.sqrt()  # DDPM's x_t at step t
         v = image_per_frame(image, x_t, steps.float(), cond["context"])

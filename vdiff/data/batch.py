@@ -37,6 +37,8 @@ NaN, so sources with and without scores collate together; ``vdiff data motion-bu
 
 from __future__ import annotations
 
+from vdiff.models.actions import valid_key  # noqa: F401  re-exported: ``valid_key("speed") == "speed_valid"``
+
 VIDEO = "video"
 LATENTS = "latents"
 LATENTS_MEAN = "latents_mean"
@@ -50,7 +52,3 @@ KEY = "key"
 SOURCE = "source"
 ACTIONS = "actions"
 
-
-def valid_key(action: str) -> str:
-    """Name of the validity mask of an action: ``valid_key("speed") == "speed_valid"``."""
-    return f"{action}_valid"

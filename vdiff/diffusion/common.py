@@ -32,7 +32,12 @@ LOSS_KEYS: tuple[str, ...] = ("loss", "loss_per_clip", "mse", "vb", "noise_level
 EXTRA_LOSS = "loss_extra"  # the sum of the added terms (add_loss_terms)
 
 
-class Denoiser(Protocol):
+class DenoiserNetwork(Protocol):
+    """A network called through the denoiser contract (module docstring): ``net(x, noise_level, cond,
+    given_mask) -> output``, x ``(B, T, C, H, W)``, noise_level ``(B,)``, output ``(B, T, C_out, H, W)``. What
+    the output means is the process's choice; EDM's :class:`~vdiff.diffusion.edm.PreconditionedDenoiser` wraps
+    such a network into ``D(x; sigma)``."""
+
     def __call__(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor], given_mask: Tensor | None) -> Tensor: ...
 
 

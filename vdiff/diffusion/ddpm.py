@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import Denoiser, masked_mean, replace_given
+from vdiff.diffusion.common import DenoiserNetwork, masked_mean, replace_given
 
 BetaSchedule = Literal["linear", "cosine", "scaled_linear"]
 Prediction = Literal["eps", "v", "x0"]
@@ -425,7 +425,7 @@ class GaussianDiffusion:
 
     def training_losses(
         self,
-        net: Denoiser,
+        net: DenoiserNetwork,
         x0: Tensor,
         cond: dict[str, Tensor],
         given_mask: Tensor | None = None,

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import Denoiser, check_sampler_inputs, replace_given
+from vdiff.diffusion.common import DenoiserNetwork, check_sampler_inputs, replace_given
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.guidance import Guidance, guided_call
 
@@ -100,7 +100,7 @@ def _progress(indices: Sequence[int], enabled: bool, desc: str) -> Iterator[int]
 def _sample(
     kind: str,
     diffusion: GaussianDiffusion,
-    net: Denoiser,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None,
@@ -133,7 +133,7 @@ def _sample(
 @torch.no_grad()
 def ddim_sample(
     diffusion: GaussianDiffusion,
-    net: Denoiser,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None = None,
@@ -165,7 +165,7 @@ def ddim_sample(
 @torch.no_grad()
 def ancestral_sample(
     diffusion: GaussianDiffusion,
-    net: Denoiser,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None = None,

@@ -4,7 +4,8 @@ The noisy clip is ``x = x0 + sigma * n`` with ONE sigma per clip ``(B,)``. The d
 
     D(x; sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma), cond, given_mask)
 
-where ``F`` is the network, called through the denoiser contract of :mod:`vdiff.diffusion.common`.
+where ``F`` is the network (a :class:`~vdiff.diffusion.common.DenoiserNetwork`, called through the denoiser
+contract) and ``D`` is :class:`PreconditionedDenoiser`.
 Given content (``given_mask`` true) enters clean: the noisy input holds ``x0`` there, while the
 preconditioning still uses the clip's sigma everywhere (as Vista does); the loss counts generated
 elements only. Samplers live in :mod:`vdiff.diffusion.karras`.
@@ -25,8 +26,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import Denoiser as Network
-from vdiff.diffusion.common import append_dims, masked_mean, replace_given
+from vdiff.diffusion.common import DenoiserNetwork, append_dims, masked_mean, replace_given
 
 OffsetNoiseScope = Literal["clip", "frame"]
 LossWeightingName = Literal["unit", "edm", "v", "eps"]
@@ -102,7 +102,7 @@ def _per_clip_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
     return sigma
 
 
-class Denoiser:
+class PreconditionedDenoiser:
     """EDM's preconditioned denoiser around a network: ``D(x; sigma)``.
 
     ``denoise(net, x_noisy, sigma, cond, given_mask)``: x_noisy ``(B, T, C, H, W)`` (holding ``x0``
@@ -116,7 +116,7 @@ class Denoiser:
 
     def denoise(
         self,
-        net: Network,
+        net: DenoiserNetwork,
         x_noisy: Tensor,
         sigma: Tensor | float,
         cond: dict[str, Tensor],
@@ -127,7 +127,10 @@ class Denoiser:
         c_skip, c_out, c_in = (append_dims(c, x_noisy.ndim).to(x_noisy.dtype) for c in (c_skip, c_out, c_in))
         out = net(c_in * x_noisy, c_noise, cond, given_mask)  # (B, T, C, H, W)
         if out.shape != x_noisy.shape:
-            raise ValueError(f"Denoiser: the network returned shape {tuple(out.shape)}, expected {tuple(x_noisy.shape)}")
+            raise ValueError(
+                f"PreconditionedDenoiser: the network returned shape {tuple(out.shape)}, "
+                f"expected {tuple(x_noisy.shape)}"
+            )
         return c_skip * x_noisy + c_out * out
 
     __call__ = denoise
@@ -247,17 +250,17 @@ class EDMDiffusion:
         self.loss_weighting = loss_weighting
         self.offset_noise = float(offset_noise)
         self.offset_noise_scope = offset_noise_scope
-        self.denoiser = Denoiser(self.precond)
+        self.denoiser = PreconditionedDenoiser(self.precond)
 
     def denoise(
         self,
-        net: Network,
+        net: DenoiserNetwork,
         x_noisy: Tensor,
         sigma: Tensor | float,
         cond: dict[str, Tensor],
         given_mask: Tensor | None = None,
     ) -> Tensor:
-        """``D(x_noisy; sigma)`` ``(B, T, C, H, W)``; see :class:`Denoiser`."""
+        """``D(x_noisy; sigma)`` ``(B, T, C, H, W)``; see :class:`PreconditionedDenoiser`."""
         return self.denoiser.denoise(net, x_noisy, sigma, cond, given_mask)
 
     def weight(self, sigma: Tensor) -> Tensor:
@@ -276,7 +279,7 @@ class EDMDiffusion:
 
     def training_losses(
         self,
-        net: Network,
+        net: DenoiserNetwork,
         x0: Tensor,
         cond: dict[str, Tensor],
         given_mask: Tensor | None = None,

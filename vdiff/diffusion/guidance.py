@@ -27,7 +27,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import Denoiser
+from vdiff.diffusion.common import DenoiserNetwork
 
 
 @runtime_checkable
@@ -148,7 +148,7 @@ def _stack_conditions(cond: Mapping[str, object], uncond: Mapping[str, object]) 
 
 
 def guided_call(
-    net: Denoiser,
+    net: DenoiserNetwork,
     x: Tensor,
     noise_level: Tensor,
     cond: dict[str, Tensor],
@@ -202,7 +202,7 @@ def drop_conditions(
     cond: dict of tensors leading with the batch dim ``B``. p: one drop probability for every key, or
     a dict ``{key: p}`` (keys absent from the dict are never dropped). Each key draws its own
     Bernoulli per sample, except the keys in one of ``groups``: those share one draw per sample
-    (e.g. ``[("crossattn", "concat")]`` drops SVD's image embedding and concat latent together), and
+    (e.g. ``[("context", "concat")]`` drops SVD's image embedding and concat latent together), and
     must have the same ``p``. Returns a new dict (inputs untouched); with ``return_keep=True`` also
     ``{key: keep (B,) bool}`` for every key.
     """

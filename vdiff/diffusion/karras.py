@@ -24,12 +24,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from vdiff.diffusion.common import Denoiser as Network
-from vdiff.diffusion.common import check_sampler_inputs, replace_given
+from vdiff.diffusion.common import DenoiserNetwork, check_sampler_inputs, replace_given
 from vdiff.diffusion.guidance import Guidance, guided_call
 
 InitNoiseScale = Literal["sigma", "svd"]
-DenoiseFn = Callable[[Network, Tensor, Tensor, dict[str, Tensor], "Tensor | None"], Tensor]
+DenoiseFn = Callable[[DenoiserNetwork, Tensor, Tensor, dict[str, Tensor], "Tensor | None"], Tensor]
 
 
 def karras_sigmas(
@@ -72,7 +71,7 @@ def _resolve_denoise(diffusion_or_denoise_fn: Any) -> DenoiseFn:
 def _karras_sample(
     order: int,
     diffusion_or_denoise_fn: Any,
-    net: Network,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None,
@@ -139,7 +138,7 @@ def _karras_sample(
 
 def euler_sample(
     diffusion_or_denoise_fn: Any,
-    net: Network,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None = None,
@@ -161,7 +160,7 @@ def euler_sample(
 ) -> Tensor:
     """Euler sampling of the EDM ODE (stochastic with ``s_churn > 0``); returns x0 ``(B, T, C, H, W)``.
 
-    diffusion_or_denoise_fn: an EDMDiffusion / Denoiser or a ``denoise(net, x, sigma (B,), cond,
+    diffusion_or_denoise_fn: an EDMDiffusion / PreconditionedDenoiser or a ``denoise(net, x, sigma (B,), cond,
     given_mask)`` function. noise: standard normal ``(B, T, C, H, W)``, scaled by ``init_noise_scale``.
     uncond/guidance: classifier-free guidance (both needed). given/given_mask: content kept fixed.
     steps/sigma_min/sigma_max/rho: :func:`karras_sigmas`; or pass ``sigmas`` (decreasing; a grid that
@@ -177,7 +176,7 @@ def euler_sample(
 
 def heun_sample(
     diffusion_or_denoise_fn: Any,
-    net: Network,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     uncond: dict[str, Tensor] | None = None,

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from vdiff.diffusion.common import Denoiser
+from vdiff.diffusion.common import DenoiserNetwork
 from vdiff.diffusion.ddpm import GaussianDiffusion
 from vdiff.diffusion.ddpm_samplers import ancestral_sample, ddim_sample
 from vdiff.diffusion.edm import EDMDiffusion
@@ -113,7 +113,7 @@ def check_sampler(process: Any, config: SamplerConfig) -> None:
 @torch.no_grad()
 def sample(
     process: GaussianDiffusion | EDMDiffusion | FlowMatching,
-    net: Denoiser,
+    net: DenoiserNetwork,
     noise: Tensor,
     cond: dict[str, Tensor],
     config: SamplerConfig,

@@ -62,9 +62,11 @@ def _allow_vdiff_configs() -> None:
 
     allow_config_objects_in_checkpoints(
         VDTConfig, AutoencoderConfig, SamplerConfig, EvalProtocol, GaussianDiffusion, EDMDiffusion, edm.EDMPrecond,
-        edm.VScalingPrecond, edm.LogNormalSigma, edm.Denoiser, guidance.VanillaCFG, guidance.LinearCFG,
+        edm.VScalingPrecond, edm.LogNormalSigma, edm.PreconditionedDenoiser, guidance.VanillaCFG, guidance.LinearCFG,
         guidance.TriangleCFG, masks.MaskSpec,
         FlowMatching, flow.LogitNormalTime, flow.UniformTime,
+        # an EDMDiffusion holds a PreconditionedDenoiser; checkpoints written before its rename name it so
+        (edm.PreconditionedDenoiser, "vdiff.diffusion.edm.Denoiser"),
     )
 
 

@@ -47,10 +47,11 @@ class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     ``str()`` names the file and the objects."""
 
 
-def allow_config_objects_in_checkpoints(*classes: type) -> None:
+def allow_config_objects_in_checkpoints(*classes: type | tuple[type, str]) -> None:
     """Let ``torch.load(weights_only=True)`` (vdiff's loaders and Lightning's) build these classes: vdiff's
     config objects that modules built in Python keep in their hyperparameters. Only data-holding classes
-    whose construction runs no code of the file's choosing belong here."""
+    whose construction runs no code of the file's choosing belong here. A ``(class, "module.OldName")`` pair
+    builds the class where a checkpoint names it by a path it had before a rename."""
     torch.serialization.add_safe_globals(list(classes))
 
 

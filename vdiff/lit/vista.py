@@ -41,9 +41,8 @@ from vdiff.lit.base import TrainingStep
 from vdiff.lit.evaluation import EvalProtocol
 from vdiff.lit.svd import SVDConditioning, SVDModule
 from vdiff.models.actions import VISTA_CFG_DROP, ActionEncoder
-from vdiff.models.unet_svd import UNetSVDConfig
+from vdiff.models.unet_svd import ACTIONS_KEY, UNetSVDConfig  # ACTIONS_KEY: cond key of the (B, action_dim) actions
 
-ACTIONS_KEY = "actions"  # the UNet's cond key for action features (B, action_dim)
 VISTA_PRIOR_WEIGHTS: dict[int, float] = {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0}
 
 

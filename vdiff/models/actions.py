@@ -67,8 +67,10 @@ VISTA_CFG_DROP = 0.15  # Vista's ucg_rate of every action
 VISTA_ACTION_DIM = sum(ACTION_SCALARS.values()) * VISTA_EMBED_DIM  # 2432
 
 
-def _valid_key(action: str) -> str:
-    return f"{action}_valid"  # vdiff.data.batch.valid_key (the data layer sits above models)
+def valid_key(action: str) -> str:
+    """Name of the validity mask of an action in a batch's ``actions`` dict: ``valid_key("speed") ==
+    "speed_valid"`` (the batch contract, :mod:`vdiff.data.batch`, re-exports it: data sits above models)."""
+    return f"{action}_valid"
 
 
 class ActionEncoder(nn.Module):
@@ -153,8 +155,8 @@ class ActionEncoder(nn.Module):
                 f"ActionEncoder: the action dict holds none of {list(ACTION_TYPES)} (keys: {sorted(actions)})"
             )
         for key in present:
-            if _valid_key(key) not in actions:
-                raise KeyError(f"ActionEncoder: actions[{key!r}] has no {_valid_key(key)!r} beside it")
+            if valid_key(key) not in actions:
+                raise KeyError(f"ActionEncoder: actions[{key!r}] has no {valid_key(key)!r} beside it")
         first = actions[present[0]]
         B, T, device = first.shape[0], first.shape[1], first.device
         r = self.reference_frame + T if self.reference_frame < 0 else self.reference_frame
@@ -163,11 +165,11 @@ class ActionEncoder(nn.Module):
         rows = torch.arange(B, device=device)
 
         def checked(key: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-            value, valid = actions[key], actions[_valid_key(key)]
+            value, valid = actions[key], actions[valid_key(key)]
             if tuple(value.shape) != (B, T, *shape) or tuple(valid.shape) != (B, T):
                 raise ValueError(
                     f"ActionEncoder: actions[{key!r}] must be ({B}, {T}{''.join(f', {s}' for s in shape)}) with "
-                    f"{_valid_key(key)!r} ({B}, {T}), got {tuple(value.shape)} and {tuple(valid.shape)}"
+                    f"{valid_key(key)!r} ({B}, {T}), got {tuple(value.shape)} and {tuple(valid.shape)}"
                 )
             return value.float(), valid.bool()
 

@@ -17,7 +17,7 @@ Architecture (SD 2.1 VAE; SVD's VAE is the same encoder with ``TemporalDecoder``
     Decoder:  conv_in -> mid -> [ResBlock x (num_res_blocks + 1), Upsample] per level, lowest resolution
               first -> norm, SiLU, conv_out (3)
     TemporalDecoder: every ResBlock becomes a VideoResBlock (spatial ResBlock per frame, then a (3,1,1)
-              temporal ResBlock, blended alpha*temporal + (1-alpha)*spatial, alpha = sigmoid(mix_factor))
+              temporal ResBlock, blended alpha*spatial + (1-alpha)*temporal, alpha = 1 - sigmoid(mix_factor))
               and conv_out is followed by a (3,1,1) Conv3d over time.
 
 Named sizes are data: ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ``"tiny"``, ``"tiny-svd"``) and
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdiff.nn.blend import blend
 from vdiff.nn.norms import NORM_KINDS, NormKind, NormSpec, make_norm
 from vdiff.nn.resnet import Downsample, ResBlock, TemporalConv, Upsample
 
@@ -219,7 +220,9 @@ class SpatialSelfAttention(nn.Module):
 
 
 class VideoResBlock(nn.Module):
-    """Spatial ResBlock per frame, then a (3,1,1) temporal ResBlock; output alpha*temporal + (1-alpha)*spatial."""
+    """Spatial ResBlock per frame, then a (3,1,1) temporal ResBlock; output :func:`~vdiff.nn.blend.blend`'s
+    ``alpha*spatial + (1-alpha)*temporal`` with ``alpha = 1 - sigmoid(mix_factor)`` (``mix_factor`` weights the
+    temporal path, as in SVD's VAE)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: Norm = "group", dropout: float = 0.0) -> None:
         super().__init__()
@@ -228,17 +231,15 @@ class VideoResBlock(nn.Module):
         self.temporal = ResBlock(
             out_channels, out_channels, norm=norm, eps=1e-5, dropout=dropout, dims=3, kernel_size=(3, 1, 1)
         )
-        self.mix_factor = nn.Parameter(torch.zeros(1))  # alpha = sigmoid(mix_factor) weights the temporal path
+        self.mix_factor = nn.Parameter(torch.zeros(1))  # sigmoid(mix_factor) weights the temporal path
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
         x = self.spatial(x)  # (B*T, C, H, W)
         bt, c, h, w = x.shape
         spatial = x.view(bt // num_frames, num_frames, c, h, w).transpose(1, 2)  # (B, C, T, H, W)
         temporal = self.temporal(spatial)  # (B, C, T, H, W)
-        # alpha * temporal + (1 - alpha) * spatial, alpha = sigmoid(mix_factor); written with the spatial weight
-        # first, in the order diffusers evaluates it, so converted models match it bit for bit.
-        spatial_weight = 1.0 - torch.sigmoid(self.mix_factor).to(x.dtype)
-        x = spatial_weight * spatial + (1.0 - spatial_weight) * temporal  # (B, C, T, H, W)
+        alpha = 1.0 - torch.sigmoid(self.mix_factor).to(x.dtype)  # the spatial weight, as diffusers computes it
+        x = blend(spatial, temporal, alpha, "weighted_sum")  # (B, C, T, H, W), diffusers' values bit for bit
         return x.transpose(1, 2).reshape(bt, c, h, w)  # (B*T, C, H, W)
 
 
@@ -267,7 +268,7 @@ class DownLevel(nn.Module):
         self.blocks = nn.ModuleList(
             ResBlock(in_ch if i == 0 else out_ch, out_ch, norm=norm, dropout=dropout) for i in range(num_blocks)
         )
-        self.downsample = Downsample(out_ch) if downsample else None
+        self.downsample = Downsample(out_ch, "right_bottom") if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:

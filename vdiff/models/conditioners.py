@@ -51,7 +51,7 @@ SVD's unconditional branch is a zero CLIP embedding and a zero concat latent; th
 (:func:`unconditional` gives the zeros; a key it leaves out is shared by both halves in
 ``vdiff.diffusion.guidance.guided_call``). Training drops each condition per sample with its own probability,
 to zeros: that is exactly ``vdiff.diffusion.guidance.drop_conditions(cond, cfg_drop_probs(image=p, concat=q))``
-(per-key Bernoulli per sample, zeros where dropped; ``groups=[(CONTEXT, CONCAT)]`` drops both together). It is
+(per-key Bernoulli per sample, zeros where dropped; ``groups=[(CONTEXT_KEY, CONCAT_KEY)]`` drops both). It is
 not re-implemented here and not called from here: ``vdiff.models`` and ``vdiff.diffusion`` are siblings in the
 layer order (neither imports the other; docs/architecture.md), so the LightningModule that owns the training step
 calls it.
@@ -74,10 +74,10 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-# cond keys: the names vdiff.models.unet_svd reads (CONTEXT_KEY, CONCAT_KEY, ADDED_TIME_IDS_KEY; a test checks)
-CONTEXT = "context"  # (B, 1, D) CLIP image embedding tokens (cross-attention context)
-CONCAT = "concat"  # (B, T, c, h, w) unscaled conditioning-frame latent, repeated over T
-ADDED_TIME_IDS = "added_time_ids"  # (B, 3) raw fps_id, motion_bucket_id, cond_aug
+# The cond keys this module fills, declared with the UNet that reads them: CONTEXT_KEY (B, 1, D) CLIP image
+# embedding tokens (cross-attention context), CONCAT_KEY (B, T, c, h, w) unscaled conditioning-frame latent repeated
+# over T, ADDED_TIME_IDS_KEY (B, 3) raw fps_id, motion_bucket_id, cond_aug.
+from vdiff.models.unet_svd import ADDED_TIME_IDS_KEY, CONCAT_KEY, CONTEXT_KEY
 
 # SVD's sampling defaults (sgm scripts/sampling/simple_video_sample.py, diffusers pipeline)
 SVD_FPS_ID = 6  # i.e. 7 frames per second
@@ -549,13 +549,13 @@ def concat_condition(
 def cfg_drop_probs(image: float, concat: float) -> dict[str, float]:
     """Per-condition CFG dropout probabilities for ``vdiff.diffusion.guidance.drop_conditions`` (the
     micro-conditioning is never dropped)."""
-    return {CONTEXT: float(image), CONCAT: float(concat)}
+    return {CONTEXT_KEY: float(image), CONCAT_KEY: float(concat)}
 
 
 def unconditional(cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """SVD's unconditional branch for CFG: zeros of ``context`` and ``concat`` (those present); other keys
     (``added_time_ids``) are left out, so ``guided_call`` shares them between both halves."""
-    return {key: torch.zeros_like(value) for key, value in cond.items() if key in (CONTEXT, CONCAT)}
+    return {key: torch.zeros_like(value) for key, value in cond.items() if key in (CONTEXT_KEY, CONCAT_KEY)}
 
 
 class SVDConditioner(nn.Module):
@@ -602,19 +602,16 @@ class SVDConditioner(nn.Module):
                 )
         sigma = _per_clip(cond_aug, batch, "SVDConditioner(cond_aug)", frame.device)
         return {
-            CONTEXT: tokens,
-            CONCAT: concat_condition(autoencoder, frame, sigma, num_frames, noise=noise, generator=generator),
-            ADDED_TIME_IDS: added_time_ids(fps_id, motion_bucket_id, sigma, batch=batch).to(frame.device),
+            CONTEXT_KEY: tokens,
+            CONCAT_KEY: concat_condition(autoencoder, frame, sigma, num_frames, noise=noise, generator=generator),
+            ADDED_TIME_IDS_KEY: added_time_ids(fps_id, motion_bucket_id, sigma, batch=batch).to(frame.device),
         }
 
 
 __all__ = [
-    "ADDED_TIME_IDS",
     "CLIP_IMAGE_CONFIGS",
     "CLIP_MEAN",
     "CLIP_STD",
-    "CONCAT",
-    "CONTEXT",
     "DEFAULT_MOTION_BUCKETS",
     "CLIPImageEmbedder",
     "CLIPImageEmbedderConfig",

@@ -76,19 +76,19 @@ from torch.utils.checkpoint import checkpoint
 
 from vdiff.models.lora_targets import LoRATargets
 from vdiff.nn.embeddings import TimestepEmbedder
+from vdiff.nn.resnet import Downsample, Upsample
 from vdiff.nn.unet_blocks import (
     GROUPS,
     AddedTimeEmbedder,
     ContextCrossAttention,
-    Downsample,
     SpatioTemporalResBlock,
     SpatioTemporalTransformer,
-    Upsample,
 )
 
 NormEps = Literal["sgm", "diffusers"]
-NORM_EPS: tuple[str, ...] = ("sgm", "diffusers")
-CONTEXT_KEY = "context"  # cond keys (module docstring)
+NORM_EPS_CHOICES: tuple[str, ...] = ("sgm", "diffusers")  # the NormEps values
+# The cond keys (module docstring), declared here only: the conditioners and modules that fill them import them.
+CONTEXT_KEY = "context"
 CONCAT_KEY = "concat"
 ADDED_TIME_IDS_KEY = "added_time_ids"
 IMAGE_ONLY_KEY = "image_only_indicator"
@@ -233,8 +233,8 @@ class UNetSVDConfig:
                 raise refuse(field, "must be >= 1")
         if self.added_time_embed_dim < 2 or self.added_time_embed_dim % 2:
             raise refuse("added_time_embed_dim", "must be even and >= 2")
-        if self.norm_eps not in NORM_EPS:
-            raise refuse("norm_eps", f"choose one of {NORM_EPS}")
+        if self.norm_eps not in NORM_EPS_CHOICES:
+            raise refuse("norm_eps", f"choose one of {NORM_EPS_CHOICES}")
         if not isinstance(self.action_dim, int) or self.action_dim < 0:
             raise refuse("action_dim", "must be an integer >= 0 (0: no actions)")
         if not isinstance(self.cond_frame_time_embed, bool):
@@ -327,7 +327,7 @@ class UNetSVD(nn.Module):
                     attn.append(transformer(width))
                 skip_widths.append(ch)
             last = level == levels - 1
-            self.down.append(UNetLevel(res, attn, None if last else Downsample(ch)))
+            self.down.append(UNetLevel(res, attn, None if last else Downsample(ch, "symmetric")))
             if not last:
                 skip_widths.append(ch)
 

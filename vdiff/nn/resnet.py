@@ -7,6 +7,8 @@ temporal block SVD inserts after each spatial block: a convolution over time onl
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -80,23 +82,45 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv with the SD VAE's asymmetric (right/bottom) zero padding: (N, C, H, W) -> (N, C, H/2, W/2)."""
+DownsamplePadding = Literal["symmetric", "right_bottom"]
+DOWNSAMPLE_PADDINGS: tuple[str, ...] = ("symmetric", "right_bottom")
 
-    def __init__(self, channels: int) -> None:
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv: ``(N, C, H, W) -> (N, C, H', W')``. ``padding`` places the zeros, the one thing the
+    families differ in:
+
+    - ``"symmetric"``: 1 on every side (SVD's UNet; diffusers' ``Downsample2D(padding=1)``): ``H' = ceil(H/2)``;
+    - ``"right_bottom"``: 1 on the right and bottom only (the SD VAE's encoder): ``H' = floor(H/2)``.
+
+    The parameters are ``conv.weight`` / ``conv.bias`` ``(C, C, 3, 3)`` / ``(C,)`` either way.
+    """
+
+    def __init__(self, channels: int, padding: DownsamplePadding) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"Downsample: padding must be one of {DOWNSAMPLE_PADDINGS}, got {padding!r}")
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1 if padding == "symmetric" else 0)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        if self.padding == "right_bottom":
+            x = F.pad(x, (0, 1, 0, 1))  # (N, C, H+1, W+1)
+        return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv: (N, C, H, W) -> (N, C, 2H, 2W)."""
+    """Nearest-neighbour upsampling to ``size`` (default ``2H x 2W``), then a 3x3 conv (padding 1)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """x: ``(N, C, H, W)``; size: the output ``(H', W')`` (a UNet skip connection's size when ``H, W`` were
+        odd before downsampling), or None for ``(2H, 2W)``. Returns ``(N, C, H', W')``."""
+        size = size or (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))

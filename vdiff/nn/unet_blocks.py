@@ -1,6 +1,6 @@
 """Blocks of spatio-temporal UNets (Stable Video Diffusion's ``VideoUNet``): residual blocks with a timestep
 embedding, their (3,1,1) temporal twins, spatial + temporal transformers, cross-attention to a per-clip context,
-the learned spatial/temporal blend, and the 2x resampling layers.
+and the learned spatial/temporal blend (the 2x resampling layers are :mod:`vdiff.nn.resnet`'s).
 
 Layouts (``B`` clips, ``T`` frames, ``S = H*W`` positions, ``E`` the time-embedding width):
 
@@ -19,10 +19,9 @@ values of every context token (Vista's ``k_adapter_action_control`` / ``v_adapte
 all-zero action vector (unconditional), the keys and values are exactly the context's, so the block computes what it
 computes without the projection.
 
-The blend of a spatial output ``s`` and a temporal output ``t`` is ``alpha*s + (1-alpha)*t`` with
-``alpha = sigmoid(mix_factor)``, forced to 1 for frames an ``image_only_indicator`` marks as images (their
-output is then exactly the spatial one). It is computed as ``torch.lerp(s, t, 1 - alpha)``, which returns ``s``
-bit for bit when ``alpha`` is 1.
+The blend of a spatial output ``s`` and a temporal output ``t`` is :mod:`vdiff.nn.blend`'s ``alpha*s +
+(1-alpha)*t`` with ``alpha = sigmoid(mix_factor)``, forced to 1 for frames an ``image_only_indicator`` marks as
+images (their output is then exactly the spatial one).
 """
 
 from __future__ import annotations
@@ -32,30 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdiff.nn.attention import Attention
+from vdiff.nn.blend import blend, mix_alpha
 from vdiff.nn.embeddings import timestep_embedding
 from vdiff.nn.resnet import TemporalConv
 
 GROUPS = 32  # GroupNorm groups of SVD's UNet (hard-coded in sgm and diffusers)
-
-
-#################################################################################
-#                            Spatial / temporal blend                           #
-#################################################################################
-
-
-def mix_alpha(mix_factor: Tensor, image_only_indicator: Tensor | None, batch: int, frames: int) -> Tensor:
-    """Spatial weight ``alpha``: ``sigmoid(mix_factor)`` ``()``, or ``(B, T)`` with 1 where
-    ``image_only_indicator`` ``(B, T)`` is true (nonzero)."""
-    alpha = torch.sigmoid(mix_factor.float()).reshape(())  # ()
-    if image_only_indicator is None:
-        return alpha
-    return torch.where(image_only_indicator.bool(), torch.ones_like(alpha), alpha).reshape(batch, frames)  # (B, T)
-
-
-def blend(spatial: Tensor, temporal: Tensor, alpha: Tensor) -> Tensor:
-    """``alpha*spatial + (1-alpha)*temporal`` (exactly ``spatial`` where alpha is 1); ``alpha`` broadcasts.
-    The output has ``spatial``'s memory layout (its first operand)."""
-    return torch.lerp(spatial, temporal, (1.0 - alpha).to(spatial.dtype))
 
 
 #################################################################################
@@ -333,36 +313,6 @@ class SpatioTemporalTransformer(nn.Module):
             h = blend(h, t, alpha).view(BT, S, C)  # (B*T, S, C)
         h = self.proj_out(h)  # (B*T, S, C)
         return x + h.view(BT, H, W, C).permute(0, 3, 1, 2)  # (B*T, C, H, W)
-
-
-#################################################################################
-#                                  Resampling                                   #
-#################################################################################
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv with symmetric padding 1: ``(N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2))``."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour upsampling to ``size`` (default ``2H x 2W``), then a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        """x: ``(N, C, H, W)``; size: the output ``(H', W')`` (a skip connection's size when ``H, W`` were odd
-        before downsampling), or None for ``(2H, 2W)``."""
-        size = size or (2 * x.shape[-2], 2 * x.shape[-1])
-        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 #################################################################################
