@@ -83,6 +83,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from vdiff.models.actions import VISTA_ACTION_DIM  # k/v_adapter_action_control: nn.Linear(128 * 19, inner, bias=False)
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 from vdiff.weights.peft_files import DEFAULT_ADAPTER, PEFT_PREFIX, adapter_folder, write_adapter
 from vdiff.weights.safetensors_io import LazyStateDict, resolve_weights_path, save_state_dict
@@ -97,7 +98,6 @@ from vdiff.weights.unet_svd import (
 
 VISTA_REPO = "OpenDriveLab/Vista"
 VISTA_COMMIT = "cc9821b4253ca7987c32757613d2fc2448fa9f5d"  # the Vista source these names were read from
-VISTA_ACTION_DIM = 19 * 128  # k/v_adapter_action_control: nn.Linear(128 * 19, inner_dim, bias=False)
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 EMA_MODEL = "diffusion_model"  # LitEma tracks the OpenAIWrapper's parameters: "diffusion_model.<name>" without dots
