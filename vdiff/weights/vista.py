@@ -88,17 +88,18 @@ from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 from vdiff.weights.peft_files import DEFAULT_ADAPTER, PEFT_PREFIX, adapter_folder, write_adapter
 from vdiff.weights.safetensors_io import LazyStateDict, resolve_weights_path, save_state_dict
 from vdiff.weights.template import VDIFF_CONFIG_KEY, KeyMapper, Rule, build_loaded, stacked
-from vdiff.weights.unet_svd import TARGET as UNET_TARGET
 from vdiff.weights.unet_svd import (
+    SGM_PREFIX,
     UNetSVDConversionError,
     expected_shapes,
     peer_names,
     without_vista,
 )
+from vdiff.weights.unet_svd import TARGET as UNET_TARGET
 
 VISTA_REPO = "OpenDriveLab/Vista"
 VISTA_COMMIT = "cc9821b4253ca7987c32757613d2fc2448fa9f5d"  # the Vista source these names were read from
-UNET_PREFIX = "model.diffusion_model."
+UNET_PREFIX = SGM_PREFIX  # "model.diffusion_model.": the UNet's keys in an sgm-layout checkpoint
 EMA_PREFIX = "model_ema."
 EMA_MODEL = "diffusion_model"  # LitEma tracks the OpenAIWrapper's parameters: "diffusion_model.<name>" without dots
 EMA_EXTRA = ("model_ema.decay", "model_ema.num_updates")
