@@ -50,8 +50,10 @@ from vdiff.weights.template import (
     LoadLayout,
     SaveLayout,
     WeightsRead,
+    check_known_fields,
     check_same,
     config_beside,
+    config_refusal,
     detect_layout,
     metadata_config,
     model_folder,
@@ -110,20 +112,12 @@ def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> 
             with ``layers_per_block`` other than 2, ...).
     """
 
-    def refuse(field: str, why: str) -> AutoencoderConfigError:
-        value = config.get(field, "<missing>")
-        return AutoencoderConfigError(f"{source}: {field}={value!r} cannot be loaded by vdiff: {why}")
-
+    refuse = config_refusal(config, source)
     class_name = config.get("_class_name")
     if class_name not in _DIFFUSERS_DEFAULTS:
         raise refuse("_class_name", f"vdiff reads diffusers {sorted(_DIFFUSERS_DEFAULTS)} autoencoders only")
     defaults = _DIFFUSERS_DEFAULTS[class_name]
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
-    if unknown:
-        raise AutoencoderConfigError(
-            f"{source}: unknown {class_name} field(s) {unknown}; vdiff does not know what they change, so it does "
-            f"not load the model (known fields: {sorted(defaults)})"
-        )
+    check_known_fields(config, defaults, source, class_name)
     c = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
     temporal = class_name == DIFFUSERS_TEMPORAL
 

@@ -62,7 +62,9 @@ from vdiff.weights.template import (
     WeightsRead,
     Wording,
     build_loaded,
+    check_known_fields,
     check_same,
+    config_refusal,
     detect_layout,
     map_keys,
     model_folder,
@@ -101,10 +103,7 @@ _TRANSFORMERS_FIELDS: dict[str, tuple[str, Any]] = {
     "layer_norm_eps": ("norm_eps", 1e-5),
 }
 # Fields that do not change what the weights compute (bookkeeping, initialisation, output options).
-_TRANSFORMERS_IGNORED = {
-    "_name_or_path",
-    "_commit_hash",
-    "_attn_implementation_autoset",
+_TRANSFORMERS_IGNORED = {  # (and every _private field)
     "architectures",
     "dtype",
     "torch_dtype",
@@ -155,9 +154,7 @@ def config_from_transformers(config: Mapping[str, Any], source: str = "config") 
             ``num_channels`` other than 3, non-zero dropout, or sizes the model cannot have.
     """
 
-    def refuse(name: str, why: str) -> CLIPConfigError:
-        return CLIPConfigError(f"{source}: {name}={config.get(name, '<missing>')!r} cannot be loaded by vdiff: {why}")
-
+    refuse = config_refusal(config, source)
     if config.get("model_type", TRANSFORMERS_MODEL_TYPE) != TRANSFORMERS_MODEL_TYPE:
         raise refuse("model_type", f"vdiff reads a {TRANSFORMERS_MODEL_TYPE!r} config ({TRANSFORMERS_ARCHITECTURE})")
     architectures = config.get("architectures") or [TRANSFORMERS_ARCHITECTURE]
@@ -168,12 +165,7 @@ def config_from_transformers(config: Mapping[str, Any], source: str = "config") 
         | _TRANSFORMERS_IGNORED
         | {"model_type", "num_channels", "attention_dropout", "dropout"}
     )
-    unknown = sorted(k for k in config if k not in known)
-    if unknown:
-        raise CLIPConfigError(
-            f"{source}: unknown CLIPVisionConfig field(s) {unknown}; vdiff does not know what they change, so it does "
-            f"not load the model (known fields: {sorted(known)})"
-        )
+    check_known_fields(config, known, source, "CLIPVisionConfig")
     if config.get("pruned_heads"):
         raise refuse("pruned_heads", "vdiff's attention has every head")
     if int(config.get("num_channels", 3)) != 3:

@@ -102,8 +102,10 @@ from vdiff.weights.template import (
     KeyMapper,
     Rule,
     build_loaded,
+    check_known_fields,
     check_same,
     config_beside,
+    config_refusal,
     detect_layout,
     model_folder,
     read_config_json,
@@ -287,18 +289,11 @@ def config_from_diffusers_image(
             per-level head widths that differ, ...).
     """
 
-    def refuse(field: str, why: str) -> WeightsConfigError:
-        return WeightsConfigError(f"{source}: {field}={config.get(field, '<missing>')!r} cannot be inflated: {why}")
-
+    refuse = config_refusal(config, source, "be inflated")
     if config.get("_class_name", DIFFUSERS_IMAGE_CLASS) != DIFFUSERS_IMAGE_CLASS:
         raise refuse("_class_name", f"vdiff inflates diffusers {DIFFUSERS_IMAGE_CLASS} image UNets")
     known = {*_DIFFUSERS_FIXED, *_DIFFUSERS_DEFAULTS, *_DIFFUSERS_IGNORED}
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-    if unknown:
-        raise WeightsConfigError(
-            f"{source}: unknown {DIFFUSERS_IMAGE_CLASS} field(s) {unknown}; vdiff does not know what they change, "
-            "so it does not inflate the model"
-        )
+    check_known_fields(config, known, source, DIFFUSERS_IMAGE_CLASS, "inflate")
     for field, required in _DIFFUSERS_FIXED.items():
         value = config.get(field, required)
         if field == "only_cross_attention" and isinstance(value, (list, tuple)):

@@ -89,6 +89,32 @@ def resolve_config(cls: type[Config], config: Config | Mapping[str, Any] | str |
     )
 
 
+def config_refusal(
+    config: Mapping[str, Any], source: str, action: str = "be loaded by vdiff"
+) -> Callable[[str, str], WeightsConfigError]:
+    """``refuse(field, why)``: the error for a field of a ``config.json`` (``config``, read from ``source``) that vdiff
+    cannot take, naming the file, the field and its value."""
+
+    def refuse(field: str, why: str) -> WeightsConfigError:
+        return WeightsConfigError(f"{source}: {field}={config.get(field, '<missing>')!r} cannot {action}: {why}")
+
+    return refuse
+
+
+def check_known_fields(
+    config: Mapping[str, Any], known: Iterable[str], source: str, kind: str, action: str = "load"
+) -> None:
+    """Refuse a ``kind`` ``config.json`` with fields (other than ``_private`` ones) outside ``known``: vdiff does not
+    know what they change."""
+    known = set(known)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+    if unknown:
+        raise WeightsConfigError(
+            f"{source}: unknown {kind} field(s) {unknown}; vdiff does not know what they change, so it does not "
+            f"{action} the model (known fields: {sorted(known)})"
+        )
+
+
 def metadata_config(cls: type[Config], metadata: Mapping[str, str], path: str | os.PathLike) -> tuple[Config, str] | None:
     """``(config, source)`` of the config a vdiff file at ``path`` stores in its ``metadata``, or None."""
     stored = metadata.get(VDIFF_CONFIG_KEY)
@@ -434,8 +460,10 @@ __all__ = [
     "Wording",
     "build_loaded",
     "WeightsRead",
+    "check_known_fields",
     "check_same",
     "config_beside",
+    "config_refusal",
     "detect_layout",
     "map_keys",
     "metadata_config",

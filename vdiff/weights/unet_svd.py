@@ -47,8 +47,10 @@ from vdiff.weights.template import (
     SaveLayout,
     WeightsRead,
     build_loaded,
+    check_known_fields,
     check_same,
     config_beside,
+    config_refusal,
     detect_layout,
     map_keys,
     metadata_config,
@@ -404,19 +406,10 @@ def config_from_diffusers(config: Mapping[str, Any], source: str = "config") -> 
             differ, head widths that differ between levels, ...).
     """
 
-    def refuse(field: str, why: str) -> UNetSVDConfigError:
-        return UNetSVDConfigError(
-            f"{source}: {field}={config.get(field, '<missing>')!r} cannot be loaded by vdiff: {why}"
-        )
-
+    refuse = config_refusal(config, source)
     if config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
         raise refuse("_class_name", f"vdiff reads diffusers {DIFFUSERS_CLASS} UNets only")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise UNetSVDConfigError(
-            f"{source}: unknown {DIFFUSERS_CLASS} field(s) {unknown}; vdiff does not know what they change, so it "
-            f"does not load the model (known fields: {sorted(_DIFFUSERS_DEFAULTS)})"
-        )
+    check_known_fields(config, _DIFFUSERS_DEFAULTS, source, DIFFUSERS_CLASS)
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
 
     levels = diffusers_levels(c, refuse, (CROSS_DOWN, PLAIN_DOWN, CROSS_UP, PLAIN_UP), "num_attention_heads")
