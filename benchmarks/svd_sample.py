@@ -8,7 +8,7 @@ no layer is a zero-initialised no-op), converts their state dicts with vdiff's r
 same image with the same settings: Euler over SVD's Karras grid (sigma 700 .. 0.002) for ``--steps`` steps,
 frame-wise linear CFG (``--min-guidance`` .. ``--max-guidance``, cond/uncond batched in one call on both sides),
 fps 7, motion bucket 127, noise augmentation 0.02, decoding in chunks of ``--decode-chunk`` frames. vdiff runs
-``vdiff.sample.image_to_video`` (what ``vdiff sample --image`` runs); diffusers runs the pipeline's ``__call__``
+``SVDModule.image_to_video`` (what ``vdiff sample --image`` runs); diffusers runs the pipeline's ``__call__``
 with ``output_type="pt"``. A timed run is the whole call: CLIP, the VAE encode of the conditioning frame, the
 sampling loop and the decode. The script first checks that the two videos agree (same seed: same noise).
 
@@ -44,7 +44,6 @@ from vdiff.diffusion.guidance import LinearCFG
 from vdiff.lit.svd import SVDModule
 from vdiff.models.autoencoder import VideoAutoencoder
 from vdiff.models.conditioners import CLIPImageEmbedder
-from vdiff.sample import image_to_video
 from vdiff.weights import autoencoder_convert
 from vdiff.weights.autoencoder import config_from_diffusers as autoencoder_config
 from vdiff.weights.clip import config_from_transformers, from_transformers
@@ -237,8 +236,8 @@ def main() -> None:
         ).frames  # (1, T, 3, H, W) in [0, 1]  # fmt: skip
 
     def run_ours() -> torch.Tensor:
-        video = image_to_video(module, image, frames, fps_id=6, motion_bucket_id=127, cond_aug=0.02,
-                               generator=torch.Generator(device).manual_seed(0), decode_chunk=chunk)  # fmt: skip
+        video = module.image_to_video(image, frames, fps_id=6, motion_bucket_id=127, cond_aug=0.02,
+                                      generator=torch.Generator(device).manual_seed(0), decode_chunk=chunk)  # fmt: skip
         return (video.float() + 1) / 2  # (1, T, 3, H, W) in [0, 1], as the pipeline's "pt" output
 
     with torch.no_grad():

@@ -135,7 +135,6 @@ def test_explicit_noise_is_the_generators_second_draw_and_a_pasted_frame_is_kept
 
     from vdiff.lit.svd import SVDModule
     from vdiff.models.conditioners import CLIPImageEmbedder
-    from vdiff.sample import image_latents, image_to_video
 
     net = UNetSVDConfig(in_channels=6, out_channels=3, concat_channels=3, model_channels=32, channel_mult=(1, 2),
                         num_res_blocks=1, attention_levels=(1,), head_dim=16, context_dim=24, added_time_embed_dim=32,
@@ -147,11 +146,11 @@ def test_explicit_noise_is_the_generators_second_draw_and_a_pasted_frame_is_kept
         for p in module.net.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    drawn = image_latents(module, image, 4, generator=torch.Generator().manual_seed(2))
+    drawn = module.image_latents(image, 4, generator=torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)
     torch.randn(1, 3, 16, 16, generator=g)  # the conditioning-frame noise comes first
     noise = torch.randn(1, 4, 3, 16, 16, generator=g)
-    given = image_latents(module, image, 4, generator=torch.Generator().manual_seed(2), noise=noise)
+    given = module.image_latents(image, 4, generator=torch.Generator().manual_seed(2), noise=noise)
     torch.testing.assert_close(given, drawn, atol=1e-6, rtol=0)
-    video = image_to_video(module, image, 4, generator=torch.Generator().manual_seed(2))
+    video = module.image_to_video(image, 4, generator=torch.Generator().manual_seed(2))
     assert torch.equal(video[:, 0], image) == paste  # pixel space: the pasted frame is the image itself

@@ -16,14 +16,8 @@ import torch
 from tests.lit.helpers import quiet_trainer, tiny_synthetic_data
 from vdiff.cli import main
 from vdiff.data.video_io import decode_all, probe
-from vdiff.sample import (
-    _run_vista,
-    add_arguments,
-    load_actions_file,
-    recorded_round_actions,
-    rollout_length,
-    vista_reward,
-)
+from vdiff.lit.vista import VistaModule, recorded_round_actions, rollout_length
+from vdiff.sample import _run_vista, add_arguments, load_actions_file
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers", "ignore:The number of training batches", "ignore:.*LeafSpec.*"
@@ -194,4 +188,4 @@ def test_other_checkpoints_and_bad_options_are_refused(tmp_path):
     args = parser.parse_args(["--ckpt", "x.ckpt", "--out", str(tmp_path), "--input", "v.mp4", "--rounds", "2"])
     with pytest.raises(ValueError, match=r"need a Vista checkpoint \(VistaModule\); x.ckpt holds a Module"):
         _run_vista(args, torch.nn.Module(), Path("x.ckpt"), T, (16, 16))
-    assert float(vista_reward(torch.tensor([0.5]), 25, 1)) == pytest.approx(np.exp(-0.5 * 24 / 25))
+    assert float(VistaModule.reward(torch.tensor([0.5]), 25, 1)) == pytest.approx(np.exp(-0.5 * 24 / 25))

@@ -3,7 +3,7 @@
 A tiny random pipeline (UNetSpatioTemporalConditionModel, AutoencoderKLTemporalDecoder, CLIPVisionModelWithProjection,
 CLIPImageProcessor and SVD's EulerDiscreteScheduler config) is written with ``save_pretrained``; vdiff reads the
 same folder (``vdiff.weights.unet_svd`` / ``autoencoder`` / ``clip``) into an ``SVDModule`` and samples through
-``vdiff.sample.image_to_video``, the code behind ``vdiff sample --image``.
+``SVDModule.image_to_video`` / ``image_latents`` (what ``vdiff sample --image`` calls), every setting an argument.
 
 Measured in fp32 on CPU (1 thread): latents within 1.6e-5 of the pipeline's (|latents| up to 5.0), decoded frames
 within 2.7e-6 (in [0, 1]). The sigma grid, the UNet's c_noise timesteps, the CLIP embedding, the added time ids
@@ -35,7 +35,7 @@ from PIL import Image  # noqa: E402
 from vdiff.diffusion.guidance import LinearCFG  # noqa: E402
 from vdiff.diffusion.karras import karras_sigmas  # noqa: E402
 from vdiff.lit.svd import SVDModule  # noqa: E402
-from vdiff.sample import decode_chunked, image_latents, image_to_video, svd_settings  # noqa: E402
+from vdiff.models.conditioners import fps_id_of  # noqa: E402
 from vdiff.weights.autoencoder import load_autoencoder  # noqa: E402
 from vdiff.weights.clip import load_clip_image_embedder  # noqa: E402
 from vdiff.weights.unet_svd import load_unet_svd  # noqa: E402
@@ -149,28 +149,15 @@ def test_same_seed_same_video(models, image, steps, low, high, fps, motion, aug,
     picture, x = image
     expected = run_pipeline(pipe, picture, steps, low, high, fps, motion, aug, chunk, seed)  # (1, T, 3, H, W) in [0, 1]
     expected_latents = run_pipeline(pipe, picture, steps, low, high, fps, motion, aug, chunk, seed, "latent")
-    sampler = module.sampler_with(steps=steps)
-    with svd_settings(
-        module, fps_id=fps - 1, motion_bucket_id=motion, cond_aug=aug, min_guidance=low, max_guidance=high
-    ):
-        latents = image_latents(module, x, FRAMES, sampler, torch.Generator().manual_seed(seed))
-    video = image_to_video(
-        module,
-        x,
-        FRAMES,
-        fps_id=fps - 1,
-        motion_bucket_id=motion,
-        cond_aug=aug,
-        min_guidance=low,
-        max_guidance=high,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        decode_chunk=chunk,
-    )
+    settings = dict(fps_id=fps_id_of(fps), motion_bucket_id=motion, cond_aug=aug, guidance=LinearCFG(low, high),
+                    sampler=module.sampler_with(steps=steps))  # fmt: skip
+    latents = module.image_latents(x, FRAMES, generator=torch.Generator().manual_seed(seed), **settings)
+    video = module.image_to_video(x, FRAMES, generator=torch.Generator().manual_seed(seed), decode_chunk=chunk,
+                                  **settings)  # fmt: skip
     torch.testing.assert_close(latents, expected_latents, atol=LATENT_TOL, rtol=0)
     torch.testing.assert_close((video + 1) / 2, expected, atol=FRAME_TOL, rtol=0)
     assert float(((expected > 0) & (expected < 1)).float().mean()) > 0.5  # mostly unclamped: a real comparison
-    assert module.guidance.max_scale == 2.5 and module.cond_config.fps_id is None  # settings restored
+    assert module.guidance.max_scale == 2.5 and module.cond_config.fps_id is None  # the module's own settings
 
 
 def test_same_initial_latents_and_augmentation_noise(models, image):
@@ -180,23 +167,11 @@ def test_same_initial_latents_and_augmentation_noise(models, image):
     picture, x = image
     noise = torch.randn(1, FRAMES, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(5))
     expected = run_pipeline(pipe, picture, 25, 1.0, 3.0, 7, 127, 0.02, 2, 3, latents=noise.clone())
-    video = image_to_video(
-        module,
-        x,
-        FRAMES,
-        fps_id=6,
-        motion_bucket_id=127,
-        cond_aug=0.02,
-        min_guidance=1.0,
-        max_guidance=3.0,
-        generator=torch.Generator().manual_seed(3),
-        noise=noise,
-        decode_chunk=2,
-    )
+    settings = dict(fps_id=6, motion_bucket_id=127, cond_aug=0.02, guidance=LinearCFG(1.0, 3.0), noise=noise)
+    video = module.image_to_video(x, FRAMES, generator=torch.Generator().manual_seed(3), decode_chunk=2, **settings)
     torch.testing.assert_close((video + 1) / 2, expected, atol=FRAME_TOL, rtol=0)
-    with svd_settings(module, fps_id=6, cond_aug=0.02, min_guidance=1.0, max_guidance=3.0):
-        other_seed = image_latents(module, x, FRAMES, generator=torch.Generator().manual_seed(4), noise=noise)
-        same_seed = image_latents(module, x, FRAMES, generator=torch.Generator().manual_seed(3), noise=noise)
+    other_seed = module.image_latents(x, FRAMES, generator=torch.Generator().manual_seed(4), **settings)
+    same_seed = module.image_latents(x, FRAMES, generator=torch.Generator().manual_seed(3), **settings)
     assert (other_seed - same_seed).abs().max() > 100 * LATENT_TOL  # the augmentation noise matters
 
 
@@ -205,9 +180,9 @@ def test_guidance_one_is_the_conditional_model(models, image):
     pipe, module = models
     picture, x = image
     expected = run_pipeline(pipe, picture, 8, 1.0, 1.0, 7, 127, 0.02, None, 1, "latent")
-    with svd_settings(module, fps_id=6, motion_bucket_id=127, min_guidance=1.0, max_guidance=1.0):
-        assert module.guidance is None
-        latents = image_latents(module, x, FRAMES, module.sampler_with(steps=8), torch.Generator().manual_seed(1))
+    assert module.image_to_video_settings(FRAMES, guidance=LinearCFG(1.0, 1.0)).guidance is None
+    latents = module.image_latents(x, FRAMES, fps_id=6, motion_bucket_id=127, guidance=LinearCFG(1.0, 1.0),
+                                   sampler=module.sampler_with(steps=8), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(latents, expected, atol=LATENT_TOL, rtol=0)
 
 
@@ -217,8 +192,8 @@ def test_guidance_below_one_is_ignored_by_diffusers_only(models, image):
     picture, x = image
     plain = run_pipeline(pipe, picture, 8, 1.0, 1.0, 7, 127, 0.02, None, 1, "latent")
     assert torch.equal(run_pipeline(pipe, picture, 8, 0.5, 1.0, 7, 127, 0.02, None, 1, "latent"), plain)
-    with svd_settings(module, fps_id=6, motion_bucket_id=127, min_guidance=0.5, max_guidance=1.0):
-        ours = image_latents(module, x, FRAMES, module.sampler_with(steps=8), torch.Generator().manual_seed(1))
+    ours = module.image_latents(x, FRAMES, fps_id=6, motion_bucket_id=127, guidance=LinearCFG(0.5, 1.0),
+                                sampler=module.sampler_with(steps=8), generator=torch.Generator().manual_seed(1))
     assert (ours - plain).abs().max() > 100 * LATENT_TOL
 
 
@@ -230,8 +205,8 @@ def test_decode_chunks_that_do_not_divide_the_clip(models, image):
     picture, x = image
     latents = run_pipeline(pipe, picture, 6, 1.0, 2.5, 7, 127, 0.02, None, 2, "latent")
     expected = pipe.video_processor.postprocess_video(pipe.decode_latents(latents, FRAMES, 4), output_type="pt")
-    halves = [decode_chunked(module, latents[:, a:b]) for a, b in ((0, 4), (4, 6))]
+    halves = [module.decode_latents(latents[:, a:b], chunk=None) for a, b in ((0, 4), (4, 6))]
     torch.testing.assert_close((torch.cat(halves, dim=1) + 1) / 2, expected, atol=FRAME_TOL, rtol=0)
-    ours = (decode_chunked(module, latents, 4) + 1) / 2
+    ours = (module.decode_latents(latents, chunk=4) + 1) / 2
     torch.testing.assert_close(ours[:, :2], expected[:, :2], atol=FRAME_TOL, rtol=0)  # the first window is shared
     assert (ours[:, 2:] - expected[:, 2:]).abs().max() > 100 * FRAME_TOL

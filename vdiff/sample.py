@@ -17,8 +17,8 @@ checkpoints of a module with SVD's conditioning (:class:`~vdiff.lit.svd.SVDModul
 resized to ``--size`` (default: the training size recorded in the checkpoint, else the image's own
 size; a plain resize, the aspect ratio is not kept, as SVD's sampling script does) and conditions a
 clip of ``--num-frames`` frames (default: the training clip length) exactly as SVD samples
-(:func:`image_to_video`): the CLIP embedding of the clean image, the autoencoder's posterior mode of
-the image plus ``cond_aug`` noise, the micro-conditioning ``(fps_id, motion_bucket_id, cond_aug)``,
+(:meth:`~vdiff.lit.svd.SVDModule.image_to_video`): the CLIP embedding of the clean image, the autoencoder's
+posterior mode of the image plus ``cond_aug`` noise, the micro-conditioning ``(fps_id, motion_bucket_id, cond_aug)``,
 Euler EDM with SVD's initial-noise scale and frame-wise linear CFG, then a decode in temporal chunks
 of ``--decode-chunk`` frames. Random numbers are drawn as diffusers' ``StableVideoDiffusionPipeline``
 draws them from its generator: first the conditioning-frame noise ``(B, 3, H, W)``, then the initial
@@ -53,15 +53,16 @@ variance)`` over all frames as its ``reward.py`` computes it); without ``--round
 
     vdiff sample --ckpt vista.ckpt --input data/nuscenes/val --num-videos 2 --out out/ --rounds 4 --overlap 3 \\
         --triangle-guidance 1 2.5 --actions turn_left.json --decode-chunk 14 --decode-overlap 3 --uncertainty 4
+
+The tool only reads arguments and inputs, calls the module's methods (``generate``, ``rollout``,
+``image_to_video``, ``rollout_rounds``, ``uncertainty``, ``reward``) with every setting as an argument, and
+writes files; the module is never changed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,34 +75,34 @@ from vdiff.data.names import safe_name, unique_names
 from vdiff.data.schema import META_EXT, VIDEO_EXT, VideoMeta
 from vdiff.data.transforms import normalize_video
 
-SVD_DEFAULT_FPS = 7.0  # SVD's sampling default (fps_id 6) when neither the checkpoint nor the input says
-
 
 def _read_inputs(
     spec: str, num_frames: int, size: tuple[int, int], limit: int
-) -> tuple[list[str], list[np.ndarray], list[float]]:
-    """Decode up to ``limit`` clips of ``num_frames`` frames at ``size`` from a video or shards."""
+) -> tuple[list[str], list[np.ndarray], list[float], list[dict[str, list] | None]]:
+    """Up to ``limit`` clips of ``num_frames`` frames at ``size`` from a video or shards: keys, clips, frame rates and
+    the shards' recorded actions (a json's per-frame lists; None for a video file or a sample without them)."""
     from vdiff.data.shards import expand_shard_spec, iter_raw_samples
     from vdiff.data.video_io import decode_clip, probe
 
     path = Path(spec)
     if path.is_file() and path.suffix.lower() != ".tar":
-        info = probe(path)
-        return [path.stem], [decode_clip(path, num_frames, size=size)], [info.fps]
-    keys, clips, rates = [], [], []
+        fps = probe(path).fps
+        return [path.stem], [decode_clip(path, num_frames, size=size)], [fps], [None]
+    keys, clips, rates, recorded = [], [], [], []
     for shard in expand_shard_spec(spec):
         for key, files in iter_raw_samples(shard):
             if VIDEO_EXT not in files:
                 continue
-            fps = VideoMeta.from_json(files[META_EXT]).fps if META_EXT in files else probe(files[VIDEO_EXT]).fps
+            meta = VideoMeta.from_json(files[META_EXT]) if META_EXT in files else None
             clips.append(decode_clip(files[VIDEO_EXT], num_frames, size=size))
             keys.append(key)
-            rates.append(fps)
+            rates.append(meta.fps if meta is not None else probe(files[VIDEO_EXT]).fps)
+            recorded.append(dict(meta.actions) if meta is not None and meta.actions else None)
             if len(clips) >= limit:
-                return keys, clips, rates
+                return keys, clips, rates, recorded
     if not clips:
         raise FileNotFoundError(f"vdiff sample: no video samples in {spec!r}")
-    return keys, clips, rates
+    return keys, clips, rates, recorded
 
 
 def _to_video(frames: np.ndarray) -> Tensor:
@@ -131,26 +132,12 @@ def write_grid(path: Path, videos: Tensor, given_frames: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def size_multiple(module: Any) -> tuple[int, int]:
-    """``(autoencoder spatial downsampling, UNet total downsampling)`` of a module; frame sides must be
-    multiples of their product."""
-    autoencoder = int(getattr(module.autoencoder, "spatial_downsample", 1))
-    net_config = getattr(module, "net_config", None)
-    levels = len(getattr(net_config, "channel_mult", (1,)))
-    return autoencoder, 2 ** (levels - 1)
-
-
 def check_size(module: Any, size: tuple[int, int]) -> None:
-    """Raise ValueError unless both sides of ``size`` (H, W) are multiples of :func:`size_multiple`'s product."""
-    autoencoder, unet = size_multiple(module)
-    multiple = autoencoder * unet
-    height, width = size
-    if height < 1 or width < 1 or height % multiple or width % multiple:
-        raise ValueError(
-            f"vdiff sample: size {width}x{height} (WxH) is not divisible by {multiple}: frame sides must be multiples "
-            f"of the autoencoder's spatial downsampling ({autoencoder}) times the UNet's total downsampling ({unet}) "
-            f"= {multiple}"
-        )
+    """Raise ValueError unless both sides of ``size`` (H, W) are multiples of the autoencoder's spatial downsampling
+    times the UNet's total downsampling (:func:`vdiff.lit.svd.check_frame_size`)."""
+    from vdiff.lit.svd import check_frame_size
+
+    check_frame_size(module, size, "vdiff sample")
 
 
 def _resize(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -197,140 +184,6 @@ def _svd_module_class() -> type:
     return SVDModule
 
 
-@contextmanager
-def svd_settings(
-    module: Any,
-    fps_id: float | None = None,
-    motion_bucket_id: float | None = None,
-    cond_aug: float | None = None,
-    min_guidance: float | None = None,
-    max_guidance: float | None = None,
-) -> Iterator[None]:
-    """Temporarily replace an SVD module's sampling conditions and guidance (None keeps a setting).
-
-    The guidance becomes ``LinearCFG(min_guidance, max_guidance)`` when either is given (the other from the
-    module's schedule, default 1.0 / 2.5); both 1.0 is no guidance (one conditional call per step, as diffusers'
-    pipeline does when its maximum scale is 1)."""
-    from vdiff.diffusion.guidance import LinearCFG
-
-    saved_config, saved_guidance = module.cond_config, module.guidance
-    overrides = {"fps_id": fps_id, "motion_bucket_id": motion_bucket_id, "cond_aug": cond_aug}
-    overrides = {k: float(v) for k, v in overrides.items() if v is not None}
-    try:
-        if overrides:
-            module.cond_config = dataclasses.replace(saved_config, **overrides)
-        if min_guidance is not None or max_guidance is not None:
-            low = min_guidance if min_guidance is not None else getattr(saved_guidance, "min_scale", 1.0)
-            high = max_guidance if max_guidance is not None else getattr(saved_guidance, "max_scale", 2.5)
-            module.guidance = None if low == high == 1.0 else LinearCFG(float(low), float(high))
-        yield
-    finally:
-        module.cond_config, module.guidance = saved_config, saved_guidance
-
-
-@torch.no_grad()
-def image_latents(
-    module: Any,
-    image: Tensor,
-    num_frames: int,
-    sampler: Any = None,
-    generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
-    progress: bool = False,
-) -> Tensor:
-    """Scaled latents ``(B, T, c, h, w)`` of ``num_frames``-frame clips sampled from images ``(B, 3, H, W)``.
-
-    The module's own conditioning (:meth:`~vdiff.lit.svd.SVDModule.conditioning`, with its ``cond_config`` and
-    ``guidance``; see :func:`svd_settings`) and sampler (``sampler``: a ``SamplerConfig``, None = the module's).
-    ``generator`` draws the conditioning-frame noise first, then the initial noise, as diffusers' pipeline;
-    ``noise`` (standard normal ``(B, T, c, h, w)``, before the sampler's initial-noise scale) replaces the
-    second draw.
-    """
-    from vdiff.diffusion.sampling import sample
-
-    svd = _svd_module_class()
-    if not isinstance(module, svd):
-        raise ValueError(
-            f"vdiff sample: image-to-video needs a module with SVD's image conditioning (SVDModule); this "
-            f"checkpoint holds a {type(module).__name__}"
-        )
-    if module.mask_task is not None:
-        raise ValueError(
-            f"vdiff sample: this SVDModule was trained with mask_task={module.mask_task!r}, which needs given "
-            "frames beside the image; sample it with --input and --task instead"
-        )
-    if image.ndim != 4 or image.shape[1] != 3:
-        raise ValueError(f"image_latents: images must be (B, 3, H, W), got {tuple(image.shape)}")
-    image = image.to(module.device)
-    b, _, height, width = image.shape
-    check_size(module, (height, width))
-    index = module.cond_config.frame
-    if not 0 <= index < num_frames:
-        raise ValueError(
-            f"vdiff sample: the module conditions on frame {index}; --num-frames {num_frames} is too short"
-        )
-    video = image[:, None].expand(b, num_frames, 3, height, width)  # the image at every frame, no copy
-    fps = torch.full((b,), SVD_DEFAULT_FPS)  # used only when the module's conditioning sets no fps_id
-    cond = module.conditioning({"video": video, "fps": fps}, generator)
-    f = int(getattr(module.autoencoder, "spatial_downsample", 1))
-    shape = (b, num_frames, module.latent_channels, height // f, width // f)
-    given = image.new_zeros(shape)
-    given_mask = torch.zeros(b, num_frames, 1, 1, 1, dtype=torch.bool, device=image.device)
-    given_mask[:, index] = True  # SVDModule generates this frame too unless paste_cond_frame
-    if module.paste_cond_frame:
-        given[:, index] = module.encode_video(image[:, None], sample=False)[:, 0]
-    sampler = sampler or module.sampler
-    if noise is None:
-        return module.sample_latents(given, given_mask, cond, sampler, generator, progress)
-    if tuple(noise.shape) != shape:
-        raise ValueError(f"image_latents: noise must have shape {shape}, got {tuple(noise.shape)}")
-    keep = module.paste_cond_frame
-    uncond = module.unconditional(cond) if module.guidance is not None else None
-    return sample(
-        module.diffusion, module.net, noise.to(given), cond, sampler, uncond=uncond, guidance=module.guidance,
-        given=given if keep else None, given_mask=given_mask if keep else None, generator=generator, progress=progress,
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def decode_chunked(module: Any, latents: Tensor, chunk: int | None = None, overlap: int = 0) -> Tensor:
-    """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1], decoded ``chunk`` frames at a
-    time through the autoencoder's chunked decode (``overlap`` frames cross-faded; None = all frames at once).
-
-    With ``chunk`` dividing ``T`` and no overlap the chunks are diffusers' ``decode_chunk_size`` chunks; otherwise
-    the autoencoder uses the fewest full-size windows, spread evenly (diffusers decodes a shorter last chunk)."""
-    unscaled = latents / module.latent_scale + module.latent_shift
-    return module.autoencoder.decode(unscaled, chunk_size=chunk, overlap=overlap).clamp(-1.0, 1.0)
-
-
-@torch.no_grad()
-def image_to_video(
-    module: Any,
-    image: Tensor,
-    num_frames: int,
-    fps_id: float | None = None,
-    motion_bucket_id: float | None = None,
-    cond_aug: float | None = None,
-    min_guidance: float | None = None,
-    max_guidance: float | None = None,
-    sampler: Any = None,
-    generator: torch.Generator | None = None,
-    noise: Tensor | None = None,
-    decode_chunk: int | None = None,
-    decode_overlap: int = 0,
-    progress: bool = False,
-) -> Tensor:
-    """SVD image-to-video: images ``(B, 3, H, W)`` in [-1, 1] -> videos ``(B, T, 3, H, W)`` in [-1, 1].
-
-    fps_id, motion_bucket_id, cond_aug, min_guidance, max_guidance: override the module's settings
-    (:func:`svd_settings`); sampler, generator, noise: :func:`image_latents`; decode_chunk, decode_overlap:
-    :func:`decode_chunked`.
-    """
-    with svd_settings(module, fps_id, motion_bucket_id, cond_aug, min_guidance, max_guidance):
-        latents = image_latents(module, image, num_frames, sampler, generator, noise, progress)
-    return decode_chunked(module, latents, decode_chunk, decode_overlap)
-
-
 # ----------------------------------------------------------------------------------------------
 # Vista long rollouts
 # ----------------------------------------------------------------------------------------------
@@ -341,11 +194,6 @@ VISTA_OPTIONS = ("rounds", "triangle_guidance", "actions", "uncertainty")  # any
 def vista_requested(args: argparse.Namespace) -> bool:
     """Whether the command line asks for a Vista rollout or uncertainty (any of :data:`VISTA_OPTIONS`)."""
     return any(getattr(args, name, None) is not None for name in VISTA_OPTIONS)
-
-
-def rollout_length(window: int, rounds: int, overlap: int) -> int:
-    """Frames of a rollout of ``rounds`` windows of ``window`` frames sharing ``overlap``: ``T + (T - o)(N - 1)``."""
-    return window + (window - overlap) * (rounds - 1)
 
 
 def _per_frame(key: str, value: Any, shape: tuple[int, ...], window: int, where: str) -> list[Any]:
@@ -423,74 +271,6 @@ def load_actions_file(path: str | Path, rounds: int, window: int) -> list[dict[s
     ]
 
 
-def recorded_round_actions(actions: dict[str, list], start: int, window: int) -> dict[str, np.ndarray]:
-    """The recorded per-frame actions (a shard json's ``actions``) of frames ``start .. start + window - 1``;
-    frames past the recording are invalid."""
-    from vdiff.data.transforms import clip_actions
-
-    padded = {key: list(values) + [None] * max(0, start + window - len(values)) for key, values in actions.items()}
-    return clip_actions(padded, range(start, start + window))
-
-
-def batch_actions(per_clip: list[dict[str, np.ndarray]], device: str | torch.device) -> dict[str, Tensor]:
-    """Per-clip action arrays -> the batch's action dict ``{key: (B, T, ...)}``."""
-    return {key: torch.from_numpy(np.stack([clip[key] for clip in per_clip])).to(device) for key in per_clip[0]}
-
-
-def _read_rollout_inputs(
-    spec: str, window: int, size: tuple[int, int], limit: int
-) -> tuple[list[str], list[np.ndarray], list[float], list[dict[str, list] | None]]:
-    """Up to ``limit`` clips of ``window`` frames at ``size`` from a video or shards, with the shards' recorded
-    actions (a json's per-frame lists; None for a video file)."""
-    from vdiff.data.shards import expand_shard_spec, iter_raw_samples
-    from vdiff.data.video_io import decode_clip, probe
-
-    path = Path(spec)
-    if path.is_file() and path.suffix.lower() != ".tar":
-        return [path.stem], [decode_clip(path, window, size=size)], [probe(path).fps], [None]
-    keys, clips, rates, recorded = [], [], [], []
-    for shard in expand_shard_spec(spec):
-        for key, files in iter_raw_samples(shard):
-            if VIDEO_EXT not in files:
-                continue
-            meta = VideoMeta.from_json(files[META_EXT]) if META_EXT in files else None
-            clips.append(decode_clip(files[VIDEO_EXT], window, size=size))
-            keys.append(key)
-            rates.append(meta.fps if meta is not None else probe(files[VIDEO_EXT]).fps)
-            recorded.append(dict(meta.actions) if meta is not None and meta.actions else None)
-            if len(clips) >= limit:
-                return keys, clips, rates, recorded
-    if not clips:
-        raise FileNotFoundError(f"vdiff sample: no video samples in {spec!r}")
-    return keys, clips, rates, recorded
-
-
-@contextmanager
-def vista_settings(
-    module: Any, given_frames: int, sampler: Any, guidance: Any = None, decode_chunk: int | None = None,
-    decode_overlap: int = 0,
-) -> Iterator[None]:
-    """Temporarily sample a Vista module with ``given_frames`` given in the first window, ``sampler``, (when not
-    None) ``guidance``, and its windows decoded in chunks of ``decode_chunk`` frames overlapping by
-    ``decode_overlap``."""
-    saved = module.evaluation, module.sampler, module.guidance, module.decode_chunk, module.decode_overlap
-    try:
-        module.evaluation = dataclasses.replace(module.evaluation, given_frames=int(given_frames))
-        module.sampler = sampler
-        if guidance is not None:
-            module.guidance = guidance
-        module.decode_chunk, module.decode_overlap = decode_chunk, int(decode_overlap)
-        yield
-    finally:
-        module.evaluation, module.sampler, module.guidance, module.decode_chunk, module.decode_overlap = saved
-
-
-def vista_reward(uncertainty: Tensor, window: int, given_frames: int) -> Tensor:
-    """Vista's reward (``reward.py``): ``exp(-variance)`` with the variance averaged over ALL frames of the window,
-    given ones included (their variance is 0), from the variance over the generated frames only."""
-    return torch.exp(-uncertainty * (window - given_frames) / window)
-
-
 def _run_vista(
     args: argparse.Namespace, module: Any, ckpt_path: Path, num_frames: int | None, size: tuple[int, int] | None
 ) -> int:
@@ -527,26 +307,21 @@ def _run_vista(
 
     if args.image is not None:
         image = read_image(args.image, size)  # (3, H, W)
-        keys, rates, recorded = [Path(args.image).stem], [float(module.action_encoder.default_fps)], [None]
-        video = image[None, None].expand(1, window, *image.shape).clone()  # the image at every frame (Vista's IMG)
+        batch = module.image_batch(image[None].to(args.device), window)  # the image at every frame (Vista's IMG)
+        keys, rates, recorded = [Path(args.image).stem], batch["fps"].tolist(), [None]
     else:
-        keys, clips, rates, recorded = _read_rollout_inputs(args.input, window, size, args.num_videos)
-        video = torch.stack([_to_video(c) for c in clips])  # (B, T, 3, H, W)
-    video = video.to(args.device)
+        keys, clips, rates, recorded = _read_inputs(args.input, window, size, args.num_videos)
+        video = torch.stack([_to_video(c) for c in clips]).to(args.device)  # (B, T, 3, H, W)
+        batch = {"video": video, "fps": torch.tensor(rates, dtype=torch.float32)}
+    batch["key"] = keys
     if args.actions is not None:
-        per_round_np = load_actions_file(args.actions, rounds, window)
-        actions = [batch_actions([r] * len(keys), args.device) for r in per_round_np]
+        actions = module.rollout_actions(load_actions_file(args.actions, rounds, window), len(keys))
         actions_source = f"file {args.actions}"
     elif any(r is not None for r in recorded):
-        step = window - overlap
-        actions = [
-            batch_actions([recorded_round_actions(r or {}, i * step, window) for r in recorded], args.device)
-            for i in range(rounds)
-        ]
+        actions = module.recorded_rollout_actions(recorded, rounds, window, overlap)
         actions_source = "recorded in the input shards"
     else:
         actions, actions_source = None, "none (unconditional)"
-    batch: dict[str, Any] = {"video": video, "fps": torch.tensor(rates, dtype=torch.float32), "key": keys}
     if actions is not None:
         batch["actions"] = actions[0]
 
@@ -555,36 +330,39 @@ def _run_vista(
     names = unique_names(keys)  # output files are named after the keys, made safe (vdiff.data.names)
     summary: dict[str, Any] = {"checkpoint": str(ckpt_path), "keys": keys, "names": names, "window": window,
                                "given_frames": given, "actions": actions_source, "sampler": sampler.describe(),
-                               "seed": args.seed}  # fmt: skip
+                               "seed": args.seed,
+                               "guidance": repr(guidance if guidance is not None else module.guidance)}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with vista_settings(module, given, sampler, guidance, args.decode_chunk, args.decode_overlap):
-        summary["guidance"] = repr(module.guidance)
-        if args.rounds is not None:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
-            _, latents = module.rollout_rounds(batch, rounds, overlap, actions=actions, generator=generator,
-                                               progress=True, return_latents=True)  # fmt: skip
-            # the whole rollout decoded at once, in overlapping chunks across the windows' seams (as Vista does)
-            sample = module.decode_latents(latents)  # (B, N', 3, H, W)
-            for i, name in enumerate(names):
-                (out / f"{name}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=rates[i]))
-            marks = torch.zeros(sample.shape[:2], dtype=torch.bool)
-            marks[:, :given] = True
-            write_grid(out / "grid.png", sample, marks)
-            summary.update(frames=int(sample.shape[1]), rounds=rounds, overlap=overlap,
-                           decode_chunk=args.decode_chunk, decode_overlap=args.decode_overlap)  # fmt: skip
-            print(f"wrote {len(keys)} rollouts of {sample.shape[1]} frames ({rounds} rounds of {window}, overlap "
-                  f"{overlap}) to {out}")  # fmt: skip
-        if args.uncertainty is not None:
-            values = module.uncertainty(batch, num_samples=args.uncertainty, seed=args.seed).cpu()  # (B,)
-            rewards = vista_reward(values, window, given)
-            print(f"Vista uncertainty: variance over an ensemble of {args.uncertainty} samples of the first window "
-                  f"({given} given, {window - given} generated frames; latent space, mean over generated elements); "
-                  "reward = exp(-variance averaged over all frames), as Vista's reward.py")  # fmt: skip
-            for key, value, reward in zip(keys, values.tolist(), rewards.tolist()):
-                print(f"  {key}: uncertainty {value:.6g}  reward {reward:.6g}")
-            summary["uncertainty"] = {"ensemble": args.uncertainty, "values": dict(zip(keys, values.tolist())),
-                                      "reward": dict(zip(keys, rewards.tolist()))}  # fmt: skip
+    if args.rounds is not None:
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        _, latents = module.rollout_rounds(
+            batch, rounds, overlap, actions=actions, guidance=guidance, sampler=sampler, generator=generator,
+            progress=True, return_latents=True, given_frames=given, decode_chunk=args.decode_chunk,
+            decode_overlap=args.decode_overlap,
+        )  # fmt: skip
+        # the whole rollout decoded at once, in overlapping chunks across the windows' seams (as Vista does)
+        sample = module.decode_latents(latents, args.decode_chunk, args.decode_overlap)  # (B, N', 3, H, W)
+        for i, name in enumerate(names):
+            (out / f"{name}-sample.mp4").write_bytes(encode_video(_to_frames(sample[i]), fps=rates[i]))
+        marks = torch.zeros(sample.shape[:2], dtype=torch.bool)
+        marks[:, :given] = True
+        write_grid(out / "grid.png", sample, marks)
+        summary.update(frames=int(sample.shape[1]), rounds=rounds, overlap=overlap,
+                       decode_chunk=args.decode_chunk, decode_overlap=args.decode_overlap)  # fmt: skip
+        print(f"wrote {len(keys)} rollouts of {sample.shape[1]} frames ({rounds} rounds of {window}, overlap "
+              f"{overlap}) to {out}")  # fmt: skip
+    if args.uncertainty is not None:
+        values = module.uncertainty(batch, num_samples=args.uncertainty, seed=args.seed, given_frames=given,
+                                    sampler=sampler, guidance=guidance).cpu()  # (B,)  # fmt: skip
+        rewards = module.reward(values, window, given)
+        print(f"Vista uncertainty: variance over an ensemble of {args.uncertainty} samples of the first window "
+              f"({given} given, {window - given} generated frames; latent space, mean over generated elements); "
+              "reward = exp(-variance averaged over all frames), as Vista's reward.py")  # fmt: skip
+        for key, value, reward in zip(keys, values.tolist(), rewards.tolist()):
+            print(f"  {key}: uncertainty {value:.6g}  reward {reward:.6g}")
+        summary["uncertainty"] = {"ensemble": args.uncertainty, "values": dict(zip(keys, values.tolist())),
+                                  "reward": dict(zip(keys, rewards.tolist()))}  # fmt: skip
     (out / "samples.json").write_text(json.dumps(summary, indent=1))
     return 0
 
@@ -717,7 +495,7 @@ def _run_clips(
         )
     total = args.total_frames or num_frames
     read_frames = num_frames if total <= num_frames else (args.given_frames or module.evaluation.given_frames)
-    keys, clips, rates = _read_inputs(args.input, read_frames, size, args.num_videos)
+    keys, clips, rates, _ = _read_inputs(args.input, read_frames, size, args.num_videos)
     video = torch.stack([_to_video(c) for c in clips]).to(args.device)  # (B, T, 3, H, W)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
 
@@ -781,6 +559,7 @@ def _run_image(
     args: argparse.Namespace, module: Any, ckpt_path: Path, num_frames: int | None, size: tuple[int, int] | None
 ) -> int:
     from vdiff.data.video_io import encode_video
+    from vdiff.models.conditioners import fps_id_of
 
     if not isinstance(module, _svd_module_class()):
         raise ValueError(
@@ -801,29 +580,23 @@ def _run_image(
     if args.decode_chunk is not None and args.decode_chunk < 1:
         raise ValueError(f"vdiff sample: --decode-chunk must be >= 1, got {args.decode_chunk}")
 
-    if args.fps_id is not None:
-        fps_id = args.fps_id
-    elif args.fps is not None:
-        fps_id = args.fps - 1
-    elif module.cond_config.fps_id is not None:
-        fps_id = module.cond_config.fps_id
-    else:
-        fps_id = (video_fps or SVD_DEFAULT_FPS) - 1
-    motion = args.motion_bucket_id
-    if motion is None:
-        motion = module.cond_config.motion_bucket_id if module.cond_config.motion_bucket_id is not None else 127.0
+    fps_id = fps_id_of(args.fps) if args.fps is not None else args.fps_id  # None: the module's, the video's, SVD's
+    guidance = module.guidance_with(args.min_guidance, args.max_guidance)
+    settings = module.image_to_video_settings(num_frames, fps_id, args.motion_bucket_id, args.cond_aug, guidance,
+                                              source_fps=video_fps)  # fmt: skip
     sampler = module.sampler_with(args.sampler, args.steps)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    with svd_settings(module, fps_id, motion, args.cond_aug, args.min_guidance, args.max_guidance):
-        cond_aug, guidance = module.cond_config.cond_aug, module.guidance
-        latents = image_latents(module, image[None], num_frames, sampler, generator, progress=True)
-    video = decode_chunked(module, latents, args.decode_chunk, args.decode_overlap)  # (1, T, 3, H, W)
+    video = module.image_to_video(
+        image[None], num_frames, settings.fps_id, settings.motion_bucket_id, settings.cond_aug, guidance,
+        generator=generator, decode_chunk=args.decode_chunk, decode_overlap=args.decode_overlap, sampler=sampler,
+        progress=True,
+    )  # (1, T, 3, H, W)  # fmt: skip
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = source.stem if args.frame is None else f"{source.stem}-frame{args.frame}"
     mp4 = out / f"{safe_name(key)}-sample.mp4"
-    mp4.write_bytes(encode_video(_to_frames(video[0]), fps=fps_id + 1))
+    mp4.write_bytes(encode_video(_to_frames(video[0]), fps=settings.fps))
     write_grid(out / "grid.png", video, torch.zeros(video.shape[:2], dtype=torch.bool))
     (out / "samples.json").write_text(
         json.dumps(
@@ -835,11 +608,11 @@ def _run_image(
                 "frames": num_frames,
                 "size": {"height": size[0], "width": size[1]},
                 "task": "image_to_video",
-                "fps_id": fps_id,
-                "fps": fps_id + 1,
-                "motion_bucket_id": motion,
-                "cond_aug": cond_aug,
-                "guidance": repr(guidance),
+                "fps_id": settings.fps_id,
+                "fps": settings.fps,
+                "motion_bucket_id": settings.motion_bucket_id,
+                "cond_aug": settings.cond_aug,
+                "guidance": repr(settings.guidance),
                 "sampler": sampler.describe(),
                 "seed": args.seed,
                 "decode_chunk": args.decode_chunk,
@@ -848,5 +621,5 @@ def _run_image(
             indent=1,
         )
     )
-    print(f"wrote {mp4} ({num_frames} frames at {size[1]}x{size[0]}, {fps_id + 1:g} fps)")
+    print(f"wrote {mp4} ({num_frames} frames at {size[1]}x{size[0]}, {settings.fps:g} fps)")
     return 0

@@ -91,23 +91,26 @@ def test_guidance_scale_one_equals_the_conditional_model_and_linear_cfg_goes_fra
     torch.testing.assert_close(sa, sb, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_generates_the_conditioning_frame_unless_pasted():
+def test_generate_generates_the_conditioning_frame_unless_pasted(monkeypatch):
+    import vdiff.lit.base
+
     batch = clip_batch()
-    calls = {}
+    masks = []
+    original = vdiff.lit.base.sample
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs["given_mask"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vdiff.lit.base, "sample", spy)
     module = tiny_svd()
-    original = module._sample_free
-
-    def spy(like, cond, sampler, generator, progress):
-        calls["free"] = True
-        return original(like, cond, sampler, generator, progress)
-
-    module._sample_free = spy
     out = module.generate(batch, generator=torch.Generator().manual_seed(0))
-    assert calls.get("free") and out.given_frames[:, 0].all() and not out.given_frames[:, 1:].any()
+    assert len(masks) == 1 and masks[0] is None  # the sampler generates every frame, the conditioning frame too
+    assert out.given_frames[:, 0].all() and not out.given_frames[:, 1:].any()
     assert torch.equal(out.video[:, 0], batch["video"][:, 0])  # shown exactly, scored nowhere
     pasted = tiny_svd(paste_cond_frame=True)
-    pasted._sample_free = lambda *a: (_ for _ in ()).throw(AssertionError("pasting goes through the base sampler"))
     assert pasted.generate(batch).video.shape == batch["video"].shape
+    assert masks[1] is not None and masks[1][:, 0].all() and not masks[1][:, 1:].any()  # the frame given, pasted
 
 
 def test_parameter_groups_follow_the_recipe():

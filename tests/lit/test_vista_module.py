@@ -171,7 +171,7 @@ class RoundRecorder:
     def batch_latents(self, batch, sample=True):
         return batch["video"].clone()
 
-    def decode_latents(self, latents):
+    def decode_latents(self, latents, chunk="module", overlap=None):
         return latents.clone()
 
     def conditioning(self, batch, generator=None):

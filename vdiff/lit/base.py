@@ -74,6 +74,8 @@ AUTOENCODER_KEY = "vdiff_autoencoder"  # checkpoint entry: {"config": ..., and f
 AUTOENCODER_PREFIX = "autoencoder."
 CLIP_KEYS = (B.VIDEO, B.LATENTS, B.LATENTS_MEAN, B.LATENTS_STD, B.FRAME_INDICES, B.ACTIONS)  # (B, T, ...) entries
 NETWORK_HOOK = "configure_network"  # callback method the base module calls after building the network
+MODULE_SETTING = "module"  # an argument left to the module's own setting, where None has a meaning of its own
+ModuleSetting = Literal["module"]
 
 
 @dataclass
@@ -243,13 +245,30 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         return (latents - self.latent_shift) * self.latent_scale
 
     @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1] (clamped); in temporal
-        chunks of ``decode_chunk`` frames overlapping by ``decode_overlap`` when set (SVD: 14 and 3)."""
+    def decode_latents(
+        self, latents: Tensor, chunk: int | None | ModuleSetting = MODULE_SETTING, overlap: int | None = None
+    ) -> Tensor:
+        """Scaled latents ``(B, T, c, h, w)`` -> video ``(B, T, 3, H, W)`` in [-1, 1] (clamped).
+
+        chunk: decode this many frames at a time through the autoencoder's chunked decode, consecutive chunks
+            sharing ``overlap`` frames (cross-faded); None decodes every frame at once; ``"module"`` (the default)
+            takes the module's ``decode_chunk`` (None unless set; SVD-XT's recipe: 14 with 3 overlapping).
+        overlap: None = the module's ``decode_overlap`` with ``chunk="module"``, else 0.
+
+        With ``chunk`` dividing ``T`` and no overlap the chunks are diffusers' ``decode_chunk_size`` chunks; otherwise
+        the autoencoder decodes the fewest full-size windows, spread evenly (diffusers decodes a shorter last chunk).
+        """
+        if isinstance(chunk, str):
+            if chunk != MODULE_SETTING:
+                raise ValueError(f"decode_latents: chunk must be a frame count, None or 'module', got {chunk!r}")
+            chunk, overlap = self.decode_chunk, self.decode_overlap if overlap is None else overlap
+        overlap = 0 if overlap is None else int(overlap)
+        if chunk is not None and not 0 <= overlap < chunk:
+            raise ValueError(f"decode_latents: need chunk >= 1 and 0 <= overlap < chunk, got chunk={chunk}, overlap={overlap}")
         unscaled = latents / self.latent_scale + self.latent_shift
-        if self.decode_chunk is None:  # the autoencoder contract is decode(latents); chunk_size is an extra
+        if chunk is None:  # the autoencoder contract is decode(latents); chunk_size is an extra
             return self.autoencoder.decode(unscaled).clamp(-1.0, 1.0)
-        return self.autoencoder.decode(unscaled, chunk_size=self.decode_chunk, overlap=self.decode_overlap).clamp(-1, 1)
+        return self.autoencoder.decode(unscaled, chunk_size=int(chunk), overlap=overlap).clamp(-1.0, 1.0)
 
     def batch_latents(self, batch: dict[str, Any], sample: bool = True) -> Tensor:
         """Scaled latents of a batch from video shards (encoded here) or latent shards (stored)."""
@@ -322,20 +341,48 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
     def sample_latents(
         self,
         given: Tensor,
-        given_mask: Tensor,
+        given_mask: Tensor | None,
         cond: dict[str, Tensor] | None = None,
         sampler: SamplerConfig | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        *,
+        guidance: Guidance | None | ModuleSetting = MODULE_SETTING,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """Sample scaled latents ``(B, T, c, h, w)`` where ``given_mask`` is false; given is pasted in."""
-        noise = torch.randn(given.shape, generator=generator, device=given.device, dtype=given.dtype)
+        """Sample scaled latents ``(B, T, c, h, w)`` where ``given_mask`` is false; given is pasted in (a
+        ``given_mask`` of None generates everything: ``given`` then gives only the shape).
+
+        sampler: None = the module's. guidance: the CFG schedule (None = no guidance; ``"module"``, the default: the
+        module's ``guidance``). noise: the standard-normal start ``(B, T, c, h, w)``, before the sampler's
+        initial-noise scale (default: drawn from ``generator``)."""
+        guidance = self.guidance_for(guidance)
+        noise = self.initial_noise(given, generator, noise)
         cond = cond or {}
-        uncond = self.unconditional(cond) if self.guidance is not None else None
+        uncond = self.unconditional(cond) if guidance is not None else None
         return sample(
-            self.diffusion, self.net, noise, cond, sampler or self.sampler, uncond=uncond, guidance=self.guidance,
-            given=given, given_mask=given_mask, generator=generator, progress=progress,
+            self.diffusion, self.net, noise, cond, sampler or self.sampler, uncond=uncond, guidance=guidance,
+            given=given if given_mask is not None else None, given_mask=given_mask, generator=generator,
+            progress=progress,
         )  # fmt: skip
+
+    def guidance_for(self, guidance: Guidance | None | ModuleSetting) -> Guidance | None:
+        """The guidance a sampling call uses: ``guidance``, or the module's for ``"module"``."""
+        if isinstance(guidance, str):
+            if guidance != MODULE_SETTING:
+                raise ValueError(f"guidance must be a schedule, None or 'module', got {guidance!r}")
+            return self.guidance
+        return guidance
+
+    @staticmethod
+    def initial_noise(like: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """Standard-normal noise of ``like``'s shape, dtype and device: ``noise`` when given, else drawn from
+        ``generator``."""
+        if noise is None:
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        if tuple(noise.shape) != tuple(like.shape):
+            raise ValueError(f"sampling: noise must have shape {tuple(like.shape)}, got {tuple(noise.shape)}")
+        return noise.to(like)
 
     def unconditional(self, cond: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """The unconditional branch of classifier-free guidance for ``cond`` (keys left out are shared by

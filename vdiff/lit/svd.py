@@ -37,20 +37,23 @@ from vdiff.data import batch as B
 from vdiff.data.motion_buckets import load_motion_buckets
 from vdiff.diffusion.edm import EDMDiffusion, LogNormalSigma, VScalingPrecond
 from vdiff.diffusion.flow import FlowMatching
-from vdiff.diffusion.guidance import LinearCFG, TriangleCFG, VanillaCFG, drop_conditions
+from vdiff.diffusion.guidance import Guidance, LinearCFG, TriangleCFG, VanillaCFG, drop_conditions
 from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig
-from vdiff.lit.base import VideoDiffusionModule, allow_config_objects_in_checkpoints
+from vdiff.lit.base import MODULE_SETTING, ModuleSetting, VideoDiffusionModule, allow_config_objects_in_checkpoints
 from vdiff.lit.evaluation import EvalProtocol
 from vdiff.models.conditioners import (
     DEFAULT_MOTION_BUCKETS,
     SVD_COND_AUG,
+    SVD_FPS_ID,
     SVD_MOTION_BUCKET_ID,
     CLIPImageEmbedder,
     CLIPImageEmbedderConfig,
     SVDConditioner,
     cfg_drop_probs,
     fps_id_from_fps,
+    fps_id_of,
+    fps_of,
     unconditional,
 )
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
@@ -97,6 +100,47 @@ class SVDConditioning:
             raise ValueError("SVDConditioning: drop_together needs drop_image == drop_concat")
         if self.cond_aug < 0:
             raise ValueError(f"SVDConditioning: cond_aug must be >= 0, got {self.cond_aug}")
+
+
+@dataclass(frozen=True)
+class ImageToVideoSettings:
+    """What an image-to-video call conditions and guides with (:meth:`SVDModule.image_to_video_settings`).
+
+    fps_id, motion_bucket_id, cond_aug: SVD's micro-conditioning (:mod:`vdiff.models.conditioners`).
+    guidance: the CFG schedule; None = none (one conditional network call per step).
+    """
+
+    fps_id: float
+    motion_bucket_id: float
+    cond_aug: float
+    guidance: Guidance | None
+
+    @property
+    def fps(self) -> float:
+        """The frame rate ``fps_id`` stands for (``fps_id + 1``): SVD's scripts write the video at this rate."""
+        return fps_of(self.fps_id)
+
+
+def frame_size_multiple(module: Any) -> tuple[int, int]:
+    """``(autoencoder spatial downsampling, UNet total downsampling)`` of an SVD-style module (its ``autoencoder`` and
+    ``net_config``); frame sides must be multiples of their product (SVD: 8 x 8 = 64)."""
+    autoencoder = int(getattr(module.autoencoder, "spatial_downsample", 1))
+    levels = len(getattr(getattr(module, "net_config", None), "channel_mult", (1,)))
+    return autoencoder, 2 ** (levels - 1)
+
+
+def check_frame_size(module: Any, size: tuple[int, int], where: str) -> None:
+    """Raise ValueError (prefixed ``where``) unless both sides of ``size`` (H, W) are multiples of
+    :func:`frame_size_multiple`'s product."""
+    autoencoder, unet = frame_size_multiple(module)
+    multiple = autoencoder * unet
+    height, width = size
+    if height < 1 or width < 1 or height % multiple or width % multiple:
+        raise ValueError(
+            f"{where}: size {width}x{height} (WxH) is not divisible by {multiple}: frame sides must be multiples of "
+            f"the autoencoder's spatial downsampling ({autoencoder}) times the UNet's total downsampling ({unet}) = "
+            f"{multiple}"
+        )
 
 
 class SVDModule(VideoDiffusionModule):
@@ -287,17 +331,22 @@ class SVDModule(VideoDiffusionModule):
             "first frame ('first_frame'), so use conditioning.frame: 0 with them"
         )
 
-    def _micro(self, batch: dict[str, Any], batch_size: int) -> tuple[Tensor, Tensor]:
-        """fps_id and motion_bucket_id ``(B,)`` of a batch."""
+    def _micro(
+        self, batch: dict[str, Any], batch_size: int, fps_id: float | None = None, motion_bucket_id: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """fps_id and motion_bucket_id ``(B,)`` of a batch: the ones given, else the conditioning's, else from the
+        batch's ``fps`` and motion scores."""
         cfg = self.cond_config
-        if cfg.fps_id is not None:
-            fps_id = torch.full((batch_size,), float(cfg.fps_id))
+        fps_id = cfg.fps_id if fps_id is None else fps_id
+        motion_bucket_id = cfg.motion_bucket_id if motion_bucket_id is None else motion_bucket_id
+        if fps_id is not None:
+            fps_id = torch.full((batch_size,), float(fps_id))
         elif B.FPS in batch:
             fps_id = fps_id_from_fps(batch[B.FPS].float().cpu())
         else:
             raise KeyError("SVDModule: the batch has no 'fps' and conditioning.fps_id is not set")
-        if cfg.motion_bucket_id is not None:
-            bucket = torch.full((batch_size,), float(cfg.motion_bucket_id))
+        if motion_bucket_id is not None:
+            bucket = torch.full((batch_size,), float(motion_bucket_id))
         else:
             scores = batch.get(MOTION_SCORE)
             bucket = torch.full((batch_size,), float(SVD_MOTION_BUCKET_ID))
@@ -308,21 +357,29 @@ class SVDModule(VideoDiffusionModule):
                     bucket[known] = self.motion_buckets(scores[known]).float()
         return fps_id.to(self.device), bucket.to(self.device)
 
-    def _conditions(self, batch: dict[str, Any], cond_aug: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+    def _conditions(
+        self, batch: dict[str, Any], cond_aug: Tensor, generator: torch.Generator | None, fps_id: float | None = None,
+        motion_bucket_id: float | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
         frame = self._frame(batch)
         num_frames = int((batch[B.VIDEO] if B.VIDEO in batch else batch[B.LATENTS]).shape[1])
-        fps_id, bucket = self._micro(batch, frame.shape[0])
+        fps_id, bucket = self._micro(batch, frame.shape[0], fps_id, motion_bucket_id)
         with torch.no_grad():
             return self.conditioner(
                 frame, self.autoencoder, num_frames, fps_id=fps_id, motion_bucket_id=bucket, cond_aug=cond_aug,
                 image_embed=batch.get(B.IMAGE_EMBED), generator=generator,
             )  # fmt: skip
 
-    def conditioning(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Sampling conditions: the fixed ``cond_aug``, no dropout."""
+    def conditioning(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None, fps_id: float | None = None,
+        motion_bucket_id: float | None = None, cond_aug: float | None = None,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """Sampling conditions: the fixed ``cond_aug``, no dropout. ``fps_id``, ``motion_bucket_id`` and ``cond_aug``
+        replace the conditioning's (and the batch's ``fps`` and motion scores) for every clip when given."""
         batch_size = self._frame(batch).shape[0]
-        cond_aug = torch.full((batch_size,), float(self.cond_config.cond_aug), device=self.device)
-        return self._conditions(batch, cond_aug, generator)
+        cond_aug = self.cond_config.cond_aug if cond_aug is None else cond_aug
+        cond_aug = torch.full((batch_size,), float(cond_aug), device=self.device)
+        return self._conditions(batch, cond_aug, generator, fps_id, motion_bucket_id)
 
     def training_conditioning(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Training conditions: ``cond_aug`` drawn per clip when configured, then per-condition dropout."""
@@ -358,7 +415,10 @@ class SVDModule(VideoDiffusionModule):
         return super().task_given_mask(task, num_frames, height, width, batch, given_frames)
 
     @torch.no_grad()
-    def sample_latents(self, given, given_mask, cond=None, sampler=None, generator=None, progress=False) -> Tensor:
+    def sample_latents(
+        self, given, given_mask, cond=None, sampler=None, generator=None, progress=False, *,
+        guidance: Guidance | None | ModuleSetting = MODULE_SETTING, noise: Tensor | None = None,
+    ) -> Tensor:  # fmt: skip
         """As the base, but the conditioning frame is generated too unless ``paste_cond_frame`` (SVD)."""
         if not self.paste_cond_frame and given_mask is not None:
             frame = torch.zeros(given_mask.shape[1], dtype=torch.bool, device=given_mask.device)
@@ -366,17 +426,112 @@ class SVDModule(VideoDiffusionModule):
             given_mask = given_mask & ~frame.view(1, -1, 1, 1, 1)
             if not bool(given_mask.any()):
                 given_mask = None
-        if given_mask is None:
-            return self._sample_free(given, cond, sampler, generator, progress)
-        return super().sample_latents(given, given_mask, cond, sampler, generator, progress)
+        return super().sample_latents(given, given_mask, cond, sampler, generator, progress, guidance=guidance,
+                                      noise=noise)  # fmt: skip
 
-    def _sample_free(self, like: Tensor, cond, sampler, generator, progress) -> Tensor:
-        from vdiff.diffusion.sampling import sample
+    # ---------------------------------------------------------------- image to video
 
-        noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-        cond = cond or {}
-        return sample(self.diffusion, self.net, noise, cond, sampler or self.sampler, uncond=self.unconditional(cond),
-                      guidance=self.guidance, generator=generator, progress=progress)
+    def image_batch(self, image: Tensor, num_frames: int) -> dict[str, Any]:
+        """A batch of clips of ``num_frames`` frames that all show ``image`` ``(B, 3, H, W)`` (a view, no copy): what
+        :meth:`conditioning` makes an image's conditions from."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__}: images must be (B, 3, H, W), got {tuple(image.shape)}")
+        return {B.VIDEO: image[:, None].expand(-1, int(num_frames), -1, -1, -1)}
+
+    def guidance_with(self, min_scale: float | None = None, max_scale: float | None = None) -> Guidance | None:
+        """SVD's frame-wise ``LinearCFG(min_scale, max_scale)``, a scale left None taken from the module's schedule
+        (1.0 / 2.5 where it has none); the module's guidance itself when both are None."""
+        if min_scale is None and max_scale is None:
+            return self.guidance
+        low = min_scale if min_scale is not None else getattr(self.guidance, "min_scale", 1.0)
+        high = max_scale if max_scale is not None else getattr(self.guidance, "max_scale", 2.5)
+        return LinearCFG(float(low), float(high))
+
+    def image_to_video_settings(
+        self, num_frames: int, fps_id: float | None = None, motion_bucket_id: float | None = None,
+        cond_aug: float | None = None, guidance: Guidance | None = None, source_fps: float | None = None,
+    ) -> ImageToVideoSettings:  # fmt: skip
+        """The settings :meth:`image_to_video` samples ``num_frames`` frames with; each is the argument, else the
+        module's (``conditioning``, ``guidance``), else SVD's default.
+
+        fps_id: else ``conditioning.fps_id``, else ``source_fps - 1`` (the rate of the image's video, when known),
+            else SVD's 6 (7 fps).
+        motion_bucket_id: else ``conditioning.motion_bucket_id``, else SVD's 127.
+        cond_aug: else ``conditioning.cond_aug`` (SVD: 0.02).
+        guidance: else the module's. A schedule of 1 at every frame is the conditional model: it becomes None (no
+            guidance, one conditional call per step, as diffusers' pipeline does when its maximum scale is 1).
+        """
+        cfg = self.cond_config
+        if fps_id is None:
+            fps_id = cfg.fps_id if cfg.fps_id is not None else fps_id_of(source_fps) if source_fps else SVD_FPS_ID
+        if motion_bucket_id is None:
+            motion_bucket_id = cfg.motion_bucket_id if cfg.motion_bucket_id is not None else SVD_MOTION_BUCKET_ID
+        guidance = self.guidance if guidance is None else guidance
+        if guidance is not None and bool((guidance.scale(int(num_frames)) == 1.0).all()):
+            guidance = None
+        return ImageToVideoSettings(float(fps_id), float(motion_bucket_id),
+                                    float(cfg.cond_aug if cond_aug is None else cond_aug), guidance)  # fmt: skip
+
+    @torch.no_grad()
+    def image_latents(
+        self, image: Tensor, num_frames: int, fps_id: float | None = None, motion_bucket_id: float | None = None,
+        cond_aug: float | None = None, guidance: Guidance | None = None, noise: Tensor | None = None,
+        generator: torch.Generator | None = None, sampler: SamplerConfig | None = None, progress: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """Scaled latents ``(B, T, c, h, w)`` of ``num_frames``-frame clips sampled from images ``(B, 3, H, W)`` in
+        [-1, 1]: :meth:`image_to_video` without the decode (same arguments)."""
+        if self.mask_task is not None:
+            raise ValueError(
+                f"{type(self).__name__}.image_to_video: this module was trained with mask_task={self.mask_task!r}, "
+                "which needs given frames beside the image; sample clips with generate(batch, task=...)"
+            )
+        image = image.to(self.device)
+        batch = self.image_batch(image, num_frames)
+        b, t, _, height, width = batch[B.VIDEO].shape
+        check_frame_size(self, (height, width), f"{type(self).__name__}.image_to_video")
+        index = self.cond_config.frame
+        if not 0 <= index < t:
+            raise ValueError(f"{type(self).__name__}.image_to_video: the module conditions on frame {index}; "
+                             f"num_frames={t} is too short")  # fmt: skip
+        settings = self.image_to_video_settings(t, fps_id, motion_bucket_id, cond_aug, guidance)
+        cond = self.conditioning(batch, generator, fps_id=settings.fps_id, motion_bucket_id=settings.motion_bucket_id,
+                                 cond_aug=settings.cond_aug)  # fmt: skip
+        f = frame_size_multiple(self)[0]
+        given = image.new_zeros(b, t, self.latent_channels, height // f, width // f)
+        given_mask = torch.zeros(b, t, 1, 1, 1, dtype=torch.bool, device=self.device)
+        given_mask[:, index] = True  # generated too unless paste_cond_frame (sample_latents)
+        if self.paste_cond_frame:
+            given[:, index] = self.encode_video(image[:, None], sample=False)[:, 0]
+        return self.sample_latents(given, given_mask, cond, sampler, generator, progress, guidance=settings.guidance,
+                                   noise=noise)  # fmt: skip
+
+    @torch.no_grad()
+    def image_to_video(
+        self, image: Tensor, num_frames: int, fps_id: float | None = None, motion_bucket_id: float | None = None,
+        cond_aug: float | None = None, guidance: Guidance | None = None, noise: Tensor | None = None,
+        generator: torch.Generator | None = None, decode_chunk: int | None = None, decode_overlap: int = 0,
+        sampler: SamplerConfig | None = None, progress: bool = False,
+    ) -> Tensor:  # fmt: skip
+        """SVD image-to-video: images ``(B, 3, H, W)`` in [-1, 1] -> videos ``(B, num_frames, 3, H, W)`` in [-1, 1].
+
+        Conditions as SVD samples: the CLIP embedding of the clean image, the autoencoder's posterior mode of the image
+        plus ``cond_aug`` noise, the micro-conditioning ``(fps_id, motion_bucket_id, cond_aug)``; then the sampler
+        (Euler EDM with SVD's initial-noise scale) under frame-wise CFG, and a decode in temporal chunks.
+        Nothing on the module changes: every setting travels as an argument.
+
+        fps_id, motion_bucket_id, cond_aug, guidance: None = the module's, else SVD's defaults
+            (:meth:`image_to_video_settings`; a schedule of 1 at every frame samples without guidance).
+        noise: the standard-normal initial latents ``(B, T, c, h, w)`` (before the sampler's initial-noise scale).
+        generator: draws, as diffusers' ``StableVideoDiffusionPipeline`` draws from its generator, first the
+            conditioning-frame noise ``(B, 3, H, W)``, then the initial latents (unless ``noise`` is given); with the
+            same weights, image, seed and settings both give the same video.
+        decode_chunk, decode_overlap: decode this many frames at a time, consecutive chunks sharing ``decode_overlap``
+            frames (cross-faded); None decodes every frame at once (:meth:`decode_latents`).
+        sampler: None = the module's (e.g. ``module.sampler_with(steps=25)``). progress: show a progress bar.
+        """
+        latents = self.image_latents(image, num_frames, fps_id, motion_bucket_id, cond_aug, guidance, noise, generator,
+                                     sampler, progress)  # fmt: skip
+        return self.decode_latents(latents, decode_chunk, decode_overlap)
 
     # ---------------------------------------------------------------- optimisation and EMA
 

@@ -321,12 +321,25 @@ def _per_clip(value: Tensor | float, batch: int | None, name: str, device: torch
     return t
 
 
-def fps_id_from_fps(fps: Tensor | float) -> Tensor:
-    """SVD's ``fps_id`` of clips at ``fps`` frames per second: ``fps - 1``, float32, same shape (``(B,)`` or scalar)."""
-    fps = torch.as_tensor(fps, dtype=torch.float32)
+FPS_ID_OFFSET = 1.0  # fps_id = fps - 1: SVD's UNet was micro-conditioned on the frame rate minus one
+
+
+def fps_id_from_fps(fps: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """SVD's ``fps_id`` of clips at ``fps`` frames per second: ``fps - 1``, ``dtype``, same shape (``(B,)`` or scalar)."""
+    fps = torch.as_tensor(fps, dtype=dtype)
     if not bool(torch.all(torch.isfinite(fps) & (fps > 0))):
         raise ValueError(f"fps_id_from_fps: frame rates must be positive and finite, got {fps.tolist()}")
-    return fps - 1.0
+    return fps - FPS_ID_OFFSET
+
+
+def fps_id_of(fps: float) -> float:
+    """The ``fps_id`` of one frame rate as a Python float (:func:`fps_id_from_fps` in float64: ``fps - 1`` exactly)."""
+    return float(fps_id_from_fps(fps, torch.float64))
+
+
+def fps_of(fps_id: float) -> float:
+    """The frame rate an ``fps_id`` stands for, ``fps_id + 1`` (SVD's scripts write a sample at this rate)."""
+    return float(fps_id) + FPS_ID_OFFSET
 
 
 def added_time_ids(
@@ -623,6 +636,8 @@ __all__ = [
     "concat_condition",
     "fit_motion_buckets",
     "fps_id_from_fps",
+    "fps_id_of",
+    "fps_of",
     "resize_antialiased",
     "unconditional",
 ]
