@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 
+from vdiff import weights
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from vdiff.models.unet_svd import UNetSVDConfig
 from vdiff.weights import autoencoder, autoencoder_convert, clip, i3d, inflate, svd, unet_svd
@@ -27,6 +28,7 @@ def test_every_reader_raises_one_family():
     assert inflate.InflationError is svd.SVDWeightsError is WeightsError
     for cls in (KeyMappingError, WeightsConfigError, WeightsFileError):
         assert issubclass(cls, WeightsError) and issubclass(cls, ValueError)
+    assert weights.WeightsError is WeightsError  # importable from the package
 
 
 def test_a_config_may_be_a_json_file(tmp_path):

@@ -9,8 +9,12 @@ weights cache on first use (:mod:`vdiff.weights.registry`, :mod:`vdiff.weights.d
 Autoencoders: :func:`vdiff.weights.autoencoder.load_autoencoder` / ``save_autoencoder`` (vdiff files, diffusers
 folders and files, sgm checkpoints), :class:`vdiff.weights.pretrained.PretrainedAutoencoder` (the same loader
 behind a class a recipe can name), name maps in :mod:`vdiff.weights.autoencoder_convert`.
+
+Every reader follows one template (:mod:`vdiff.weights.template`: where the weights are, their layout, their config,
+a strict key mapping) and raises one error family (:mod:`vdiff.weights.errors`: ``except WeightsError``).
 """
 
+from vdiff.weights.errors import KeyMappingError, WeightsConfigError, WeightsError
 from vdiff.weights.safetensors_io import (
     WEIGHTS_ENV,
     file_sha256,
@@ -19,4 +23,13 @@ from vdiff.weights.safetensors_io import (
     save_state_dict,
 )
 
-__all__ = ["WEIGHTS_ENV", "file_sha256", "load_state_dict", "resolve_weights_path", "save_state_dict"]
+__all__ = [
+    "WEIGHTS_ENV",
+    "KeyMappingError",
+    "WeightsConfigError",
+    "WeightsError",
+    "file_sha256",
+    "load_state_dict",
+    "resolve_weights_path",
+    "save_state_dict",
+]

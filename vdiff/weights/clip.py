@@ -132,13 +132,11 @@ CLIPConversionError = KeyMappingError  # missing, mis-shaped and unused keys, by
 TARGET = "the CLIP image embedder config"
 WORDING = Wording(missing="{name}  (vdiff {key}, shape {shape})",
                   mismatch="{name} {got}: expected {wants} (vdiff {key}, shape {shape})", shapes="list")  # fmt: skip
-_OPEN_CLIP_MARKERS = {p + n for p in (SGM_CLIP_PREFIX, OPEN_CLIP_PREFIX, "") for n in ("conv1.weight", "class_embedding")}
 # The key signs of each file layout, in the order they are tried.
 SIGNS = (
     ("transformers", lambda k: k.startswith("vision_model.") or k == "visual_projection.weight"),
-    ("open_clip", lambda k: k in _OPEN_CLIP_MARKERS
-                            or k.startswith((SGM_CLIP_PREFIX, OPEN_CLIP_PREFIX + "transformer.resblocks."))),
-)  # fmt: skip
+    ("open_clip", lambda k: _open_clip_prefix([k]) is not None),
+)
 
 
 # ----------------------------------------------------------------------------- transformers config.json
