@@ -234,8 +234,8 @@ def read_autoencoder(
             relative path that does not exist is also looked up in ``$VDIFF_WEIGHTS``.
         layout: ``"auto"`` (a folder is diffusers; a file by its metadata and key names), ``"vdiff"``,
             ``"diffusers"`` or ``"sgm"``.
-        config: the architecture (an :class:`AutoencoderConfig`, a mapping of its fields or a preset name of
-            ``AUTOENCODER_CONFIGS``). Where the weights come with a config (a folder's or a file's neighbouring
+        config: the architecture (an :class:`AutoencoderConfig`, a mapping of its fields, a ``.json`` file of them
+            or a preset name of ``AUTOENCODER_CONFIGS``). Where the weights come with a config (a folder's or a file's neighbouring
             ``config.json``, a vdiff file's metadata) that one is used, and a ``config`` that contradicts it is
             an error (except in ``dropout``, a training setting, where the ``config`` passed wins). For a bare file it is the only source of the GroupNorm group count and the scale / shift
             factors; None then guesses the ``svd`` / ``sd`` preset and warns.

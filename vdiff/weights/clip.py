@@ -343,8 +343,8 @@ def read_clip_image_embedder(
             transformers weights file), or a hub id ``hf://ORG/NAME[/PATH]`` of either; a relative path that does not
             exist is also looked up in ``$VDIFF_WEIGHTS``.
         layout: ``"auto"`` (a folder is transformers; a file by its key names), ``"transformers"`` or ``"open_clip"``.
-        config: the architecture (a :class:`CLIPImageEmbedderConfig`, a mapping of its fields or a name of
-            ``CLIP_IMAGE_CONFIGS``). Where the weights come with a ``config.json`` that one is used and a
+        config: the architecture (a :class:`CLIPImageEmbedderConfig`, a mapping of its fields, a ``.json`` file of
+            them or a name of ``CLIP_IMAGE_CONFIGS``). Where the weights come with a ``config.json`` that one is used and a
             contradicting ``config`` is an error; for open_clip files it is the only source of the head count and
             the activation (see the module docstring for what is assumed without it).
 

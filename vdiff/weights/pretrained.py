@@ -43,8 +43,8 @@ class PretrainedAutoencoder(VideoAutoencoder):
         layout: ``"auto"`` (detected), ``"diffusers"`` (``AutoencoderKL`` / ``AutoencoderKLTemporalDecoder``,
             e.g. ``sd-vae-ft-mse``), ``"sgm"`` (the original SVD checkpoint) or ``"vdiff"``
             (:func:`vdiff.weights.autoencoder.save_autoencoder`).
-        config: the architecture: an :class:`AutoencoderConfig` (a mapping in YAML), a preset name of
-            ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ...) or None: the config stored with the weights (a
+        config: the architecture: an :class:`AutoencoderConfig` (a mapping in YAML), a ``.json`` file of its
+            fields, a preset name of ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ...) or None: the config stored with the weights (a
             folder's ``config.json``, a vdiff file's metadata), else a guess with a warning. A bare file gives
             neither its GroupNorm group count nor its scale / shift factors: pass them here.
         scale_factor: latent scale override (None keeps the config's, 0.18215 for SD).

@@ -499,7 +499,7 @@ def read_unet_svd(
             ``vdiff``, ``diffusers`` (a bare ``diffusion_pytorch_model.*`` file; its ``config.json`` beside it
             is used) and ``sgm``.
         config: for files without a config (sgm; a bare diffusers file): the architecture (a preset name, a
-            :class:`UNetSVDConfig` or its dict); sgm defaults to the ``svd`` preset. With a stored config it may
+            :class:`UNetSVDConfig`, its dict or a ``.json`` file of it); sgm defaults to the ``svd`` preset. With a stored config it may
             only agree with it, except in the fields the file does not hold (for diffusers: ``concat_channels``,
             ``gradient_checkpointing``), which it sets.
 
