@@ -25,7 +25,6 @@ mismatch are all errors (:class:`~vdiff.weights.autoencoder_convert.ConversionEr
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
@@ -50,8 +49,8 @@ from vdiff.weights.template import (
     LoadLayout,
     SaveLayout,
     WeightsRead,
+    agreed_config,
     check_known_fields,
-    check_same,
     config_beside,
     config_refusal,
     detect_layout,
@@ -277,10 +276,7 @@ def read_autoencoder(
 
     guessed = None
     if found is not None:
-        if given is not None:
-            check_same(given, found, source, ignore=_TRAINING_ONLY)
-            found = dataclasses.replace(found, **{name: getattr(given, name) for name in _TRAINING_ONLY})
-        cfg = found
+        cfg = agreed_config(given, found, source, kept=_TRAINING_ONLY)
     elif given is not None:
         cfg = given
     else:

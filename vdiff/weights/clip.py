@@ -61,9 +61,9 @@ from vdiff.weights.template import (
     Rule,
     WeightsRead,
     Wording,
+    agreed_config,
     build_loaded,
     check_known_fields,
-    check_same,
     config_refusal,
     detect_layout,
     map_keys,
@@ -377,9 +377,7 @@ def read_clip_image_embedder(
         content = read_config_json(config_json, "transformers") if config_json.is_file() else None
         if content is not None:
             found, source = config_from_transformers(content, source=str(config_json)), str(config_json)
-        if found is not None and given is not None:
-            check_same(given, found, source)
-        cfg = found or given
+        cfg = agreed_config(given, found, source) if found is not None else given
         if cfg is None:
             raise CLIPConfigError(
                 f"{weights_path}: transformers weights without a {TRANSFORMERS_CONFIG} beside them: load the folder "

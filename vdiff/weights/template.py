@@ -151,6 +151,16 @@ def check_same(
         raise WeightsConfigError(heading + ":\n  " + "\n  ".join(diff))
 
 
+def agreed_config(given: Config | None, found: Config, source: str, kept: Iterable[str] = ()) -> Config:
+    """The config the weights come with (``found``, from ``source``) with the passed one's ``kept`` fields (those the
+    weights do not fix); every other field of ``given`` must agree (:func:`check_same`). No ``given``: ``found``."""
+    if given is None:
+        return found
+    kept = tuple(kept)
+    check_same(given, found, source, ignore=kept)
+    return dataclasses.replace(found, **{name: getattr(given, name) for name in kept})  # type: ignore[type-var]
+
+
 #################################################################################
 #                              Files, folders, layouts                          #
 #################################################################################
@@ -458,6 +468,7 @@ __all__ = [
     "KeyMapper",
     "Rule",
     "Wording",
+    "agreed_config",
     "build_loaded",
     "WeightsRead",
     "check_known_fields",

@@ -46,9 +46,9 @@ from vdiff.weights.template import (
     LoadLayout,
     SaveLayout,
     WeightsRead,
+    agreed_config,
     build_loaded,
     check_known_fields,
-    check_same,
     config_beside,
     config_refusal,
     detect_layout,
@@ -537,12 +537,9 @@ def read_unet_svd(
             found, source = read_diffusers_config(beside), str(beside)
 
     if found is not None:
-        if given is not None:
-            kept = _NOT_IN_DIFFUSERS if layout == "diffusers" else ("gradient_checkpointing",)
-            kept += tuple(name for name in VISTA_FIELDS if not getattr(found, name))  # turned on by the argument
-            check_same(given, found, source, ignore=kept)
-            found = found.replace(**{name: getattr(given, name) for name in kept})
-        cfg = found
+        kept = _NOT_IN_DIFFUSERS if layout == "diffusers" else ("gradient_checkpointing",)
+        kept += tuple(name for name in VISTA_FIELDS if not getattr(found, name))  # turned on by the argument
+        cfg = agreed_config(given, found, source, kept)
     elif given is not None:
         cfg = given
     elif layout == "sgm":
