@@ -40,6 +40,7 @@ from dataloader import LATENT_CLIP, write_latent_shards  # noqa: E402
 from vdiff.callbacks.ema import EMA  # noqa: E402
 from vdiff.data.latent_datamodule import LatentDataModule  # noqa: E402
 from vdiff.diffusion.ddpm import GaussianDiffusion  # noqa: E402
+from vdiff.lit.optim import OptimizerSettings  # noqa: E402
 from vdiff.lit.vdt import VDTModule  # noqa: E402
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder  # noqa: E402
 from vdiff.models.vdt import VDTConfig  # noqa: E402
@@ -141,7 +142,8 @@ def main() -> int:
     )
     torch.manual_seed(0)
     module = VDTModule(net=net, autoencoder=autoencoder, diffusion=GaussianDiffusion(learn_sigma=True, prediction="eps"),
-                       mask_weights={"prediction": 1.0, "interpolation": 1.0}, lr=1e-4)  # fmt: skip
+                       mask_weights={"prediction": 1.0, "interpolation": 1.0},
+                       optimizer=OptimizerSettings(lr=1e-4))  # fmt: skip
     index = (device.index or 0) if device.type == "cuda" else None
     with Poller(index) as poller:
         clock = StepClock(poller, args.skip)

@@ -238,7 +238,7 @@ def recipe_args(recipe: str, root: Path, vae: str, clip: str, frames: int, steps
         "--model.init_args.image_encoder", json.dumps({"class_path": "vdiff.weights.clip.PretrainedCLIPImageEmbedder",
                                                        "init_args": {"path": clip}}),
         *(["--model.init_args.action_encoder", json.dumps(TINY_ACTIONS)] if vista else []),
-        "--model.init_args.sampler.steps", "1", "--model.init_args.warmup_steps", "0",
+        "--model.init_args.sampler.steps", "1", "--model.init_args.optimizer.warmup_steps", "0",
         "--data.class_path", "vdiff.data.synthetic_datamodule.SyntheticDrivingDataModule",
         *tiny_synthetic_data(root / "cache", frames=frames), "--data.init_args.size", "16",
         "--data.init_args.video_size", "16", "--data.init_args.target_fps", "null",

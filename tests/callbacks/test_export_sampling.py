@@ -24,6 +24,7 @@ from vdiff.callbacks.lora import LoRA
 from vdiff.cli import main
 from vdiff.data.video_io import encode_video
 from vdiff.lit.module_loading import load_module
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.svd import SVDModule
 from vdiff.models.conditioners import CLIPImageEmbedder
 
@@ -60,7 +61,8 @@ def test_an_export_samples_like_its_checkpoint_also_through_vdiff_sample(tmp_pat
 
 def svd_checkpoint(tmp_path, callbacks=()) -> str:
     """A tiny UNet-SVD trained 2 steps (its random CLIP image encoder is stored in the checkpoint)."""
-    module = SVDModule(net=SVD_NET, image_encoder=CLIPImageEmbedder("tiny"), sampler=SVDModule.svd_sampler(2), lr=1e-2)
+    module = SVDModule(net=SVD_NET, image_encoder=CLIPImageEmbedder("tiny"), sampler=SVDModule.svd_sampler(2),
+                       optimizer=OptimizerSettings(lr=1e-2))
     trainer = L.Trainer(
         max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[Randomize(), *callbacks], default_root_dir=tmp_path,

@@ -18,6 +18,7 @@ from tests.lit.test_vista_module import ENCODER, driving_batch
 from tests.lit.test_vista_module import NET as VISTA_NET
 from vdiff.callbacks.lora import LoRA
 from vdiff.lit.adapters import LoRAAdapter, adapter_names, inject_adapters, tuner_layers
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.svd import SVDModule
 from vdiff.lit.vista import VistaModule
 from vdiff.models.actions import ActionEncoder
@@ -56,12 +57,12 @@ class Batches(torch.utils.data.IterableDataset):
 
 
 def svd_module():
-    return SVDModule(net=SVD_TINY_NET, image_encoder=CLIPImageEmbedder("tiny"), lr=1e-2)
+    return SVDModule(net=SVD_TINY_NET, image_encoder=CLIPImageEmbedder("tiny"), optimizer=OptimizerSettings(lr=1e-2))
 
 
 def vista_module():
     return VistaModule(net=VISTA_NET, image_encoder=CLIPImageEmbedder("tiny"), action_encoder=ActionEncoder(**ENCODER),
-                       lr=1e-2)
+                       optimizer=OptimizerSettings(lr=1e-2))
 
 
 FAMILIES = {

@@ -15,6 +15,7 @@ from vdiff.data import batch as B
 from vdiff.data import sampling
 from vdiff.data.datamodule import DataSource, VideoDataModule
 from vdiff.data.eval_stream import eval_clip_starts
+from vdiff.data.options import Augmentation, Decoding, LoaderOptions
 from vdiff.data.schema import ACTION_KEYS, ACTION_SHAPES
 from vdiff.data.shards import iter_raw_samples
 from vdiff.data.video_io import decode_all, encode_video
@@ -38,7 +39,7 @@ def test_batch_keys_shapes_and_dtypes(video_shards, float_on_device):
         size=(16, 24),
         batch_size=3,
         num_workers=0,
-        float_on_device=float_on_device,
+        loader=LoaderOptions(float_on_device=float_on_device),
     )
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {B.VIDEO, B.FPS, B.MOTION_SCORE, B.FRAME_INDICES, B.KEY, B.SOURCE, B.ACTIONS}
@@ -83,11 +84,11 @@ def test_random_crop_moves_goal_points(tmp_path):
         train=str(tmp_path),
         num_frames=3,
         size=(24, 32),
-        resize=False,
-        crop="random",
+        decoding=Decoding(resize=False),
+        augmentation=Augmentation(crop="random"),
         batch_size=4,
         num_workers=0,
-        float_on_device=True,
+        loader=LoaderOptions(float_on_device=True),
         epoch_length=6,
         shuffle_buffer=4,
     )
@@ -127,10 +128,10 @@ def test_flip_mirrors_video_and_actions(tmp_path):
         train=str(tmp_path),
         num_frames=2,
         size=32,
-        flip=True,
+        augmentation=Augmentation(flip=True),
         batch_size=4,
         num_workers=0,
-        float_on_device=False,
+        loader=LoaderOptions(float_on_device=False),
         epoch_length=4,
     )
     flips = Counter()
@@ -170,7 +171,7 @@ def test_same_seed_and_epoch_give_same_clips_other_epoch_differs(video_shards):
             num_workers=0,
             seed=seed,
             shuffle_buffer=8,
-            float_on_device=False,
+            loader=LoaderOptions(float_on_device=False),
         )
 
     a, b, c = make(1), make(1), make(2)
@@ -260,7 +261,7 @@ def test_source_weights_are_honoured(two_sources, n):
         epoch_length=n // 50,
         num_workers=0,
         shuffle_buffer=4,
-        float_on_device=False,
+        loader=LoaderOptions(float_on_device=False),
     )
     counts = Counter()
     for batch in dm.train_dataloader():
@@ -363,7 +364,7 @@ data:
     val: {folder}
     size: [16, 24]
     num_frames: 4
-    crop: center
+    augmentation: {{crop: center}}
     num_workers: 0
 """
     config = parser.parse_string(recipe)
@@ -371,7 +372,7 @@ data:
     dm = instantiate(config).data
     assert isinstance(dm, VideoDataModule)
     assert dm.sources["train"][0] == DataSource(str(folder), 0.5, "youtube")
-    assert dm.spec.out_hw == (16, 24) and dm.crop == "center"
+    assert dm.spec.out_hw == (16, 24) and dm.augmentation.crop == "center"
     with pytest.raises((jsonargparse.ArgumentError, SystemExit, ValueError)):
         parser.parse_string(recipe.replace("crop: center", "crop: middle"))
 

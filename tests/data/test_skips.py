@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from vdiff.data import batch as B
 from vdiff.data.datamodule import SKIP_REASONS, VideoDataModule
+from vdiff.data.options import LoaderOptions
 from vdiff.data.skips import METRIC_PREFIX, DataHealthMonitor, DataSkipWarning, SkipCounter
 from vdiff.data.video_io import DECODE_ERROR_REASONS
 
@@ -53,7 +54,7 @@ def _eval_module(folder, num_workers):
 def test_corrupt_corpus_counted_exactly_with_two_workers(corrupt_corpus, start_method):
     folder, good, expected = corrupt_corpus
     dm = VideoDataModule(val=str(folder), num_frames=8, size=16, val_batch_size=2, num_workers=2,
-                         worker_start_method=start_method)  # spawned workers get the counter by pickling
+                         loader=LoaderOptions(worker_start_method=start_method))  # spawned workers get the counter by pickling
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         keys = [k for batch in dm.val_dataloader() for k in batch[B.KEY]]

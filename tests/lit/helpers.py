@@ -17,6 +17,7 @@ NET_FIELDS = ("patch_size", "depth", "hidden_size", "num_heads", "mlp_ratio", "t
               "gradient_checkpointing", "in_channels")
 PROCESS_FIELDS = ("num_timesteps", "beta_schedule", "prediction", "learn_sigma")
 SAMPLER_FIELDS = {"val_sampler": "name", "val_steps": "steps", "val_eta": "eta"}
+OPTIMIZER_FIELDS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "lr_decay")
 PROTOCOL_FIELDS = {"val_task": "task", "val_given_frames": "given_frames", "val_seed": "seed",
                    "eval_num_frames": "num_frames", "eval_samples_per_video": "samples_per_video",
                    "fvd_frames": "fvd_frames"}
@@ -28,6 +29,7 @@ def vdt_module(net: str = "VDT-S/2", configure: bool = True, **flat):
     from vdiff.diffusion.ddpm import GaussianDiffusion
     from vdiff.diffusion.sampling import SamplerConfig
     from vdiff.lit.evaluation import EvalProtocol
+    from vdiff.lit.optim import OptimizerSettings
     from vdiff.lit.vdt import VDTModule
     from vdiff.models.vdt import VDTConfig
 
@@ -36,9 +38,10 @@ def vdt_module(net: str = "VDT-S/2", configure: bool = True, **flat):
     process.setdefault("learn_sigma", True)
     sampler = {v: flat.pop(k) for k, v in SAMPLER_FIELDS.items() if k in flat}
     protocol = {v: flat.pop(k) for k, v in PROTOCOL_FIELDS.items() if k in flat}
+    optimizer = OptimizerSettings.of({k: flat.pop(k) for k in OPTIMIZER_FIELDS if k in flat}, VDTModule.DEFAULT_OPTIMIZER)
     module = VDTModule(
         net=config, diffusion=GaussianDiffusion(**process), sampler=SamplerConfig(**sampler),
-        evaluation=EvalProtocol(**protocol), **flat,
+        evaluation=EvalProtocol(**protocol), optimizer=optimizer, **flat,
     )
     if configure:
         module.configure_model()

@@ -16,6 +16,7 @@ from vdiff.cli import main as vdiff_main
 from vdiff.data.synthetic import render_drive
 from vdiff.lit.autoencoder import AutoencoderModule, load_autoencoder_from_checkpoint, patch_error_map
 from vdiff.lit.base import Generated
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.metrics.frames import frame_psnr
 from vdiff.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from vdiff.weights.autoencoder import load_autoencoder, save_autoencoder
@@ -59,7 +60,8 @@ def mode_psnr(module: AutoencoderModule, video: torch.Tensor) -> float:
 def test_training_lowers_the_reconstruction_error():
     torch.manual_seed(0)
     video = synthetic_clip(4, 32)
-    module = AutoencoderModule(net=AutoencoderConfig.from_name("tiny"), lpips_weight=0.0, lr=2e-3, betas=(0.9, 0.99))
+    module = AutoencoderModule(net=AutoencoderConfig.from_name("tiny"), lpips_weight=0.0,
+                               optimizer=OptimizerSettings(lr=2e-3, betas=(0.9, 0.99)))
     module.configure_model()
     before = mode_psnr(module, video)
     fit(module, video, batches=12)
@@ -72,7 +74,8 @@ def test_overfitting_one_clip_reaches_30_db():
     # The seed's own verification: a tiny autoencoder learns one 8-frame 32x32 synthetic clip to >= 30 dB.
     torch.manual_seed(0)
     video = synthetic_clip(8, 32)
-    module = AutoencoderModule(net="tiny", lpips_weight=0.0, lr=2e-3, betas=(0.9, 0.99))
+    module = AutoencoderModule(net="tiny", lpips_weight=0.0,
+                               optimizer=OptimizerSettings(lr=2e-3, betas=(0.9, 0.99)))
     fit(module, video, batches=400)
     assert mode_psnr(module, video) >= 30.0
 
@@ -81,7 +84,7 @@ def test_gan_path_steps_both_optimizers_from_disc_start():
     torch.manual_seed(0)
     video = synthetic_clip(2, 32)
     module = AutoencoderModule(net="tiny", lpips_weight=0.0, disc_weight=0.5, disc_start=1,
-                               disc_channels=8, disc_layers=2, lr=1e-3, grad_clip_val=1.0)
+                               disc_channels=8, disc_layers=2, optimizer=OptimizerSettings(lr=1e-3), grad_clip_val=1.0)
     module.configure_model()
     disc_before = [p.detach().clone() for p in module.discriminator.parameters()]
     decoder_before = module.autoencoder.decoder.conv_out.weight.detach().clone()
@@ -127,7 +130,7 @@ def test_validation_outputs_generate_and_error_map(tmp_path):
 
 def test_freeze_encoder_trains_the_decoder_only():
     torch.manual_seed(0)
-    module = AutoencoderModule(net="tiny-svd", freeze_encoder=True, lpips_weight=0.0, lr=1e-3)
+    module = AutoencoderModule(net="tiny-svd", freeze_encoder=True, lpips_weight=0.0, optimizer=OptimizerSettings(lr=1e-3))
     module.configure_model()
     encoder = {k: v.clone() for k, v in module.autoencoder.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     decoder = module.autoencoder.decoder.time_conv_out.weight.detach().clone()
@@ -214,7 +217,7 @@ def test_svd_recipe_fine_tunes_the_temporal_decoder_with_a_frozen_encoder(tmp_pa
     vdiff_main([
         "fit", "-c", str(RECIPES / "svd_temporal_decoder.yaml"), *TINY_TRAINER, *TINY_DATA, *TINY_GAN,
         "--data.init_args.cache_dir", str(tmp_path / "cache"),
-        "--model.init_args.pretrained", "tiny_svd", "--model.init_args.lr", "1e-3",
+        "--model.init_args.pretrained", "tiny_svd", "--model.init_args.optimizer.lr", "1e-3",
     ])
     (run,) = (tmp_path / "runs" / "svd_temporal_decoder").iterdir()
     shutil.move(str(weights), tmp_path / "moved")  # the checkpoint must not need the weights

@@ -9,6 +9,7 @@ import torch
 
 from tests.lit.test_svd_module import NET, clip_batch
 from vdiff.lit.base import TrainingStep
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.svd import SVDModule
 from vdiff.models.conditioners import CLIPImageEmbedder
 
@@ -26,7 +27,7 @@ class TemporalSmoothness(SVDModule):
 def build(cls, seed: int = 0):
     torch.manual_seed(seed)
     module = cls(net=NET, image_encoder=CLIPImageEmbedder("tiny"), mask_task="prediction",
-                 mask_params={"given_frames": 1}, lr=1e-3)  # fmt: skip
+                 mask_params={"given_frames": 1}, optimizer=OptimizerSettings(lr=1e-3))  # fmt: skip
     module.configure_model()
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)

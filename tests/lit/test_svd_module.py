@@ -14,6 +14,7 @@ from tests.lit.helpers import quiet_trainer, tiny_synthetic_data
 from vdiff.callbacks.checkpoint_eval import load_module
 from vdiff.cli import main
 from vdiff.diffusion.guidance import LinearCFG, VanillaCFG, guided_call
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.svd import MOTION_SCORE, SVDConditioning, SVDModule
 from vdiff.models.conditioners import CLIPImageEmbedder, CLIPImageEmbedderConfig
 from vdiff.models.unet_svd import UNetSVDConfig
@@ -114,14 +115,14 @@ def test_generate_generates_the_conditioning_frame_unless_pasted(monkeypatch):
 
 
 def test_parameter_groups_follow_the_recipe():
-    module = tiny_svd(train="temporal", lr=1e-3)
+    module = tiny_svd(train="temporal", optimizer=OptimizerSettings(lr=1e-3))
     groups = module.parameter_groups()
     params = [p for g in groups for p in g["params"]]
     names = {id(p): n for n, p in module.net.named_parameters()}
     assert params and all(module.net.is_temporal_parameter(names[id(p)]) for p in params)
     assert all(not p.requires_grad for n, p in module.net.named_parameters() if not module.net.is_temporal_parameter(n))
     assert not any(p.requires_grad for p in module.image_encoder.parameters())
-    scaled = tiny_svd(spatial_lr_scale=0.1, lr=1e-3)
+    scaled = tiny_svd(spatial_lr_scale=0.1, optimizer=OptimizerSettings(lr=1e-3))
     lrs = {g["name"]: g["lr"] for g in scaled.parameter_groups()}
     assert lrs["spatial"] == pytest.approx(1e-4) and lrs["temporal"] == pytest.approx(1e-3)
     every = {id(p) for g in scaled.parameter_groups() for p in g["params"]}
@@ -141,7 +142,7 @@ def test_channels_and_context_width_are_checked():
 
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
-    module = tiny_svd(lr=3e-3)
+    module = tiny_svd(optimizer=OptimizerSettings(lr=3e-3))
     batch = clip_batch(batch=2, seed=5)
     optimizer = torch.optim.AdamW([p for g in module.parameter_groups() for p in g["params"]], lr=3e-3)
     sigma, noise = torch.tensor([1.0, 3.0]), torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(9))
@@ -222,7 +223,7 @@ def test_a_fresh_fit_loads_net_weights(tmp_path):
 
     source = tiny_svd()
     path = save_unet_svd(source.net, tmp_path / "unet.safetensors")
-    module = SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"), net_weights=str(path), lr=0.0)
+    module = SVDModule(net=NET, image_encoder=CLIPImageEmbedder("tiny"), net_weights=str(path), optimizer=OptimizerSettings(lr=0.0))
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([clip_batch()], batch_size=None))
@@ -311,7 +312,7 @@ EMBEDDING_MLP = re.compile(r"(^|.*\.)(time_embed|added_time_embed|frame_embed)\.
 
 
 def test_weight_decay_reaches_matrices_but_not_embeddings_biases_or_norms():
-    module = tiny_svd(weight_decay=0.1, spatial_lr_scale=0.5, lr=1e-3)
+    module = tiny_svd(spatial_lr_scale=0.5, optimizer=OptimizerSettings(lr=1e-3, weight_decay=0.1))
     decay_of = {id(p): g["weight_decay"] for g in module.parameter_groups() for p in g["params"]}
     names = dict(module.net.named_parameters())
     decayed = {n for n, p in names.items() if decay_of[id(p)] == 0.1}

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tests.lit.helpers import TINY_VDT, quiet_trainer, tiny_synthetic_data, vdt_module
 from vdiff.cli import main
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.vdt import VDTModule
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
@@ -171,11 +172,11 @@ def test_subclass_trains_through_vdiff_fit(tmp_path):
 
 
 def test_learning_rate_warmup_then_cosine_decay():
-    from vdiff.lit.base import lr_factor
+    from vdiff.lit.optim import lr_factor
 
     assert [lr_factor(s, warmup=4, total=None) for s in (0, 1, 3, 100)] == [0.25, 0.5, 1.0, 1.0]
     assert lr_factor(4, warmup=4, total=104) == 1.0
     assert abs(lr_factor(54, warmup=4, total=104) - 0.5) < 1e-12
     assert lr_factor(104, warmup=4, total=104) == 0.0 and lr_factor(500, warmup=4, total=104) == 0.0
     with pytest.raises(ValueError, match="lr_decay"):
-        VDTModule(lr_decay="linear")
+        VDTModule(optimizer=OptimizerSettings(lr_decay="linear"))

@@ -64,19 +64,19 @@ def test_recipe_prints_vistas_settings(recipe, capsys):
     assert sigma["offset_noise"] == 0.02 and sigma["offset_noise_scope"] == "frame" and sigma["loss_weighting"] == "v"
     assert model["conditioning"]["fps_id"] == 9 and model["conditioning"]["drop_image"] == 0.15
     assert {int(k): v for k, v in model["prior_weights"].items()} == {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0}
-    assert model["structure_weight"] == 0.1 and model["action_drop"] == 0.15 and model["warmup_steps"] == 1000
+    assert model["structure_weight"] == 0.1 and model["action_drop"] == 0.15 and model["optimizer"]["warmup_steps"] == 1000
     assert trainer["gradient_clip_val"] == 0.3 and trainer["precision"] == "bf16-mixed"
     assert data["num_frames"] == 25 and data["target_fps"] == 10.0
     ema = next(c for c in trainer["callbacks"] if c["class_path"] == "vdiff.callbacks.EMA")
     assert ema["init_args"]["decay"] == 0.9999
     lora = [c for c in trainer["callbacks"] if c["class_path"] == "vdiff.callbacks.LoRA"]
     if recipe == "vista.yaml":
-        assert model["lr"] == 1e-5 and model["spatial_lr_scale"] == 0.1 and data["size"] == [576, 1024]
+        assert model["optimizer"]["lr"] == 1e-5 and model["spatial_lr_scale"] == 0.1 and data["size"] == [576, 1024]
         assert model["net_weights"] == "hf://stabilityai/stable-video-diffusion-img2vid-xt/svd_xt.safetensors" and not lora
         assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
         assert trainer["devices"] * trainer["accumulate_grad_batches"] * data["batch_size"] == 256
     else:
-        assert model["lr"] == 5e-5 and model["spatial_lr_scale"] == 1.0
+        assert model["optimizer"]["lr"] == 5e-5 and model["spatial_lr_scale"] == 1.0
         assert data["size"] == ([320, 576] if recipe == "vista_phase2.yaml" else [576, 1024])
         assert [s["weight"] for s in data["train"]] == [1.0, 1.0]  # half action-free video, half nuScenes
         (adapter,) = lora[0]["init_args"]["adapters"].values()
@@ -93,7 +93,10 @@ def test_data_blocks_swap_in(block, capsys):
     expected = yaml.safe_load((RECIPES / "data" / f"{block}.yaml").read_text())["data"]
     assert data["class_path"] == expected["class_path"]
     for key, value in expected["init_args"].items():
-        if not (block == "cityscapes" and key == "frame_stride"):
+        if isinstance(value, dict):  # a group (decoding, augmentation): the block's fields, the recipe's others kept
+            for field, field_value in value.items():
+                assert data["init_args"][key][field] == field_value, (key, field)
+        elif not (block == "cityscapes" and key == "frame_stride"):
             assert data["init_args"][key] == value, key
     if data["class_path"] == "vdiff.data.datamodule.VideoDataModule":
         VideoDataModule(**data["init_args"])  # the merged block constructs (e.g. no frame_stride + target_fps)
@@ -128,7 +131,7 @@ def tiny_args(recipe: str, tmp_path: Path, recipe_weights: bool = False, tiny_ac
         "--model.init_args.image_encoder", json.dumps(TINY_CLIP),
         *(["--model.init_args.action_encoder", json.dumps(TINY_ACTIONS)] if tiny_actions else []),
         "--model.init_args.sampler.steps", "2",
-        "--model.init_args.warmup_steps", "0",
+        "--model.init_args.optimizer.warmup_steps", "0",
         "--trainer.callbacks+", json.dumps({"class_path": "tests.lit.test_vista_recipes.Snapshot"}),
         *quiet_trainer(tmp_path / "runs"),
         "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "1",

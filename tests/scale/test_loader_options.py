@@ -9,6 +9,7 @@ import torch
 from tests.data.conftest import write_videos
 from vdiff.data import datamodule as dm_module
 from vdiff.data.datamodule import VideoDataModule, auto_num_workers
+from vdiff.data.options import LoaderOptions
 from vdiff.data.synthetic_datamodule import SyntheticDrivingDataModule
 
 
@@ -38,15 +39,15 @@ def test_loader_options_reach_the_dataloader(shards, monkeypatch):
     assert dm.num_workers == 0 and not dm.pin_memory
     loader = dm.train_dataloader()
     assert loader.num_workers == 0 and loader.prefetch_factor is None
-    dm = VideoDataModule(train=shards, val=shards, num_frames=4, size=16, num_workers=1, prefetch_factor=4,
-                         pin_memory=True)  # fmt: skip
+    dm = VideoDataModule(train=shards, val=shards, num_frames=4, size=16, num_workers=1,
+                         loader=LoaderOptions(prefetch_factor=4, pin_memory=True))  # fmt: skip
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         assert loader.num_workers == 1 and loader.prefetch_factor == 4 and loader.pin_memory
     assert len(dm.skips.counts) == 4 * 2  # skip rows: 4 stages x (main process + 1 worker)
     with pytest.raises(ValueError, match="num_workers must be an integer >= 0 or 'auto'"):
         VideoDataModule(train=shards, num_workers="many")
     with pytest.raises(ValueError, match="prefetch_factor"):
-        VideoDataModule(train=shards, num_workers=1, prefetch_factor=0)
+        VideoDataModule(train=shards, num_workers=1, loader={"prefetch_factor": 0})
 
 
 def test_a_recipe_can_ask_for_auto_workers(tmp_path, monkeypatch):
@@ -55,7 +56,7 @@ def test_a_recipe_can_ask_for_auto_workers(tmp_path, monkeypatch):
     parser = jsonargparse.ArgumentParser()
     parser.add_subclass_arguments(VideoDataModule, "data")
     config = {"class_path": "vdiff.data.synthetic_datamodule.SyntheticDrivingDataModule",
-              "init_args": {"cache_dir": str(tmp_path), "num_workers": "auto", "prefetch_factor": 3}}  # fmt: skip
+              "init_args": {"cache_dir": str(tmp_path), "num_workers": "auto", "loader": {"prefetch_factor": 3}}}  # fmt: skip
     data = parser.instantiate_classes(parser.parse_object({"data": config})).data
     assert isinstance(data, SyntheticDrivingDataModule)
-    assert data.num_workers == 0 and data.prefetch_factor == 3
+    assert data.num_workers == 0 and data.loader.prefetch_factor == 3

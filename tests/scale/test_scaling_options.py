@@ -25,7 +25,7 @@ def test_fused_adamw_on_request_and_on_cuda_only_by_default(tmp_path):
     assert not use_fused_adamw(module, None, torch.device("cpu"))
     assert module.optimizer_factory is None
     assert use_fused_adamw(module, None, torch.device("cuda", 0))
-    assert module.optimizer_factory.keywords == {"lr": module.lr, "betas": module.betas, "fused": True}
+    assert module.optimizer_factory.keywords == {**module.optimizer_settings.adamw_options(), "fused": True}
     assert not use_fused_adamw(module, True, torch.device("cpu"))  # already set: left alone
     named = step_module()
     named.optimizer_factory = lambda groups: torch.optim.SGD(groups, lr=0.1)
@@ -37,7 +37,7 @@ def test_fused_adamw_on_request_and_on_cuda_only_by_default(tmp_path):
     trainer.fit(module, train_dataloaders=placeholder_loader())
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [module.weight_decay, 0.0]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [module.optimizer_settings.weight_decay, 0.0]
 
 
 def test_defaults_without_a_scaling_callback(tmp_path):

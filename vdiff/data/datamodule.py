@@ -55,6 +55,7 @@ from vdiff.data.clips import BAD_JSON, MISSING_JSON, MISSING_VIDEO, TOO_SMALL, C
 from vdiff.data.eval_stream import EvalClipStream
 from vdiff.data.frame_size import frame_size
 from vdiff.data.loader import VideoLoader
+from vdiff.data.options import Augmentation, Decoding, LoaderOptions, option_group
 from vdiff.data.shards import NoShardsError, count_samples, expand_shard_spec, manifest_sample_counts
 from vdiff.data.skips import SkipCounter
 from vdiff.data.sources import DataSource, as_sources
@@ -143,37 +144,30 @@ class VideoDataModule(LightningDataModule):
             ``target_fps``.
         target_fps: resample clips to this frame rate (nearest source frame per output time).
         size: output frame size, an int (square) or ``(H, W)``.
-        resize: scale frames (keeping aspect) to the smallest size covering ``size``, then crop;
-            False crops from the source resolution (smaller frames are skipped as ``too_small``).
-        crop: training crop, ``"random"`` or ``"center"`` (evaluation always crops the center).
-            Crops move ``goal`` points; a goal outside the crop becomes invalid.
-        flip: randomly mirror training clips left-right, mirroring the actions too (off by default:
-            driving is not mirror-symmetric, e.g. which side of the road traffic keeps to).
+        decoding: how frames are decoded to ``size`` (:class:`~vdiff.data.options.Decoding`: ``resize``,
+            ``threads``).
+        augmentation: random changes of training clips (:class:`~vdiff.data.options.Augmentation`: ``crop``,
+            ``flip``); evaluation always crops the center.
         batch_size: training clips per batch and rank.
         val_batch_size: clips per batch in validation, test and predict (default: ``batch_size``).
         num_workers: DataLoader worker processes per rank, or ``"auto"``: none without a CUDA device (on CPU,
             decoding in the main process beats workers competing with torch's threads), else one per CPU core
             available to each GPU's rank, less one for the rank itself, at most 8 (:func:`auto_num_workers`).
             A GPU needs workers: decoding in the training process leaves it idle between steps.
+        loader: how batches travel (:class:`~vdiff.data.options.LoaderOptions`: ``pin_memory``,
+            ``prefetch_factor``, ``worker_start_method``, ``float_on_device``).
         shuffle_buffer: training samples (compressed, per source and worker) held for shuffling;
             memory is about ``shuffle_buffer`` x mean sample size per source and worker.
         seed: seed of every random choice of the training pipeline.
         epoch_length: training batches per rank and epoch; default: the samples of all training
             sources (from their manifests, else by reading the shards) / (``batch_size`` x world size).
-        decode_threads: PyAV decoding threads per reader (keep small: workers decode in parallel).
         val_clips_per_video: evaluation clips per video, evenly spaced from the first frame to the
             last possible start; with more than one, keys become ``<key>/clip<j>``.
         eval_num_frames: frames per clip in validation, test and predict (default: ``num_frames``);
             e.g. train on 16-frame clips and evaluate 2 -> 28 on 30-frame clips (MCVD's protocol).
-        float_on_device: keep ``video`` uint8 through the DataLoader (4x less to copy between
-            processes and to the accelerator) and convert it to float in ``on_after_batch_transfer``;
-            False converts in the workers, so the loaders alone yield contract batches.
-        pin_memory: pin batches for faster host-to-GPU copies (default: when CUDA is available).
-        prefetch_factor: batches each worker prepares ahead (None = torch's default, 2; only with workers).
-            Workers are not persistent: the loader hands each epoch's stream to fresh workers, so an epoch
-            (and a resume) always starts from its own seed.
-        worker_start_method: how DataLoader workers start (default: the platform's, fork on Linux);
-            ``spawn``/``forkserver`` where forking is unsafe, at the cost of workers importing torch.
+
+    The groups were flat arguments before (``resize``, ``crop``, ``pin_memory``...): see :mod:`vdiff.data.options` for
+    where each went.
 
     Extending it to another kind of sample (see :class:`~vdiff.data.latent_datamodule.LatentDataModule`):
     set :attr:`train_stream_class` / :attr:`eval_stream_class` to subclasses of :class:`TrainClipStream` /
@@ -196,22 +190,17 @@ class VideoDataModule(LightningDataModule):
         frame_stride: int | None = None,
         target_fps: float | None = None,
         size: int | tuple[int, int] = 256,
-        resize: bool = True,
-        crop: Literal["random", "center"] = "random",
-        flip: bool = False,
+        decoding: Decoding | None = None,
+        augmentation: Augmentation | None = None,
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int | Literal["auto"] = 2,
+        loader: LoaderOptions | None = None,
         shuffle_buffer: int = 64,
         seed: int = 0,
         epoch_length: int | None = None,
-        decode_threads: int = 1,
         val_clips_per_video: int = 1,
         eval_num_frames: int | None = None,
-        float_on_device: bool = True,
-        pin_memory: bool | None = None,
-        prefetch_factor: int | None = None,
-        worker_start_method: Literal["fork", "spawn", "forkserver"] | None = None,
     ):
         super().__init__()
         self.sources = {
@@ -228,12 +217,13 @@ class VideoDataModule(LightningDataModule):
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
         if target_fps is not None and not target_fps > 0:
             raise ValueError(f"target_fps must be positive, got {target_fps}")
+        self.decoding = option_group(Decoding, decoding, "decoding")
+        self.augmentation = option_group(Augmentation, augmentation, "augmentation")
+        self.loader = option_group(LoaderOptions, loader, "loader")
         try:
             out_hw = frame_size(size)  # the meaning of every tool's --size (vdiff.data.frame_size)
         except ValueError:
             raise ValueError(f"size must be a positive int (a square) or (H, W), got {size!r}") from None
-        if crop not in ("random", "center"):
-            raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         if isinstance(num_workers, str):
             if num_workers != "auto":
                 raise ValueError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
@@ -243,13 +233,10 @@ class VideoDataModule(LightningDataModule):
             ("num_workers", num_workers, 0),
             ("shuffle_buffer", shuffle_buffer, 0),
             ("seed", seed, 0),
-            ("decode_threads", decode_threads, 1),
             ("val_clips_per_video", val_clips_per_video, 1),
         ):
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if prefetch_factor is not None and (int(prefetch_factor) != prefetch_factor or prefetch_factor < 1):
-            raise ValueError(f"prefetch_factor must be an integer >= 1 or None, got {prefetch_factor!r}")
         if val_batch_size is not None and val_batch_size < 1:
             raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
         if epoch_length is not None and epoch_length < 1:
@@ -264,14 +251,12 @@ class VideoDataModule(LightningDataModule):
             frame_stride=frame_stride,
             target_fps=target_fps,
             out_hw=out_hw,  # type: ignore[arg-type]
-            resize=resize,
-            decode_threads=decode_threads,
+            resize=self.decoding.resize,
+            decode_threads=self.decoding.threads,
         )
         if eval_num_frames is not None and eval_num_frames < 1:
             raise ValueError(f"eval_num_frames must be >= 1, got {eval_num_frames}")
         self.eval_spec = replace(self.spec, num_frames=eval_num_frames) if eval_num_frames else self.spec
-        self.crop = crop
-        self.flip = flip
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -279,10 +264,7 @@ class VideoDataModule(LightningDataModule):
         self.seed = seed
         self.epoch_length = epoch_length
         self.val_clips_per_video = val_clips_per_video
-        self.float_on_device = float_on_device
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.worker_start_method = worker_start_method
+        self.pin_memory = torch.cuda.is_available() if self.loader.pin_memory is None else self.loader.pin_memory
         # Rows: per stage, the main process and each worker (see ClipStreamBase).
         self.skips = SkipCounter(self.skip_reasons, num_slots=len(STAGES) * (num_workers + 1))
         self._epoch = 0
@@ -369,11 +351,11 @@ class VideoDataModule(LightningDataModule):
     def collate_fn(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         """What turns a list of stream items into a batch (a top-level function or partial: cheap to
         pickle into workers)."""
-        return functools.partial(collate_clips, normalize=not self.float_on_device)
+        return functools.partial(collate_clips, normalize=not self.loader.float_on_device)
 
     def train_stream_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :attr:`train_stream_class` beyond those every train stream takes."""
-        return {"crop": self.crop, "flip": self.flip}
+        return {"crop": self.augmentation.crop, "flip": self.augmentation.flip}
 
     def eval_stream_kwargs(self, stage: str) -> dict[str, Any]:
         """Keyword arguments of :attr:`eval_stream_class` for ``stage`` beyond those every eval stream takes."""
@@ -389,8 +371,8 @@ class VideoDataModule(LightningDataModule):
             collate_fn=self.collate_fn(),
             pin_memory=self.pin_memory,
             drop_last=False,
-            multiprocessing_context=self.worker_start_method if self.num_workers > 0 else None,
-            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            multiprocessing_context=self.loader.worker_start_method if self.num_workers > 0 else None,
+            prefetch_factor=self.loader.prefetch_factor if self.num_workers > 0 else None,
         )
         return loader
 

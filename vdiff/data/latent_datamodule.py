@@ -60,6 +60,7 @@ from vdiff.data.clips import (
 )
 from vdiff.data.datamodule import SKIP_REASONS, STAGE_SPLITS, VideoDataModule
 from vdiff.data.eval_stream import EvalClipStream
+from vdiff.data.options import LoaderOptions
 from vdiff.data.sampling import ReaderSlot
 from vdiff.data.schema import (
     FIRST_FRAME_EXT,
@@ -309,8 +310,7 @@ class LatentDataModule(VideoDataModule):
             epoch_length=epoch_length,
             val_clips_per_video=val_clips_per_video,
             eval_num_frames=eval_num_frames,
-            float_on_device=False,
-            pin_memory=pin_memory,
+            loader=LoaderOptions(pin_memory=pin_memory, float_on_device=False),
         )
         self.train_start = train_start
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from vdiff.data import batch as B
 from vdiff.lit.base import Generated
 from vdiff.lit.frozen import FrozenPartsInEvalMode
+from vdiff.lit.optim import OptimizerSettings, settings_in_old_checkpoint
 from vdiff.lit.safe_loading import load_checkpoint
 from vdiff.metrics.blob import DEFAULT_BLOB_THRESHOLD, FeatureNormProbe, blob_ratio
 from vdiff.metrics.frames import frame_psnr, frame_ssim
@@ -50,6 +51,7 @@ from vdiff.models.discriminator import (
     hinge_d_loss,
     hinge_g_loss,
 )
+from vdiff.models.presets import config_from_spec
 from vdiff.weights.autoencoder import LoadLayout, SaveLayout, load_autoencoder, save_autoencoder
 from vdiff.weights.registry import lpips_backbone
 from vdiff.weights.safetensors_io import resolve_weights_path
@@ -73,18 +75,23 @@ def _keep_own_weights(module: nn.Module, state_dict: dict[str, Tensor], prefix: 
         state_dict.setdefault(prefix + name, value)
 
 
+AUTOENCODER_OPTIMIZER = OptimizerSettings.complete(lr=4.5e-6, betas=(0.5, 0.9))  # taming's AdamW (its lr: 4.5e-6 x batch)
+
+
 class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
     """Reconstruction + LPIPS + KL (+ PatchGAN) training of a :class:`~vdiff.models.autoencoder.VideoAutoencoder`.
 
     Batches are video batches (:mod:`vdiff.data.batch`): ``video`` ``(B, T, 3, H, W)`` in [-1, 1].
 
     Args:
-        net: the architecture: an :class:`AutoencoderConfig` (a mapping of its fields in a recipe; its defaults
-            are the SD 2.1 VAE) or a preset name of ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ``"tiny"``,
-            ``"tiny-svd"``). None with ``pretrained``: the config stored with the weights (a diffusers folder's
-            ``config.json``, a vdiff file's metadata), else a guess; None without: SD 2.1. On the command line
-            a field override (``--model.init_args.net.ch 64``) applies to the mapping form: after a preset name
-            it starts from the dataclass defaults (SD 2.1), not from the preset, so write every field you change.
+        net: the architecture: a preset name of ``AUTOENCODER_CONFIGS`` (``"sd"``, ``"svd"``, ``"tiny"``,
+            ``"tiny-svd"``), a preset with fields overridden (``{name: svd, dropout: 0.1}``) or an
+            :class:`AutoencoderConfig` (a mapping of its fields in a recipe; its defaults are the SD 2.1 VAE); see
+            :func:`vdiff.models.presets.config_from_spec`. None with ``pretrained``: the config stored with the
+            weights (a diffusers folder's ``config.json``, a vdiff file's metadata), else a guess; None without:
+            SD 2.1. On the command line a field override (``--model.init_args.net.ch 64``) applies to the mapping
+            of fields, which starts from the dataclass defaults (SD 2.1): to change a preset, give
+            ``--model.init_args.net '{name: svd, ch: 64}'``.
         pretrained: LOCAL weights to start from: a diffusers model folder or a weights file (a relative path is
             also looked up in ``$VDIFF_WEIGHTS``); checked when the module is built, so a missing file fails
             before any training. Read by :func:`vdiff.weights.autoencoder.load_autoencoder`.
@@ -103,18 +110,22 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
         disc_start: batch from which the GAN terms are on (SD: 50001).
         disc_channels, disc_layers, disc_norm: PatchGAN size (64, 3, batch norm as taming).
         disc_max_adaptive_weight: clamp of the adaptive weight (taming: 1e4).
-        lr, betas, weight_decay: AdamW of the autoencoder (taming: 4.5e-6 x batch, betas 0.5/0.9).
-        disc_lr: discriminator learning rate (default ``lr``).
-        optimizer, disc_optimizer: optimizer classes from the recipe (override the AdamW defaults).
+        optimizer: AdamW of the autoencoder and the discriminator, :class:`~vdiff.lit.optim.OptimizerSettings`
+            (defaults: lr 4.5e-6, betas 0.5/0.9 as taming, whose lr is 4.5e-6 x batch); ``warmup_steps`` and
+            ``lr_decay`` count batches (cosine ends at ``trainer.max_steps`` / the number of optimizers).
+        disc_lr: discriminator learning rate (default ``optimizer.lr``).
+        optimizer_class, disc_optimizer_class: other optimizer classes from the recipe (replace AdamW).
         grad_clip_val: gradient norm clip for both optimizers (manual optimisation ignores the Trainer's).
         blob_threshold: blob ratio above which validation warns (see :mod:`vdiff.metrics.blob`).
         error_patch: side in pixels of the patches of the validation error map.
         val_seed: seed of validation posterior samples (the losses use a posterior sample).
     """
 
+    DEFAULT_OPTIMIZER = AUTOENCODER_OPTIMIZER
+
     def __init__(
         self,
-        net: AutoencoderConfig | str | None = None,
+        net: str | dict[str, Any] | AutoencoderConfig | None = None,
         pretrained: str | None = None,
         pretrained_layout: LoadLayout = "auto",
         freeze_encoder: bool = False,
@@ -131,23 +142,20 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
         disc_layers: int = 3,
         disc_norm: DiscNorm = "batch",
         disc_max_adaptive_weight: float = 1e4,
-        lr: float = 4.5e-6,
-        betas: tuple[float, float] = (0.5, 0.9),
-        weight_decay: float = 0.0,
+        optimizer: OptimizerSettings | None = None,
         disc_lr: float | None = None,
-        optimizer: OptimizerCallable | None = None,
-        disc_optimizer: OptimizerCallable | None = None,
+        optimizer_class: OptimizerCallable | None = None,
+        disc_optimizer_class: OptimizerCallable | None = None,
         grad_clip_val: float | None = None,
         blob_threshold: float = DEFAULT_BLOB_THRESHOLD,
         error_patch: int = 8,
         val_seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(net, dict):  # YAML through LightningCLI's subclass mode can hand the dataclass as a dict
-            net = AutoencoderConfig.from_dict(net)
-        elif isinstance(net, str):
-            net = AutoencoderConfig.from_name(net)
-        self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
+        if net is not None:  # a preset name, a preset with overrides, or fields (YAML can hand the dataclass as a dict)
+            net = config_from_spec(AutoencoderConfig, net)
+        self.save_hyperparameters(ignore=["optimizer_class", "disc_optimizer_class"])
+        self.optimizer_settings = OptimizerSettings.of(optimizer, self.DEFAULT_OPTIMIZER)
         self.config: AutoencoderConfig | None = net  # the dataclass (hparams hold what the recipe gave)
         if rec_loss not in ("l1", "l2"):
             raise ValueError(f"AutoencoderModule: rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
@@ -163,8 +171,8 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
             resolve_weights_path(pretrained, what="pretrained autoencoder weights", allow_dir=True)
         # LPIPS' torchvision backbone: $TORCH_HOME's, else downloaded into the weights cache (before any training).
         self.lpips_backbone = lpips_backbone(lpips_net) if self.use_lpips_loss or self.use_val_lpips else None
-        self.optimizer_factory = optimizer
-        self.disc_optimizer_factory = disc_optimizer
+        self.optimizer_factory = optimizer_class
+        self.disc_optimizer_factory = disc_optimizer_class
         self.automatic_optimization = False
         self.autoencoder: VideoAutoencoder | None = None
         self.discriminator: PatchDiscriminator | None = None
@@ -295,6 +303,7 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
             opt_d.step()
             self.untoggle_optimizer(opt_d)
 
+        self._step_schedulers()
         self.batches_trained += 1
         logs.update({k: v.detach() for k, v in losses.items()}, loss=loss.detach())
         logs["kl_weight"] = torch.tensor(kl_weight)
@@ -308,23 +317,39 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip_val, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
-        hp = self.hparams
+        """AdamW (or ``optimizer_class``) of the autoencoder and, with a discriminator, of the discriminator; with
+        ``optimizer.warmup_steps`` or ``lr_decay: cosine`` a schedule for each, stepped once per batch."""
+        settings = self.optimizer_settings
         params = [p for p in self.autoencoder.parameters() if p.requires_grad]
         if not params:
             raise ValueError("AutoencoderModule: no trainable autoencoder parameter")
-        if self.optimizer_factory is not None:
-            opt_ae = self.optimizer_factory(params)
-        else:
-            opt_ae = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        if self.discriminator is None:
-            return opt_ae
-        disc_params = list(self.discriminator.parameters())
-        if self.disc_optimizer_factory is not None:
-            opt_d = self.disc_optimizer_factory(disc_params)
-        else:
-            opt_d = torch.optim.AdamW(disc_params, lr=hp.disc_lr or hp.lr, betas=tuple(hp.betas),
-                                      weight_decay=hp.weight_decay)
-        return [opt_ae, opt_d]
+        optimizers = [self.optimizer_factory(params) if self.optimizer_factory is not None else settings.adamw(params)]
+        if self.discriminator is not None:
+            disc_params = list(self.discriminator.parameters())
+            if self.disc_optimizer_factory is not None:
+                optimizers.append(self.disc_optimizer_factory(disc_params))
+            else:
+                optimizers.append(settings.adamw(disc_params, lr=self.hparams.disc_lr or settings.lr))
+        if not settings.warmup_steps and settings.lr_decay == "constant":
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        # Every optimizer steps once per batch, so trainer.max_steps counts len(optimizers) steps per batch.
+        cosine = settings.lr_decay == "cosine" and self._trainer is not None
+        total = self.trainer.estimated_stepping_batches / len(optimizers) if cosine else None
+        return optimizers, [settings.scheduler(optimizer, total) for optimizer in optimizers]
+
+    def _step_schedulers(self) -> None:
+        """Manual optimisation: Lightning leaves the learning-rate schedules to the module (one step per batch)."""
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers is not None else []:
+            scheduler.step()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written before the ``optimizer`` group holds flat ``lr``, ``betas``, ``weight_decay``: read
+        them into the group when the module was loaded without a trainer (``load_from_checkpoint``)."""
+        super().on_load_checkpoint(checkpoint)
+        settings = settings_in_old_checkpoint(checkpoint, self.DEFAULT_OPTIMIZER, type(self).__name__)
+        if settings is not None and self._trainer is None:
+            self.optimizer_settings = self.hparams["optimizer"] = settings
 
     # ---------------------------------------------------------------- reconstruction as "generation"
 

@@ -27,7 +27,6 @@ entries ``vdiff_module`` (class path), ``vdiff_clip`` (clip length and size trai
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -48,6 +47,7 @@ from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig, check_sampler, default_sampler, sample
 from vdiff.lit.evaluation import PREDICTION_TASKS, EvalProtocol, ScoreTotals, format_report
 from vdiff.lit.frozen import FrozenPartsInEvalMode
+from vdiff.lit.optim import OptimizerSettings, settings_in_old_checkpoint
 from vdiff.lit.safe_loading import allow_config_objects_in_checkpoints
 from vdiff.metrics.frames import copy_last_given_frame, frame_psnr, frame_ssim, masked_frame_mean
 from vdiff.models.autoencoder import IdentityAutoencoder, VideoAutoencoder
@@ -63,7 +63,7 @@ def _allow_vdiff_configs() -> None:
     allow_config_objects_in_checkpoints(
         VDTConfig, AutoencoderConfig, SamplerConfig, EvalProtocol, GaussianDiffusion, EDMDiffusion, edm.EDMPrecond,
         edm.VScalingPrecond, edm.LogNormalSigma, edm.PreconditionedDenoiser, guidance.VanillaCFG, guidance.LinearCFG,
-        guidance.TriangleCFG, masks.MaskSpec,
+        guidance.TriangleCFG, masks.MaskSpec, OptimizerSettings,
         FlowMatching, flow.LogitNormalTime, flow.UniformTime,
         # an EDMDiffusion holds a PreconditionedDenoiser; checkpoints written before its rename name it so
         (edm.PreconditionedDenoiser, "vdiff.diffusion.edm.Denoiser"),
@@ -140,15 +140,14 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         sampler: the sampler used for validation, test and by default in :meth:`generate`; None = the
             process's usual one (DDIM 50 steps for DDPM, Euler 25 for EDM, flow Euler 50 for flow matching).
         evaluation: the validation/test protocol; None = :class:`EvalProtocol` defaults.
-        lr: AdamW learning rate (ignored when ``optimizer`` is given).
-        weight_decay: AdamW weight decay, applied to matrices only (not to norms, biases, embeddings).
-        betas: AdamW betas.
-        warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
-        optimizer: any optimizer class from the recipe (``class_path``/``init_args``); receives the
-            parameter groups.
-        lr_decay: ``"constant"`` after warm-up, or ``"cosine"``: cosine decay to 0 at the trainer's
-            last step (``trainer.estimated_stepping_batches``, i.e. ``max_steps`` when set).
+        optimizer: AdamW and its learning-rate schedule, one group (:class:`~vdiff.lit.optim.OptimizerSettings`:
+            ``lr``, ``betas``, ``eps``, ``weight_decay`` on matrices only, ``warmup_steps``, ``lr_decay``); fields
+            left out keep :attr:`DEFAULT_OPTIMIZER` (a family's defaults).
+        optimizer_class: any other optimizer class from the recipe (``class_path``/``init_args``); receives the
+            parameter groups (with their ``weight_decay``); ``optimizer.warmup_steps`` and ``lr_decay`` still apply.
     """
+
+    DEFAULT_OPTIMIZER: OptimizerSettings = OptimizerSettings.complete()  # a family's defaults (SVD: lr 1e-5)
 
     def __init__(
         self,
@@ -156,12 +155,8 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         diffusion: GaussianDiffusion | EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        optimizer: OptimizerCallable | None = None,
-        lr_decay: Literal["constant", "cosine"] = "constant",
+        optimizer: OptimizerSettings | None = None,
+        optimizer_class: OptimizerCallable | None = None,
     ) -> None:
         super().__init__()
         self.autoencoder = (autoencoder if autoencoder is not None else IdentityAutoencoder()).eval().requires_grad_(False)
@@ -169,14 +164,8 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         self.sampler = sampler if sampler is not None else default_sampler(self.diffusion)
         check_sampler(self.diffusion, self.sampler)
         self.evaluation = evaluation if evaluation is not None else EvalProtocol()
-        if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {lr_decay!r}")
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.betas = tuple(betas)
-        self.warmup_steps = warmup_steps
-        self.lr_decay = lr_decay
-        self.optimizer_factory = optimizer
+        self.optimizer_settings = OptimizerSettings.of(optimizer, self.DEFAULT_OPTIMIZER)
+        self.optimizer_factory = optimizer_class
         self.net: nn.Module | None = None
         self.guidance: Guidance | None = None  # classifier-free guidance schedule at sampling (families set it)
         self.decode_chunk: int | None = None  # decode latents in temporal chunks of this many frames (None = all)
@@ -648,9 +637,11 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
         """Restore the autoencoder recorded in the checkpoint: rebuild it when this module was
         constructed without one (``load_from_checkpoint``), check that a file-backed one is the same
         file with the same config, put its weights back into the state dict (lean checkpoints do not store
-        them), then check that the network fits it (:meth:`check_autoencoder`)."""
+        them), then check that the network fits it (:meth:`check_autoencoder`). A checkpoint written before the
+        ``optimizer`` group (flat ``lr``, ``betas``...) has them read into it (:meth:`restore_flat_optimizer_arguments`)."""
         from vdiff.lit.autoencoder_source import restore_autoencoder
 
+        self.restore_flat_optimizer_arguments(checkpoint)
         entry = checkpoint.get(AUTOENCODER_KEY)
         if entry is not None:
             rebuilt = restore_autoencoder(entry, current=self.autoencoder)
@@ -663,6 +654,15 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
 
+    def restore_flat_optimizer_arguments(self, checkpoint: dict[str, Any]) -> None:
+        """Hyperparameters written before the ``optimizer`` group hold flat ``lr``, ``betas``, ``weight_decay``,
+        ``warmup_steps`` and ``lr_decay``, which ``load_from_checkpoint`` leaves out (they are no arguments now): move
+        them into the group (a warning names the new form) and, for a module loaded without a trainer, use them. A
+        fit resumed from the checkpoint keeps the settings the module was built with (the recipe's)."""
+        settings = settings_in_old_checkpoint(checkpoint, self.DEFAULT_OPTIMIZER, type(self).__name__)
+        if settings is not None and self._trainer is None:
+            self.optimizer_settings = self.hparams["optimizer"] = settings
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: weight decay on matrices, none on norms, biases and 1-D embeddings."""
         decay, no_decay = [], []
@@ -671,34 +671,19 @@ class VideoDiffusionModule(FrozenPartsInEvalMode, L.LightningModule):
                 continue
             (no_decay if param.ndim < 2 or "embed" in name else decay).append(param)
         return [
-            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": decay, "weight_decay": self.optimizer_settings.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over :meth:`parameter_groups` (or ``optimizer_class``), with ``optimizer``'s warm-up and decay
+        stepped per optimizer step."""
+        settings = self.optimizer_settings
         groups = self.parameter_groups()
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(groups)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
-        total = self.trainer.estimated_stepping_batches if self.lr_decay == "cosine" and self._trainer else None
-        if total is not None and not math.isfinite(total):
-            raise ValueError("lr_decay='cosine' needs a finite training length: set trainer.max_steps or max_epochs")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_factor, warmup=max(int(self.warmup_steps), 0), total=total)
-        )
+        optimizer = self.optimizer_factory(groups) if self.optimizer_factory is not None else settings.adamw(groups)
+        total = self.trainer.estimated_stepping_batches if settings.lr_decay == "cosine" and self._trainer else None
+        scheduler = settings.scheduler(optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def lr_factor(step: int, warmup: int, total: float | None) -> float:
-    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then constant (``total``
-    None) or cosine decay reaching 0 at step ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if total is None:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 _allow_vdiff_configs()

@@ -53,6 +53,7 @@ from vdiff.lit.checkpointing import (
     checkpoint_position,
     resume_plan,
 )
+from vdiff.lit.optim import FLAT_OPTIMIZER_ARGUMENTS, migrate_flat_optimizer_arguments
 from vdiff.lit.progress import StepProgressBar
 from vdiff.lit.safe_loading import UnsafeCheckpointError, refusing_code
 from vdiff.lit.time_budget import TimeBudget
@@ -221,6 +222,27 @@ class VdiffLightningCLI(LightningCLI):
             raise RecipeError(argument_error_message(str(err))) from err
         except UnsafeCheckpointError as err:
             raise RecipeError(str(err)) from err
+        self._move_flat_optimizer_arguments()
+
+    def _move_flat_optimizer_arguments(self) -> None:
+        """A checkpoint written before the ``optimizer`` group brings flat ``lr``, ``betas``... with its hyperparameters
+        (as ``dict_kwargs``: no argument takes them now): move them into the group, with a warning, as
+        ``load_from_checkpoint`` does (:func:`vdiff.lit.optim.migrate_flat_optimizer_arguments`)."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        extra = model.get("dict_kwargs") if model is not None else None
+        if not extra:
+            return
+        group = model.get("init_args.optimizer")
+        hparams = {"optimizer": group.as_dict() if hasattr(group, "as_dict") else group, **extra}
+        if not migrate_flat_optimizer_arguments(hparams, str(model.get("class_path"))):
+            return
+        for name in FLAT_OPTIMIZER_ARGUMENTS:
+            extra.pop(name, None)
+        if not extra:
+            del model["dict_kwargs"]
+        moved = {subcommand: {"model": {"class_path": model["class_path"], "init_args": {"optimizer": hparams["optimizer"]}}}}
+        self.config = self.parser.parse_object(moved, self.config)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # `last.ckpt` is always written so that `--ckpt_path last` resumes a crashed run.

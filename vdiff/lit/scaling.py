@@ -292,14 +292,15 @@ def compile_blocks(net: nn.Module, mode: str | None = None, dynamic: bool | None
 
 def use_fused_adamw(pl_module: Any, fused: bool | None, device: torch.device | None) -> bool:
     """Make the module's own AdamW fused (``fused=True``): when ``fused`` is True, or None and ``device`` is
-    CUDA. Only modules that build the default AdamW (``optimizer_factory`` None, ``lr``/``betas`` set) are
-    changed; an ``optimizer:`` named in the recipe is left as it is. Returns whether it was set."""
+    CUDA. Only modules that build the default AdamW (``optimizer_factory`` None, ``optimizer_settings`` set: see
+    :mod:`vdiff.lit.optim`) are changed; an ``optimizer_class:`` named in the recipe is left as it is. Returns
+    whether it was set."""
     if fused is False or getattr(pl_module, "optimizer_factory", "absent") is not None:
         return False
     if fused is None and (device is None or device.type != "cuda"):
         return False
     pl_module.optimizer_factory = functools.partial(
-        torch.optim.AdamW, lr=pl_module.lr, betas=tuple(pl_module.betas), fused=True
+        torch.optim.AdamW, **pl_module.optimizer_settings.adamw_options(), fused=True
     )
     return True
 

@@ -42,6 +42,7 @@ from vdiff.diffusion.masks import task_mask
 from vdiff.diffusion.sampling import SamplerConfig
 from vdiff.lit.base import MODULE_SETTING, ModuleSetting, VideoDiffusionModule, allow_config_objects_in_checkpoints
 from vdiff.lit.evaluation import EvalProtocol
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.models.conditioners import (
     DEFAULT_MOTION_BUCKETS,
     SVD_COND_AUG,
@@ -56,10 +57,12 @@ from vdiff.models.conditioners import (
     fps_of,
     unconditional,
 )
+from vdiff.models.presets import config_from_spec
 from vdiff.models.unet_svd import UNetSVD, UNetSVDConfig
 
 IMAGE_ENCODER_KEY = "vdiff_image_encoder"  # checkpoint entry: the frozen CLIP's config (and file, when file-backed)
 IMAGE_ENCODER_PREFIX = "conditioner.image_embedder."
+SVD_OPTIMIZER = OptimizerSettings.complete(lr=1e-5)  # SVDModule's and VistaModule's defaults (a recipe's fields replace them)
 MOTION_SCORE = B.MOTION_SCORE  # batch key: (B,) curation motion score (NaN where unknown)
 
 
@@ -147,9 +150,10 @@ class SVDModule(VideoDiffusionModule):
     """Trains and samples SVD's UNet (image-to-video, or any mask task such as interpolation).
 
     Args:
-        net: a size of :data:`vdiff.models.unet_svd.UNET_SVD_CONFIGS` (``svd``, ``svd-xt``, ``tiny``) or a
-            :class:`UNetSVDConfig` mapping. Its ``in_channels`` must be the latent channels plus
-            ``concat_channels`` and ``out_channels`` the latent channels.
+        net: a size of :data:`vdiff.models.unet_svd.UNET_SVD_CONFIGS` (``svd``, ``svd-xt``, ``tiny``), that size
+            with fields overridden (``{name: svd-xt, gradient_checkpointing: true}``) or a :class:`UNetSVDConfig`
+            mapping (:func:`vdiff.models.presets.config_from_spec`). Its ``in_channels`` must be the latent channels
+            plus ``concat_channels`` and ``out_channels`` the latent channels.
         image_encoder: the frozen CLIP image embedder (e.g. ``vdiff.weights.clip.PretrainedCLIPImageEmbedder``
             from a local file); None when every batch brings ``image_embed``.
         conditioning: how the conditions are made (:class:`SVDConditioning`).
@@ -175,16 +179,19 @@ class SVDModule(VideoDiffusionModule):
         sampler: None = Euler, 25 steps, sigma_max 700, SVD's initial-noise scale (EDM), or the flow process's
             default sampler.
         evaluation: None = prediction from 1 given frame (the conditioning frame).
-        autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay: see the base module.
+        optimizer: :class:`~vdiff.lit.optim.OptimizerSettings` (lr 1e-5, no weight decay, no warm-up by default).
+        autoencoder, optimizer_class: see the base module.
     """
+
+    DEFAULT_OPTIMIZER = SVD_OPTIMIZER
 
     # Arguments kept out of the hyperparameters (modules and factories: the checkpoint's state or on_save_checkpoint
     # records them); a subclass adds its own, since this class's save_hyperparameters also sees the subclass's.
-    UNSAVED_ARGUMENTS: tuple[str, ...] = ("autoencoder", "image_encoder", "optimizer")
+    UNSAVED_ARGUMENTS: tuple[str, ...] = ("autoencoder", "image_encoder", "optimizer_class")
 
     def __init__(
         self,
-        net: UNetSVDConfig | str = "svd",
+        net: str | dict[str, Any] | UNetSVDConfig = "svd",
         image_encoder: nn.Module | None = None,
         conditioning: SVDConditioning | None = None,
         guidance: LinearCFG | VanillaCFG | TriangleCFG | None = None,
@@ -201,25 +208,20 @@ class SVDModule(VideoDiffusionModule):
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         autoencoder: nn.Module | None = None,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        optimizer: OptimizerCallable | None = None,
-        lr_decay: Literal["constant", "cosine"] = "constant",
+        optimizer: OptimizerSettings | None = None,
+        optimizer_class: OptimizerCallable | None = None,
     ) -> None:
         if evaluation is None:
             evaluation = EvalProtocol(task="prediction", given_frames=1)
         if sampler is None and not isinstance(diffusion, FlowMatching):
             sampler = self.svd_sampler()
-        super().__init__(autoencoder, diffusion, sampler, evaluation, lr, weight_decay, betas, warmup_steps, optimizer,
-                         lr_decay)
+        super().__init__(autoencoder, diffusion, sampler, evaluation, optimizer, optimizer_class)
         self.save_hyperparameters(ignore=list(self.UNSAVED_ARGUMENTS))
         if train not in ("all", "temporal"):
             raise ValueError(f"SVDModule: train must be 'all' or 'temporal', got {train!r}")
         if not spatial_lr_scale >= 0:
             raise ValueError(f"SVDModule: spatial_lr_scale must be >= 0, got {spatial_lr_scale}")
-        self.net_config = UNetSVDConfig.from_name(net) if isinstance(net, str) else net
+        self.net_config = config_from_spec(UNetSVDConfig, net)
         self.net_weights = None
         if net_weights is not None:
             from vdiff.weights.safetensors_io import resolve_weights_path
@@ -553,13 +555,13 @@ class SVDModule(VideoDiffusionModule):
                 continue
             decay = param.ndim >= 2 and "embed" not in name
             groups.setdefault((self.parameter_role(name), decay), []).append(param)
-        out = []
+        out, settings = [], self.optimizer_settings
         for (role, decay), params in sorted(groups.items()):
             scale = self.spatial_lr_scale if role == "spatial" else 1.0
             if scale == 0.0:
                 continue
-            out.append({"params": params, "weight_decay": self.weight_decay if decay else 0.0, "lr": self.lr * scale,
-                        "name": f"{role}{'' if decay else '_no_decay'}"})
+            out.append({"params": params, "weight_decay": settings.weight_decay if decay else 0.0,
+                        "lr": settings.lr * scale, "name": f"{role}{'' if decay else '_no_decay'}"})
         return out
 
     # ---------------------------------------------------------------- checkpoints (frozen image encoder)

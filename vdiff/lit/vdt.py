@@ -13,13 +13,14 @@ the paper, EDM or flow matching), sampling, the evaluation protocol and its repo
     model:
       class_path: vdiff.lit.vdt.VDTModule
       init_args:
-        net: VDT-L/2                      # or a mapping of VDTConfig fields (defaults: VDT-S/2's)
+        net: VDT-L/2                      # or {name: VDT-L/2, qk_norm: rms}, or VDTConfig fields (defaults: VDT-S/2's)
         diffusion:
           class_path: vdiff.diffusion.ddpm.GaussianDiffusion
           init_args: {prediction: eps, learn_sigma: true}
         sampler: {name: ddim, steps: 50}
         evaluation: {task: prediction, given_frames: 2, samples_per_video: 1}
         mask_weights: {prediction: 1.0, interpolation: 1.0}
+        optimizer: {lr: 1.0e-04, warmup_steps: 1000}
 
 Subclassing: override :meth:`compute_loss` (a different loss), :meth:`build_network` (a different
 backbone), :meth:`conditioning` (class labels, actions...) or :meth:`training_given_mask`.
@@ -27,7 +28,7 @@ backbone), :meth:`conditioning` (class labels, actions...) or :meth:`training_gi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
@@ -39,9 +40,12 @@ from vdiff.diffusion.masks import MASK_MODES, MaskMixture, MaskSpec
 from vdiff.diffusion.sampling import SamplerConfig
 from vdiff.lit.base import VideoDiffusionModule
 from vdiff.lit.evaluation import EvalProtocol
+from vdiff.lit.optim import OptimizerSettings
+from vdiff.models.presets import config_from_spec
 from vdiff.models.vdt import VDT, VDTConfig
 
 DEFAULT_MASK_WEIGHTS: dict[str, float] = {mode: 1.0 for mode in MASK_MODES}
+VDT_OPTIMIZER = OptimizerSettings.complete(lr=1e-4)  # VDTModule's defaults (a recipe's optimizer: fields replace them)
 
 
 class VDTModule(VideoDiffusionModule):
@@ -49,7 +53,8 @@ class VDTModule(VideoDiffusionModule):
 
     Args:
         net: the network: a size name of :data:`vdiff.models.vdt.VDT_CONFIGS` (``VDT-S/2``,
-            ``VDT-B/2`` (ours), ``VDT-L/2``) or a :class:`VDTConfig` (a recipe mapping of its fields).
+            ``VDT-B/2`` (ours), ``VDT-L/2``), a size with fields overridden (``{name: VDT-L/2, qk_norm: rms}``) or a
+            :class:`VDTConfig` (a recipe mapping of its fields): :func:`vdiff.models.presets.config_from_spec`.
             ``in_channels`` and ``learn_sigma`` left null follow the autoencoder and the process.
         diffusion: the training process; None = the paper's (1000 linear-beta steps, eps
             prediction, learned variance with the hybrid MSE + VB loss).
@@ -58,29 +63,27 @@ class VDTModule(VideoDiffusionModule):
         mask_weights: ``{name: weight}`` of the training mask mixture; names are mask modes or keys
             of ``mask_specs``.
         mask_specs: ``{name: MaskSpec}`` parameters per mode (given frames, step, spatial ratio...).
-        autoencoder, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay: see
-            :class:`~vdiff.lit.base.VideoDiffusionModule`.
+        optimizer: :class:`~vdiff.lit.optim.OptimizerSettings` (lr 1e-4, no weight decay, no warm-up by default).
+        autoencoder, optimizer_class: see :class:`~vdiff.lit.base.VideoDiffusionModule`.
     """
+
+    DEFAULT_OPTIMIZER = VDT_OPTIMIZER
 
     def __init__(
         self,
-        net: VDTConfig | str = "VDT-S/2",
+        net: str | dict[str, Any] | VDTConfig = "VDT-S/2",
         diffusion: GaussianDiffusion | EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         mask_weights: dict[str, float] | None = None,
         mask_specs: dict[str, MaskSpec] | None = None,
         autoencoder: nn.Module | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        optimizer: OptimizerCallable | None = None,
-        lr_decay: Literal["constant", "cosine"] = "constant",
+        optimizer: OptimizerSettings | None = None,
+        optimizer_class: OptimizerCallable | None = None,
     ) -> None:
-        super().__init__(autoencoder, diffusion, sampler, evaluation, lr, weight_decay, betas, warmup_steps, optimizer, lr_decay)
-        self.save_hyperparameters(ignore=["autoencoder", "optimizer"])
-        self.net_config = VDTConfig.from_name(net) if isinstance(net, str) else net
+        super().__init__(autoencoder, diffusion, sampler, evaluation, optimizer, optimizer_class)
+        self.save_hyperparameters(ignore=["autoencoder", "optimizer_class"])
+        self.net_config = config_from_spec(VDTConfig, net)
         self.network_config()  # fails now, not at fit, when the config contradicts the process
         if autoencoder is not None:  # else pixel space, or load_from_checkpoint restoring the recorded one: checked then
             self.check_autoencoder()

@@ -45,8 +45,10 @@ from vdiff.diffusion.sampling import SamplerConfig
 from vdiff.diffusion.vista_losses import vista_loss_terms, vista_losses
 from vdiff.lit.base import MODULE_SETTING, ModuleSetting, TrainingStep
 from vdiff.lit.evaluation import EvalProtocol
+from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.svd import SVDConditioning, SVDModule
 from vdiff.models.actions import VISTA_CFG_DROP, ActionEncoder
+from vdiff.models.presets import config_from_spec
 from vdiff.models.unet_svd import ACTIONS_KEY, UNetSVDConfig  # ACTIONS_KEY: cond key of the (B, action_dim) actions
 
 VISTA_PRIOR_WEIGHTS: dict[int, float] = {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0}
@@ -100,7 +102,7 @@ class VistaModule(SVDModule):
 
     def __init__(
         self,
-        net: UNetSVDConfig | str = "svd-xt",
+        net: str | dict[str, Any] | UNetSVDConfig = "svd-xt",
         action_encoder: ActionEncoder | dict[str, Any] | None = None,
         prior_weights: dict[int, float] | None = None,
         action_drop: float = VISTA_CFG_DROP,
@@ -121,25 +123,19 @@ class VistaModule(SVDModule):
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,
         autoencoder: nn.Module | None = None,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        optimizer: OptimizerCallable | None = None,
-        lr_decay: Literal["constant", "cosine"] = "constant",
+        optimizer: OptimizerSettings | None = None,
+        optimizer_class: OptimizerCallable | None = None,
     ) -> None:
         if isinstance(action_encoder, Mapping):  # a checkpoint's hyperparameters (on_save_checkpoint)
             action_encoder = ActionEncoder(**action_encoder)
         encoder = action_encoder if action_encoder is not None else ActionEncoder()
-        config = UNetSVDConfig.from_name(net) if isinstance(net, str) else net
-        config = config.replace(cond_frame_time_embed=True, action_dim=encoder.action_dim)
+        config = config_from_spec(UNetSVDConfig, net).replace(cond_frame_time_embed=True, action_dim=encoder.action_dim)
         super().__init__(
             net=config, image_encoder=image_encoder, conditioning=conditioning, guidance=guidance, train=train,
             spatial_lr_scale=spatial_lr_scale, net_weights=net_weights, net_weights_layout=net_weights_layout,
             paste_cond_frame=True, diffusion=diffusion, sampler=sampler,
             evaluation=evaluation if evaluation is not None else EvalProtocol(task="prediction", given_frames=3),
-            autoencoder=autoencoder, lr=lr, weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps,
-            optimizer=optimizer, lr_decay=lr_decay,
+            autoencoder=autoencoder, optimizer=optimizer, optimizer_class=optimizer_class,
         )  # fmt: skip
         self.save_hyperparameters(ignore=list(self.UNSAVED_ARGUMENTS))
         self.action_encoder = encoder
