@@ -14,6 +14,7 @@ from tests.lit.test_svd_module import NET as SVD_NET
 from vdiff.cli import main
 from vdiff.lit.autoencoder import AutoencoderModule
 from vdiff.lit.cli import RecipeError
+from vdiff.lit.module_loading import load_module
 from vdiff.lit.optim import OptimizerSettings
 from vdiff.lit.svd import SVDModule
 from vdiff.lit.vdt import VDTModule
@@ -157,8 +158,8 @@ def test_a_checkpoint_with_the_flat_optimizer_arguments_loads_with_its_settings(
         hparams.update(optimizer=None, _class_path="vdiff.lit.vdt.VDTModule",
                        _instantiator="lightning.pytorch.cli.instantiate_module")
     path = tmp_path / "old.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0"},
-               path)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams, "pytorch-lightning_version": "2.6.0",
+                "vdiff_module": "vdiff.lit.vdt.VDTModule"}, path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = VDTModule.load_from_checkpoint(path, weights_only=True)
@@ -168,6 +169,9 @@ def test_a_checkpoint_with_the_flat_optimizer_arguments_loads_with_its_settings(
     assert torch.equal(loaded.state_dict()["net.x_embedder.proj.weight"], module.state_dict()["net.x_embedder.proj.weight"])
     flat = [w for w in caught if issubclass(w.category, FutureWarning) and "flat optimizer arguments" in str(w.message)]
     assert len(flat) == 1 and "model.init_args.optimizer.lr" in str(flat[0].message)
+    with pytest.warns(FutureWarning, match="flat optimizer arguments"):
+        sampled = load_module(str(path))  # what vdiff sample / export / evaluate --ckpt load with
+    assert sampled.optimizer_settings == loaded.optimizer_settings
 
 
 def test_resuming_a_run_from_a_checkpoint_with_the_flat_arguments_keeps_its_settings(tmp_path, monkeypatch):
