@@ -66,13 +66,19 @@ def test_the_svd_xt_recipe_names_its_preset(capsys):
     assert printed == {"name": "svd-xt", "gradient_checkpointing": True, "norm_eps": "diffusers"}
 
 
-def test_a_recipe_net_override_on_the_command_line_keeps_the_preset(tmp_path, capsys):
-    """``--model.init_args.net '{name: ..., field: ...}'`` replaces the recipe's net with that preset and fields."""
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.init_args.net.gradient_checkpointing", "false"],  # one field: the recipe's preset and others kept
+         {"name": "svd-xt", "gradient_checkpointing": False, "norm_eps": "diffusers"}),
+        (["--model.init_args.net", "{name: svd, gradient_checkpointing: false}"],  # a mapping replaces the recipe's
+         {"name": "svd", "gradient_checkpointing": False}),
+    ],
+)
+def test_a_net_override_on_the_command_line_keeps_the_recipes_preset(override, expected, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "-c", str(RECIPES / "svd_xt.yaml"), "--model.init_args.net",
-              "{name: svd-xt, gradient_checkpointing: false}", "--print_config"])  # fmt: skip
-    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["net"]
-    assert printed == {"name": "svd-xt", "gradient_checkpointing": False}
+        main(["fit", "-c", str(RECIPES / "svd_xt.yaml"), *override, "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["net"] == expected
 
 
 # ---------------------------------------------------------------- optimizer: one group
