@@ -89,9 +89,9 @@ class AutoencoderModule(FrozenPartsInEvalMode, L.LightningModule):
             :class:`AutoencoderConfig` (a mapping of its fields in a recipe; its defaults are the SD 2.1 VAE); see
             :func:`vdiff.models.presets.config_from_spec`. None with ``pretrained``: the config stored with the
             weights (a diffusers folder's ``config.json``, a vdiff file's metadata), else a guess; None without:
-            SD 2.1. On the command line a field override (``--model.init_args.net.ch 64``) applies to the mapping
-            of fields, which starts from the dataclass defaults (SD 2.1): to change a preset, give
-            ``--model.init_args.net '{name: svd, ch: 64}'``.
+            SD 2.1. On the command line a field override (``--model.init_args.net.ch 64``) changes one field of the
+            recipe's mapping (its ``name`` kept); after a bare preset name it would start from the dataclass defaults
+            (SD 2.1), so recipes write ``net: {name: svd}``, or give ``--model.init_args.net '{name: svd, ch: 64}'``.
         pretrained: LOCAL weights to start from: a diffusers model folder or a weights file (a relative path is
             also looked up in ``$VDIFF_WEIGHTS``); checked when the module is built, so a missing file fails
             before any training. Read by :func:`vdiff.weights.autoencoder.load_autoencoder`.
