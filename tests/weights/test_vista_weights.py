@@ -369,3 +369,17 @@ def test_every_problem_is_named_with_the_file(tmp_path):
         read_vista(write(tmp_path, vista, "ok.safetensors"), config=CONFIG.replace(cond_frame_time_embed=False))
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         read_vista(tmp_path / "nowhere.safetensors")
+
+
+def test_vista_module_reads_a_vista_release_directly_with_layout_vista(tmp_path):
+    """net_weights_layout: vista: the evaluation recipe names Vista's release itself (no conversion step); the
+    network gets the file's UNet with its LoRA merged, as read_vista(lora="merge") gives it."""
+    from vdiff.lit.svd import SVDModule  # VistaModule inherits load_net_weights
+
+    path = write(tmp_path, add_lora(vista_layout(random_unet())))
+    module = SVDModule(net=CONFIG, net_weights=str(path), net_weights_layout="vista")
+    net = module.load_net_weights(module.build_network())
+    merged = read_vista(path, config=CONFIG, lora="merge").state_dict
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, merged[key]), key
+    torch.testing.assert_close(output(net), output(loaded(merged)), rtol=0, atol=0)

@@ -165,7 +165,9 @@ class SVDModule(VideoDiffusionModule):
             when a fresh ``fit`` builds the network (a resumed run or a loaded checkpoint brings its own).
         net_weights_layout: ``auto``, ``diffusers``, ``sgm`` or ``vdiff`` (see :func:`vdiff.weights.unet_svd.read_unet_svd`),
             or ``sd21-image``: an SD 2.1 image UNet (diffusers folder or ldm/sgm file) inflated into the video UNet
-            with temporal layers that leave its output unchanged (:mod:`vdiff.weights.inflate`).
+            with temporal layers that leave its output unchanged (:mod:`vdiff.weights.inflate`), or ``vista``: a
+            Vista release (``hf://OpenDriveLab/Vista/vista.safetensors``) read directly, its LoRA merged as Vista
+            samples (:func:`vdiff.weights.vista.read_vista`; no conversion step).
         paste_cond_frame: paste the conditioning frame's latent during sampling (the sampler keeps it
             fixed). SVD generates it too (False); set True where training kept it clean (a mask task).
         mask_task: a mask mode given clean in training and at sampling beside the image conditioning
@@ -198,7 +200,7 @@ class SVDModule(VideoDiffusionModule):
         train: Literal["all", "temporal"] = "all",
         spatial_lr_scale: float = 1.0,
         net_weights: str | None = None,
-        net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image"] = "auto",
+        net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image", "vista"] = "auto",
         paste_cond_frame: bool = False,
         mask_task: str | None = None,
         mask_params: dict[str, Any] | None = None,
@@ -310,6 +312,11 @@ class SVDModule(VideoDiffusionModule):
             from vdiff.weights.inflate import load_inflated_state_dict
 
             net.load_state_dict(load_inflated_state_dict(self.net_weights, self.net_config), strict=True)
+            return net
+        if self.net_weights_layout == "vista":  # Vista's release (sgm file + its LoRA merged, as Vista samples)
+            from vdiff.weights.vista import read_vista
+
+            net.load_state_dict(read_vista(self.net_weights, config=self.net_config, lora="merge").state_dict, strict=True)
             return net
         weights = read_unet_svd(self.net_weights, layout=self.net_weights_layout, config=self.net_config)
         net.load_state_dict(weights.state_dict, strict=True)

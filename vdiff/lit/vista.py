@@ -118,7 +118,7 @@ class VistaModule(SVDModule):
         train: Literal["all", "temporal"] = "all",
         spatial_lr_scale: float = 1.0,
         net_weights: str | None = None,
-        net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image"] = "auto",
+        net_weights_layout: Literal["auto", "diffusers", "sgm", "vdiff", "sd21-image", "vista"] = "auto",
         diffusion: EDMDiffusion | FlowMatching | None = None,
         sampler: SamplerConfig | None = None,
         evaluation: EvalProtocol | None = None,

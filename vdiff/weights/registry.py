@@ -145,7 +145,7 @@ PRESETS: dict[str, WeightsPreset] = {
             "vista",
             "hf://OpenDriveLab/Vista/vista.safetensors",
             "Vista's released driving world model (UNet with actions, OpenCLIP tower, autoencoder; recipe "
-            "vista_nuscenes_eval, and python -m vdiff.weights.vista to convert its UNet)",
+            "vista_nuscenes_eval, which reads its UNet directly with net_weights_layout: vista)",
             "see the OpenDriveLab/Vista model card; a fine-tune of SVD-XT, whose licence applies to it",
             "10 GB",
         ),
