@@ -116,9 +116,9 @@ def test_missing_vae_weights_print_the_message_once_without_a_traceback(tmp_path
     assert "Traceback" not in result.stderr
     assert len(lines) == 3, result.stderr
     assert lines[0] == "Seed set to 0"  # Lightning's line, before the recipe is built
-    # the message is vdiff.models.pretrained's, printed once
-    assert lines[1].startswith("vdiff fit: error: PretrainedAutoencoder weights ")
-    assert "hf://stabilityai/sd-vae-ft-mse" in lines[1]
+    # the recipe's weights are looked up before anything is built (vdiff.lit.weights_check): named by the option
+    assert lines[1].startswith(
+        "vdiff fit: error: model.init_args.autoencoder.init_args.path: hf://stabilityai/sd-vae-ft-mse ")
     for needle in ("is not in the Hugging Face cache", "HF_HUB_OFFLINE=1", "vdiff weights download", "$VDIFF_WEIGHTS",
                    'README section "Pretrained weights"'):  # fmt: skip
         assert result.stderr.count(needle) == 1, needle

@@ -72,7 +72,8 @@ def check_recipe_weights(config: Any) -> None:
         if err.note:
             raise
         raise MissingWeightsError(err.what, err.tried, README_NOTE, err.advice) from None
-    except FileNotFoundError as err:  # several (or another missing file): one message naming every one
-        if len(err.args) == 1 and isinstance(err.args[0], str) and " files are missing: " in err.args[0]:
-            raise FileNotFoundError(f"{err.args[0]} {README_NOTE}") from None
-        raise
+    except FileNotFoundError as err:  # several, or one not cached while offline: the message, then the README note
+        if len(err.args) != 1 or not isinstance(err.args[0], str):
+            raise
+        text = err.args[0].rstrip()
+        raise type(err)(f"{text}{'' if text.endswith('.') else '.'} {README_NOTE}") from None
